@@ -1,0 +1,501 @@
+//! The client-facing IMAP machine, from greeting to login (RFC 9051 / 3501 §6.1–6.2,
+//! RFC 7888 LITERAL+, RFC 4959 SASL-IR, RFC 2971 ID, RFC 5530 response codes).
+//!
+//! ```text
+//!            ┌────────── CAPABILITY / NOOP / ID / bad command ──────────┐
+//!            ▼                                                          │
+//!  greet ─▶ Ready ──STARTTLS──▶ WaitTls ──handle_tls_ready──▶ Ready ────┘
+//!            │  │
+//!            │  └─AUTHENTICATE─▶ AuthPlain / AuthLoginUser ─▶ AuthLoginPass
+//!            │                              │ (SASL response lines)
+//!            ▼ LOGIN                        ▼
+//!        WaitVerdict ◀──────────────────────┘
+//!            │ Accepted ─▶ Done (into_handoff)      Refused / Failed ─▶ Ready
+//!  LOGOUT, too many errors, input too long ─▶ Closed
+//! ```
+
+use std::collections::VecDeque;
+use std::mem;
+use std::sync::Arc;
+
+use imap_codec::CommandCodec;
+use imap_codec::decode::Decoder;
+use imap_codec::imap_types::auth::AuthMechanism;
+use imap_codec::imap_types::command::CommandBody;
+use postern_proto::sasl::{self, SaslError};
+use postern_proto::{
+    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Mechanism, Reply, Secret,
+    Verdict,
+};
+
+use crate::framing::{self, Frame, Framer, Limits, Mode};
+use crate::id::ClientId;
+use crate::login::{Login, LoginOptions};
+
+/// Settings for one listener's IMAP front end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Text after `* OK [CAPABILITY ...] ` in the greeting.
+    pub greeting: String,
+    /// Whether STARTTLS can be offered (the listener has a certificate and is not
+    /// implicit TLS).
+    pub starttls: bool,
+    /// Allow LOGIN/AUTHENTICATE before TLS. Off by default: credentials in cleartext.
+    pub insecure_plaintext_auth: bool,
+    /// Longest command line, literals included, before authentication.
+    pub max_line: usize,
+    /// Largest literal accepted before authentication (user names and passwords).
+    pub max_literal: usize,
+    /// Invalid commands tolerated before the connection is closed.
+    pub max_bad_commands: u32,
+    /// Failed logins tolerated on one connection before it is closed.
+    pub max_auth_failures: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            greeting: "Postern ready.".into(),
+            starttls: true,
+            insecure_plaintext_auth: false,
+            // Large enough for an AUTHENTICATE line with an OAuth token or a long
+            // password; Dovecot's own pre-login limit is of the same order.
+            max_line: 16 * 1024,
+            max_literal: 8 * 1024,
+            max_bad_commands: 10,
+            max_auth_failures: 3,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Ready,
+    AuthPlain { tag: String },
+    AuthLoginUser { tag: String },
+    AuthLoginPass { tag: String, user: String },
+    WaitTls,
+    WaitVerdict { tag: String },
+    Done,
+    Closed,
+}
+
+/// The client side of an IMAP session until it is handed to the relay.
+#[derive(Debug)]
+pub struct Front {
+    opts: Arc<Options>,
+    state: State,
+    framer: Framer,
+    out: Vec<u8>,
+    events: VecDeque<Event>,
+    tls: bool,
+    bad_commands: u32,
+    auth_failures: u32,
+    client_id: Option<ClientId>,
+}
+
+impl Front {
+    /// Starts a session and queues the greeting. `tls` says whether the connection is
+    /// already encrypted (implicit TLS).
+    pub fn new(opts: Arc<Options>, tls: bool) -> Self {
+        let mut front = Self {
+            opts,
+            state: State::Ready,
+            framer: Framer::new(),
+            out: Vec::new(),
+            events: VecDeque::new(),
+            tls,
+            bad_commands: 0,
+            auth_failures: 0,
+            client_id: None,
+        };
+        let greeting = format!(
+            "* OK [CAPABILITY {}] {}\r\n",
+            front.capabilities(),
+            front.opts.greeting
+        );
+        front.out.extend_from_slice(greeting.as_bytes());
+        front
+    }
+
+    /// The client's ID, if it sent one.
+    pub fn client_id(&self) -> Option<&ClientId> {
+        self.client_id.as_ref()
+    }
+
+    /// Whether the session may authenticate now.
+    fn auth_allowed(&self) -> bool {
+        self.tls || self.opts.insecure_plaintext_auth
+    }
+
+    /// The pre-login capability list: only what this front end itself implements.
+    /// Post-login capabilities come from the backend's tagged OK.
+    fn capabilities(&self) -> String {
+        let mut caps = String::from("IMAP4rev1 SASL-IR LITERAL+ ID");
+        if !self.tls && self.opts.starttls {
+            caps.push_str(" STARTTLS");
+        }
+        if self.auth_allowed() {
+            caps.push_str(" AUTH=PLAIN AUTH=LOGIN");
+        } else {
+            caps.push_str(" LOGINDISABLED");
+        }
+        caps
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_message: self.opts.max_line,
+            max_literal: self.opts.max_literal,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    fn close(&mut self, reason: CloseReason) {
+        self.state = State::Closed;
+        self.framer.clear();
+        self.events.push_back(Event::Close(reason));
+    }
+
+    /// Runs every complete command in the buffer, in order, until one needs the driver.
+    fn process(&mut self) {
+        loop {
+            let mode = match self.state {
+                State::Ready => Mode::Command,
+                State::AuthPlain { .. }
+                | State::AuthLoginUser { .. }
+                | State::AuthLoginPass { .. } => Mode::Line,
+                State::WaitTls | State::WaitVerdict { .. } | State::Done | State::Closed => {
+                    return;
+                }
+            };
+            match self.framer.poll(mode, self.limits()) {
+                Frame::Incomplete => return,
+                Frame::Continue => self.send("+ OK"),
+                Frame::Message(len) => {
+                    let message = self.framer.message(len).to_vec();
+                    self.framer.consume(len);
+                    if mode == Mode::Command {
+                        self.command(&message);
+                    } else {
+                        self.sasl_response(trim_eol(&message));
+                    }
+                }
+                Frame::TooLong => {
+                    let tag = framing::tag_of(self.framer.message(self.framer.buffered()))
+                        .unwrap_or("*")
+                        .to_owned();
+                    self.send(&format!("{tag} BAD Command line too long."));
+                    self.send("* BYE Input too long, closing connection.");
+                    self.events.push_back(Event::Rejected("line too long"));
+                    self.close(CloseReason::InputTooLong);
+                }
+                Frame::LiteralTooLarge { sync } => {
+                    let tag = framing::tag_of(self.framer.message(self.framer.buffered()))
+                        .unwrap_or("*")
+                        .to_owned();
+                    self.send(&format!("{tag} BAD [TOOBIG] Literal too large."));
+                    self.events.push_back(Event::Rejected("literal too large"));
+                    if sync {
+                        self.framer.discard_scanned();
+                        self.count_bad();
+                    } else {
+                        // The data is already on its way and cannot be told apart from
+                        // commands: the only safe answer is to close.
+                        self.send("* BYE Literal too large, closing connection.");
+                        self.close(CloseReason::InputTooLong);
+                    }
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, message: &[u8]) {
+        let command = match CommandCodec::default().decode(message) {
+            Ok((b"", command)) => command,
+            _ => {
+                let tag = framing::tag_of(message).unwrap_or("*").to_owned();
+                return self.bad(
+                    &tag,
+                    "Error in IMAP command: unknown command or bad syntax.",
+                );
+            }
+        };
+        let tag = command.tag.inner().to_owned();
+        match command.body {
+            CommandBody::Capability => {
+                let caps = format!("* CAPABILITY {}", self.capabilities());
+                self.send(&caps);
+                self.send(&format!("{tag} OK Capability completed."));
+            }
+            CommandBody::Noop => self.send(&format!("{tag} OK NOOP completed.")),
+            CommandBody::Logout => {
+                self.send("* BYE Logging out.");
+                self.send(&format!("{tag} OK Logout completed."));
+                self.close(CloseReason::Logout);
+            }
+            CommandBody::StartTLS => self.starttls(&tag),
+            CommandBody::Id { parameters } => {
+                let pairs = parameters.iter().flatten().map(|(k, v)| {
+                    let v = v.0.as_ref().map(|v| v.as_ref());
+                    (k.as_ref(), v)
+                });
+                self.client_id = Some(ClientId::sanitize(pairs));
+                self.send("* ID NIL");
+                self.send(&format!("{tag} OK ID completed."));
+            }
+            CommandBody::Login { username, password } => {
+                if !self.auth_allowed() {
+                    return self.privacy_required(&tag);
+                }
+                let Ok(user) = sasl::identity(username.as_ref()) else {
+                    return self.auth_failed(&tag);
+                };
+                let password = password.declassify().as_ref().to_vec();
+                self.authenticate(
+                    tag,
+                    Credentials {
+                        mechanism: Mechanism::Cleartext,
+                        authzid: None,
+                        user,
+                        password: Secret::new(password),
+                    },
+                );
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if !self.auth_allowed() {
+                    return self.privacy_required(&tag);
+                }
+                let ir = initial_response.map(|ir| ir.declassify().to_vec());
+                match mechanism {
+                    AuthMechanism::Plain => match ir {
+                        Some(ir) => self.plain(tag, &ir),
+                        None => {
+                            self.send("+ ");
+                            self.state = State::AuthPlain { tag };
+                        }
+                    },
+                    AuthMechanism::Login => match ir {
+                        Some(user) => self.login_user(tag, &user),
+                        None => {
+                            self.send(&format!("+ {}", sasl::LOGIN_USER_PROMPT));
+                            self.state = State::AuthLoginUser { tag };
+                        }
+                    },
+                    _ => self.send(&format!("{tag} NO Unsupported authentication mechanism.")),
+                }
+            }
+            _ => self.bad(&tag, "Command not permitted before authentication."),
+        }
+    }
+
+    fn starttls(&mut self, tag: &str) {
+        if self.tls {
+            return self.bad(tag, "TLS is already active.");
+        }
+        if !self.opts.starttls {
+            return self.bad(tag, "STARTTLS is not available.");
+        }
+        self.send(&format!("{tag} OK Begin TLS negotiation now."));
+        if self.framer.buffered() > 0 {
+            self.events.push_back(Event::Rejected(
+                "discarded plaintext pipelined after STARTTLS",
+            ));
+        }
+        self.framer.clear();
+        self.state = State::WaitTls;
+        self.events.push_back(Event::StartTls);
+    }
+
+    fn sasl_response(&mut self, line: &[u8]) {
+        let state = mem::replace(&mut self.state, State::Ready);
+        let tag = match &state {
+            State::AuthPlain { tag }
+            | State::AuthLoginUser { tag }
+            | State::AuthLoginPass { tag, .. } => tag.clone(),
+            _ => {
+                self.state = state;
+                return;
+            }
+        };
+        let data = match sasl::decode_response(line) {
+            Ok(data) => data,
+            Err(SaslError::Cancelled) => {
+                return self.send(&format!("{tag} BAD Authentication cancelled."));
+            }
+            Err(_) => return self.bad(&tag, "Invalid base64 data in SASL response."),
+        };
+        match state {
+            State::AuthLoginUser { .. } => self.login_user(tag, &data),
+            State::AuthLoginPass { user, .. } => self.login_password(tag, user, data),
+            _ => self.plain(tag, &data),
+        }
+    }
+
+    fn plain(&mut self, tag: String, message: &[u8]) {
+        match sasl::decode_plain(message) {
+            Ok(creds) => self.authenticate(tag, creds),
+            Err(_) => self.auth_failed(&tag),
+        }
+    }
+
+    fn login_user(&mut self, tag: String, user: &[u8]) {
+        match sasl::identity(user) {
+            Ok(user) => {
+                self.send(&format!("+ {}", sasl::LOGIN_PASS_PROMPT));
+                self.state = State::AuthLoginPass { tag, user };
+            }
+            Err(_) => self.auth_failed(&tag),
+        }
+    }
+
+    fn login_password(&mut self, tag: String, user: String, password: Vec<u8>) {
+        if password.is_empty() {
+            return self.auth_failed(&tag);
+        }
+        self.authenticate(
+            tag,
+            Credentials {
+                mechanism: Mechanism::Login,
+                authzid: None,
+                user,
+                password: Secret::new(password),
+            },
+        );
+    }
+
+    fn authenticate(&mut self, tag: String, creds: Credentials) {
+        self.state = State::WaitVerdict { tag };
+        self.events.push_back(Event::Authenticate(creds));
+    }
+
+    fn privacy_required(&mut self, tag: &str) {
+        self.send(&format!(
+            "{tag} NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections; use STARTTLS first."
+        ));
+        self.events
+            .push_back(Event::Rejected("plaintext authentication before TLS"));
+    }
+
+    fn auth_failed(&mut self, tag: &str) {
+        self.send(&format!(
+            "{tag} NO [AUTHENTICATIONFAILED] Authentication failed."
+        ));
+        self.count_auth_failure();
+    }
+
+    fn count_auth_failure(&mut self) {
+        self.auth_failures += 1;
+        if self.auth_failures >= self.opts.max_auth_failures {
+            self.send("* BYE Too many authentication failures.");
+            self.close(CloseReason::TooManyAuthFailures);
+        }
+    }
+
+    fn bad(&mut self, tag: &str, text: &str) {
+        self.send(&format!("{tag} BAD {text}"));
+        self.events.push_back(Event::Rejected("invalid command"));
+        self.count_bad();
+    }
+
+    fn count_bad(&mut self) {
+        self.bad_commands += 1;
+        if self.bad_commands > self.opts.max_bad_commands {
+            self.send("* BYE Too many invalid commands.");
+            self.close(CloseReason::TooManyErrors);
+        }
+    }
+}
+
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+impl FrontEnd for Front {
+    type Login = Login;
+    type LoginOptions = LoginOptions;
+
+    fn handle_input(&mut self, bytes: &[u8]) {
+        if matches!(self.state, State::Closed | State::Done) {
+            return;
+        }
+        self.framer.push(bytes);
+        self.process();
+    }
+
+    fn handle_tls_ready(&mut self) {
+        if matches!(self.state, State::WaitTls) {
+            self.tls = true;
+            self.state = State::Ready;
+            self.process();
+        }
+    }
+
+    fn handle_verdict(&mut self, verdict: Verdict) {
+        let State::WaitVerdict { tag } = mem::replace(&mut self.state, State::Ready) else {
+            return;
+        };
+        match verdict {
+            Verdict::Accepted(Reply { preamble, text }) => {
+                self.out.extend_from_slice(&preamble);
+                self.out.extend_from_slice(format!("{tag} OK ").as_bytes());
+                self.out.extend_from_slice(non_empty(&text, b"Logged in."));
+                self.out.extend_from_slice(b"\r\n");
+                self.state = State::Done;
+                return;
+            }
+            Verdict::Refused(Reply { preamble, text }) => {
+                self.out.extend_from_slice(&preamble);
+                self.out.extend_from_slice(format!("{tag} NO ").as_bytes());
+                self.out.extend_from_slice(non_empty(
+                    &text,
+                    b"[AUTHENTICATIONFAILED] Authentication failed.",
+                ));
+                self.out.extend_from_slice(b"\r\n");
+                self.count_auth_failure();
+            }
+            Verdict::Failed(Failure::AuthFailed) => self.auth_failed(&tag),
+            Verdict::Failed(_) => self.send(&format!(
+                "{tag} NO [UNAVAILABLE] Service temporarily unavailable, try again later."
+            )),
+        }
+        self.process();
+    }
+
+    fn poll_transmit(&mut self, out: &mut Vec<u8>) {
+        if out.is_empty() {
+            mem::swap(out, &mut self.out);
+        } else {
+            out.append(&mut self.out);
+        }
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn start_login(
+        &self,
+        credentials: Credentials,
+        options: &LoginOptions,
+        client: &ClientInfo,
+    ) -> Login {
+        Login::new(credentials, self.client_id.clone(), options, client)
+    }
+
+    fn into_handoff(self) -> Vec<u8> {
+        self.framer.into_bytes()
+    }
+}
+
+fn non_empty<'a>(text: &'a [u8], default: &'a [u8]) -> &'a [u8] {
+    if text.is_empty() { default } else { text }
+}

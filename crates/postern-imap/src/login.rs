@@ -1,0 +1,337 @@
+//! The backend-facing IMAP machine: read the greeting, learn the capabilities, forward
+//! the client's ID, replay the credentials, and report the backend's answer.
+//!
+//! ```text
+//!  Greeting ──caps in greeting──▶ LoggingIn ──tagged OK──▶ Done(Accepted)
+//!     │                              ▲   │  └─tagged NO/BAD──▶ Done(Refused)
+//!     └──no caps──▶ Capability ──────┘   └─"+" ─▶ next literal chunk
+//!  anything unexpected (BYE, PREAUTH, EOF, overlong line) ──▶ Done(Failed(Unavailable))
+//! ```
+//!
+//! Credentials always travel as literals or base64, never as quoted strings, so no
+//! byte of a user name or password can end its argument early (nginx does the same).
+
+use std::collections::VecDeque;
+use std::mem;
+
+use imap_codec::decode::Decoder;
+use imap_codec::imap_types::auth::AuthMechanism;
+use imap_codec::imap_types::response::{
+    Capability, Code, Data, GreetingKind, Response, Status, StatusKind,
+};
+use imap_codec::{GreetingCodec, ResponseCodec};
+use postern_proto::sasl;
+use postern_proto::{
+    BackendLogin, ClientInfo, Credentials, Failure, LoginEvent, Reply, Secret, Verdict,
+};
+
+use crate::framing::{Frame, Framer, Limits, Mode};
+use crate::id::{self, ClientId};
+
+/// How Postern replays credentials to a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoginMethod {
+    /// `AUTHENTICATE PLAIN` with SASL-IR when the backend advertises both, else `LOGIN`.
+    #[default]
+    Auto,
+    /// Always `LOGIN` with literals (cannot carry an authorization identity).
+    Login,
+    /// Always `AUTHENTICATE PLAIN`.
+    Plain,
+}
+
+/// Per-backend settings for the IMAP login.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoginOptions {
+    /// How to replay credentials.
+    pub method: LoginMethod,
+    /// The backend trusts Postern (Dovecot `login_trusted_networks`): send the client's
+    /// address in `ID` as `x-originating-ip` and friends.
+    pub forward_client: bool,
+}
+
+/// Backend responses during login are small; a greeting or a capability line longer than
+/// this is not an IMAP server we should be talking to.
+const BACKEND_LIMITS: Limits = Limits {
+    max_message: 64 * 1024,
+    max_literal: 16 * 1024,
+};
+/// Untagged lines collected for the client before the login answer.
+const MAX_PREAMBLE: usize = 64 * 1024;
+
+const TAG_CAPABILITY: &str = "C";
+const TAG_ID: &str = "I";
+const TAG_LOGIN: &str = "L";
+
+#[derive(Debug)]
+enum State {
+    Greeting,
+    Capability,
+    /// The login is on its way; `chunks` are the parts still waiting for a `+`.
+    LoggingIn {
+        chunks: VecDeque<Secret<Vec<u8>>>,
+    },
+    Done,
+}
+
+#[derive(Debug, Default)]
+struct Caps {
+    sasl_ir: bool,
+    auth_plain: bool,
+    literal_plus: bool,
+}
+
+/// Logs a client in to one backend connection.
+#[derive(Debug)]
+pub struct Login {
+    state: State,
+    framer: Framer,
+    out: Vec<u8>,
+    event: Option<LoginEvent>,
+    creds: Credentials,
+    id_command: Option<Vec<u8>>,
+    method: LoginMethod,
+    caps: Caps,
+    preamble: Vec<u8>,
+}
+
+impl Login {
+    /// Prepares a login; nothing is sent until the backend's greeting arrives.
+    pub fn new(
+        creds: Credentials,
+        client_id: Option<ClientId>,
+        options: &LoginOptions,
+        client: &ClientInfo,
+    ) -> Self {
+        let id_command = id::command(TAG_ID, client_id.as_ref(), client, options.forward_client);
+        Self {
+            state: State::Greeting,
+            framer: Framer::new(),
+            out: Vec::new(),
+            event: None,
+            creds,
+            id_command,
+            method: options.method,
+            caps: Caps::default(),
+            preamble: Vec::new(),
+        }
+    }
+
+    fn finish(&mut self, verdict: Verdict) {
+        self.state = State::Done;
+        self.event = Some(LoginEvent::Done(verdict));
+    }
+
+    fn unavailable(&mut self) {
+        self.finish(Verdict::Failed(Failure::Unavailable));
+    }
+
+    fn learn_caps<'a>(&mut self, caps: impl IntoIterator<Item = &'a Capability<'a>>) {
+        for cap in caps {
+            match cap {
+                Capability::SaslIr => self.caps.sasl_ir = true,
+                Capability::LiteralPlus => self.caps.literal_plus = true,
+                Capability::Auth(AuthMechanism::Plain) => self.caps.auth_plain = true,
+                _ => {}
+            }
+        }
+    }
+
+    fn greeting(&mut self, line: &[u8]) {
+        match GreetingCodec::default().decode(line) {
+            Ok((_, greeting)) if greeting.kind == GreetingKind::Ok => {
+                if let Some(Code::Capability(caps)) = &greeting.code {
+                    self.learn_caps(caps.as_ref());
+                    self.send_login();
+                } else {
+                    self.out
+                        .extend_from_slice(format!("{TAG_CAPABILITY} CAPABILITY\r\n").as_bytes());
+                    self.state = State::Capability;
+                }
+            }
+            // PREAUTH (nothing to log in to), BYE, or not IMAP at all.
+            _ => self.unavailable(),
+        }
+    }
+
+    fn capability(&mut self, line: &[u8]) {
+        match ResponseCodec::default().decode(line) {
+            Ok((_, Response::Data(Data::Capability(caps)))) => {
+                let caps = caps.into_inner();
+                self.learn_caps(&caps);
+            }
+            Ok((_, Response::Status(Status::Tagged(tagged))))
+                if tagged.tag.inner() == TAG_CAPABILITY =>
+            {
+                // Even a refused CAPABILITY leaves the plain LOGIN path open.
+                self.send_login();
+            }
+            Ok((_, Response::Status(Status::Bye(_)))) => self.unavailable(),
+            _ => {}
+        }
+    }
+
+    fn send_login(&mut self) {
+        if let Some(id) = self.id_command.take() {
+            self.out.extend_from_slice(&id);
+        }
+        let use_plain = match self.method {
+            LoginMethod::Plain => true,
+            LoginMethod::Login => false,
+            // LOGIN has no place for an authorization identity.
+            LoginMethod::Auto => {
+                self.creds.authzid.is_some() || (self.caps.auth_plain && self.caps.sasl_ir)
+            }
+        };
+        let mut chunks = VecDeque::new();
+        if use_plain {
+            let b64 = sasl::encode(sasl::encode_plain(&self.creds).expose());
+            if self.caps.sasl_ir {
+                chunks.push_back(Secret::new(
+                    format!("{TAG_LOGIN} AUTHENTICATE PLAIN {b64}\r\n").into_bytes(),
+                ));
+            } else {
+                chunks.push_back(Secret::new(
+                    format!("{TAG_LOGIN} AUTHENTICATE PLAIN\r\n").into_bytes(),
+                ));
+                chunks.push_back(Secret::new(format!("{b64}\r\n").into_bytes()));
+            }
+        } else {
+            let user = self.creds.user.as_bytes();
+            let pass = self.creds.password.expose();
+            let plus = if self.caps.literal_plus { "+" } else { "" };
+            let mut first = format!("{TAG_LOGIN} LOGIN {{{}{plus}}}\r\n", user.len()).into_bytes();
+            let mut second = user.to_vec();
+            second.extend_from_slice(format!(" {{{}{plus}}}\r\n", pass.len()).as_bytes());
+            let mut third = pass.clone();
+            third.extend_from_slice(b"\r\n");
+            if self.caps.literal_plus {
+                first.append(&mut second);
+                first.append(&mut third);
+                chunks.push_back(Secret::new(first));
+            } else {
+                chunks.extend([first, second, third].map(Secret::new));
+            }
+        }
+        if let Some(first) = chunks.pop_front() {
+            self.out.extend_from_slice(first.expose());
+        }
+        self.state = State::LoggingIn { chunks };
+    }
+
+    fn logging_in(&mut self, line: &[u8]) {
+        if line.starts_with(b"+") {
+            let next = match &mut self.state {
+                State::LoggingIn { chunks } => chunks.pop_front(),
+                _ => None,
+            };
+            match next {
+                Some(chunk) => self.out.extend_from_slice(chunk.expose()),
+                // A continuation we did not ask for: not a server we understand.
+                None => self.unavailable(),
+            }
+            return;
+        }
+        if let Some(rest) = line.strip_prefix(b"* ") {
+            if starts_with_word(rest, b"BYE") {
+                return self.unavailable();
+            }
+            // The answer to our ID is ours, not the client's: it already got one.
+            if starts_with_word(rest, b"ID") {
+                return;
+            }
+            if self.preamble.len() + line.len() > MAX_PREAMBLE {
+                return self.unavailable();
+            }
+            self.preamble.extend_from_slice(line);
+            return;
+        }
+        let Some((tag, status, text)) = tagged(line) else {
+            return;
+        };
+        if tag != TAG_LOGIN.as_bytes() {
+            return;
+        }
+        let reply = Reply {
+            preamble: mem::take(&mut self.preamble),
+            text: text.to_vec(),
+        };
+        match status {
+            StatusKind::Ok => self.finish(Verdict::Accepted(reply)),
+            StatusKind::No | StatusKind::Bad => self.finish(Verdict::Refused(reply)),
+        }
+    }
+
+    fn process(&mut self) {
+        while !matches!(self.state, State::Done) {
+            let len = match self.framer.poll(Mode::Response, BACKEND_LIMITS) {
+                Frame::Message(len) => len,
+                Frame::Incomplete => return,
+                Frame::Continue | Frame::TooLong | Frame::LiteralTooLarge { .. } => {
+                    return self.unavailable();
+                }
+            };
+            let line = self.framer.message(len).to_vec();
+            self.framer.consume(len);
+            match self.state {
+                State::Greeting => self.greeting(&line),
+                State::Capability => self.capability(&line),
+                State::LoggingIn { .. } => self.logging_in(&line),
+                State::Done => {}
+            }
+        }
+    }
+}
+
+fn starts_with_word(s: &[u8], word: &[u8]) -> bool {
+    s.get(..word.len())
+        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+        && matches!(s.get(word.len()), None | Some(b' ' | b'\r' | b'\n'))
+}
+
+/// Splits `tag SP status [SP text] CRLF`; the text is returned without CRLF.
+fn tagged(line: &[u8]) -> Option<(&[u8], StatusKind, &[u8])> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let sp = line.iter().position(|&b| b == b' ')?;
+    let tag = line.get(..sp)?;
+    let rest = line.get(sp + 1..)?;
+    let (word, text) = match rest.iter().position(|&b| b == b' ') {
+        Some(i) => (rest.get(..i)?, rest.get(i + 1..)?),
+        None => (rest, &b""[..]),
+    };
+    let status = if word.eq_ignore_ascii_case(b"OK") {
+        StatusKind::Ok
+    } else if word.eq_ignore_ascii_case(b"NO") {
+        StatusKind::No
+    } else if word.eq_ignore_ascii_case(b"BAD") {
+        StatusKind::Bad
+    } else {
+        return None;
+    };
+    Some((tag, status, text))
+}
+
+impl BackendLogin for Login {
+    fn handle_input(&mut self, bytes: &[u8]) {
+        if matches!(self.state, State::Done) {
+            // After the answer, bytes belong to the relay (see `into_handoff`).
+            self.framer.push(bytes);
+            return;
+        }
+        self.framer.push(bytes);
+        self.process();
+    }
+
+    fn poll_transmit(&mut self, out: &mut Vec<u8>) {
+        out.append(&mut self.out);
+    }
+
+    fn poll_event(&mut self) -> Option<LoginEvent> {
+        self.event.take()
+    }
+
+    fn into_handoff(self) -> Vec<u8> {
+        self.framer.into_bytes()
+    }
+}

@@ -1,0 +1,158 @@
+//! The contract between a protocol machine and the driver that does its I/O.
+//!
+//! Call order, for both traits: after every `handle_*` call the driver MUST drain
+//! `poll_transmit` (and send those bytes) and then `poll_event` until it returns `None`.
+//! Bytes queued by a machine are always meant to be sent before acting on the event that
+//! follows them (e.g. the `OK` to `STARTTLS` goes out in plaintext before the handshake).
+
+use std::net::SocketAddr;
+
+use crate::Credentials;
+
+/// What the driver knows about the client connection; machines use it to forward the
+/// client's identity to backends that trust Postern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// The client's address (the real one, after any trusted PROXY header).
+    pub client: SocketAddr,
+    /// The local address the client connected to.
+    pub local: SocketAddr,
+    /// Whether the client connection is encrypted right now.
+    pub tls: bool,
+    /// Postern's id for this session, shared with backends in logs.
+    pub session_id: String,
+}
+
+/// What a client-facing machine asks the driver to do.
+#[derive(Debug)]
+#[must_use = "an unhandled event stalls the session"]
+pub enum Event {
+    /// Flush output, run a TLS server handshake on the client connection, then call
+    /// `handle_tls_ready`. The machine has already dropped every byte the client sent
+    /// after the command (STARTTLS injection, CVE-2011-0411).
+    StartTls,
+    /// Route the user, log in to the backend and answer with `handle_verdict`. The
+    /// machine processes no further input until then; pipelined bytes stay buffered and
+    /// are handed to the backend by `into_handoff` if the login succeeds.
+    Authenticate(Credentials),
+    /// Flush output, then close the connection.
+    Close(CloseReason),
+    /// The client misbehaved and has been answered; the driver logs the reason. Never
+    /// carries client bytes, which may hold a password.
+    Rejected(&'static str),
+}
+
+/// Why a machine ended the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The client said goodbye.
+    Logout,
+    /// Too many invalid commands.
+    TooManyErrors,
+    /// Too many failed authentication attempts.
+    TooManyAuthFailures,
+    /// A line or literal over the limit that cannot be skipped safely.
+    InputTooLong,
+    /// The session cannot go on (e.g. the backend failed in a way the protocol
+    /// cannot report per command).
+    Internal,
+}
+
+impl CloseReason {
+    /// Short name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Logout => "logout",
+            CloseReason::TooManyErrors => "too_many_errors",
+            CloseReason::TooManyAuthFailures => "too_many_auth_failures",
+            CloseReason::InputTooLong => "input_too_long",
+            CloseReason::Internal => "internal",
+        }
+    }
+}
+
+/// The backend's answer to a login, as raw protocol text the client-side machine of the
+/// same protocol knows how to relay.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// Complete lines (with CRLF) the backend sent before its final answer and that the
+    /// client should see (IMAP untagged responses such as `* OK [ALERT]`).
+    pub preamble: Vec<u8>,
+    /// The final answer's text after the status (for IMAP: after `tag OK `), without CRLF.
+    pub text: Vec<u8>,
+}
+
+/// The outcome of routing plus backend login, handed back to the client-side machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The backend accepted the login: answer the client with the backend's reply and
+    /// get ready for `into_handoff`.
+    Accepted(Reply),
+    /// The backend refused the credentials: pass its reply on; the client may retry.
+    Refused(Reply),
+    /// Postern itself could not complete the login.
+    Failed(Failure),
+}
+
+/// Why Postern could not complete a login; each protocol maps these to its own codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The credentials are not acceptable (e.g. no route for the user and the policy
+    /// rejects unknown users). The client may retry.
+    AuthFailed,
+    /// A temporary failure: the route store or the backend is unavailable. The client
+    /// should retry later.
+    Unavailable,
+}
+
+/// A client-facing, pre-authentication protocol machine.
+pub trait FrontEnd {
+    /// The machine that logs this protocol in to a backend.
+    type Login: BackendLogin;
+    /// Per-backend settings for the login (method, identity forwarding).
+    type LoginOptions;
+
+    /// Feeds bytes read from the client.
+    fn handle_input(&mut self, bytes: &[u8]);
+    /// Reports that the TLS handshake requested by [`Event::StartTls`] finished.
+    fn handle_tls_ready(&mut self);
+    /// Answers the pending [`Event::Authenticate`].
+    fn handle_verdict(&mut self, verdict: Verdict);
+    /// Appends bytes to send to the client.
+    fn poll_transmit(&mut self, out: &mut Vec<u8>);
+    /// Returns the next action for the driver.
+    fn poll_event(&mut self) -> Option<Event>;
+    /// Builds the backend login for the pending authentication.
+    fn start_login(
+        &self,
+        credentials: Credentials,
+        options: &Self::LoginOptions,
+        client: &ClientInfo,
+    ) -> Self::Login;
+    /// After an accepted verdict: the client bytes received after the login command,
+    /// which the driver MUST send to the backend before relaying.
+    fn into_handoff(self) -> Vec<u8>;
+}
+
+/// A backend-facing login machine: greets, forwards identity, replays credentials.
+pub trait BackendLogin {
+    /// Feeds bytes read from the backend.
+    fn handle_input(&mut self, bytes: &[u8]);
+    /// Appends bytes to send to the backend.
+    fn poll_transmit(&mut self, out: &mut Vec<u8>);
+    /// Returns the login's outcome once known.
+    fn poll_event(&mut self) -> Option<LoginEvent>;
+    /// After an accepted login: backend bytes received after its final answer, which the
+    /// driver MUST send to the client before relaying.
+    fn into_handoff(self) -> Vec<u8>;
+}
+
+/// What a backend login machine reports.
+#[derive(Debug)]
+#[must_use = "an unhandled event stalls the session"]
+pub enum LoginEvent {
+    /// The login finished; pass the verdict to the front end.
+    Done(Verdict),
+}

@@ -1,0 +1,51 @@
+//! Pins written in the configuration file: for small sites and for tests.
+
+use std::collections::HashMap;
+
+use super::{Route, RouteStore, StoreError, StoreFuture};
+use crate::{InvalidUser, Normalizer, UserName};
+
+/// A fixed user → backend table.
+#[derive(Debug, Default)]
+pub struct StaticStore {
+    routes: HashMap<UserName, String>,
+}
+
+impl StaticStore {
+    /// Builds the table, normalizing every key with the router's rules so that the
+    /// table and the lookups agree.
+    pub fn new<'a>(
+        normalizer: &Normalizer,
+        entries: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, (String, InvalidUser)> {
+        let mut routes = HashMap::new();
+        for (user, backend) in entries {
+            let key = normalizer
+                .normalize(user)
+                .map_err(|e| (user.to_owned(), e))?;
+            routes.insert(key, backend.to_owned());
+        }
+        Ok(Self { routes })
+    }
+}
+
+impl RouteStore for StaticStore {
+    fn lookup<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, Option<Route>> {
+        let route = self.routes.get(user).map(|backend| Route {
+            backend: backend.clone(),
+        });
+        Box::pin(async move { Ok(route) })
+    }
+
+    fn pin<'a>(&'a self, _user: &'a UserName, _backend: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async { Err(StoreError::ReadOnly) })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn kind(&self) -> &'static str {
+        "static"
+    }
+}

@@ -1,0 +1,17 @@
+//! Postern's runtime: the only crate that does I/O. It accepts connections, runs TLS,
+//! drives the sans-IO protocol machines, asks the router where a user goes, connects and
+//! logs in to the backend, and relays bytes.
+
+pub mod relay;
+pub mod server;
+pub mod settings;
+pub mod stream;
+pub mod tls;
+
+mod driver;
+mod session;
+
+pub use server::{Server, ServerError};
+pub use settings::{
+    Backend, FrontOptions, ImapBackend, ListenerSettings, Settings, Timeouts, TlsMode,
+};

@@ -1,0 +1,361 @@
+//! The generic session driver: one task per client connection, for every protocol.
+//!
+//! ```text
+//!  accept ─▶ [implicit TLS handshake] ─▶ pre-auth loop ─────────────▶ relay ─▶ log
+//!                │ front.poll_event():                         ▲
+//!                ├ StartTls      → handshake, handle_tls_ready │
+//!                ├ Authenticate  → route → connect → Login ────┘ (Accepted)
+//!                │                  └ Refused/Failed → handle_verdict, loop
+//!                └ Close         → flush, close
+//! ```
+//! All protocol decisions live in the sans-IO machines; this module only moves bytes,
+//! applies timeouts and writes logs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use postern_proto::{
+    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, LoginEvent, Verdict,
+};
+use postern_route::Router;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+
+use crate::driver::Driver;
+use crate::relay::{self, Stats};
+use crate::settings::{ListenerSettings, Settings, TlsMode};
+use crate::stream::ClientStream;
+
+/// Shared by every session of a server.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) settings: Settings,
+    pub(crate) router: Arc<Router>,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// How a session ended, for its last log line.
+enum End {
+    /// The client or the machine closed before login.
+    PreAuth(&'static str),
+    /// Relayed until this.
+    Relayed(Stats),
+}
+
+/// Bytes read from a peer per read during the login phase.
+const READ_CHUNK: usize = 4096;
+
+/// Runs one client connection to its end.
+pub(crate) async fn run<D: Driver>(
+    ctx: Arc<Ctx>,
+    driver: Arc<D>,
+    listener: Arc<ListenerSettings>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+) {
+    let id = session_id();
+    let span = info_span!(
+        "session",
+        id = %id,
+        proto = %D::PROTOCOL,
+        listener = %listener.name,
+        client = %client,
+        user = field::Empty,
+        backend = field::Empty,
+    );
+    async move {
+        let started = Instant::now();
+        debug!("connected");
+        let cancel = ctx.cancel.clone();
+        let end = tokio::select! {
+            end = session::<D>(&ctx, &driver, &listener, tcp, client, local, id) => end,
+            () = cancel.cancelled() => End::PreAuth("shutdown"),
+        };
+        let secs = started.elapsed().as_secs_f64();
+        match end {
+            End::PreAuth(reason) => info!(reason, secs, "session ended before login"),
+            End::Relayed(stats) => info!(
+                reason = stats.end.as_str(),
+                client_bytes = stats.client_to_backend,
+                backend_bytes = stats.backend_to_client,
+                secs,
+                "session ended"
+            ),
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn session<D: Driver>(
+    ctx: &Ctx,
+    driver: &D,
+    listener: &ListenerSettings,
+    tcp: TcpStream,
+    client: SocketAddr,
+    local: SocketAddr,
+    id: String,
+) -> End {
+    let deadline = Instant::now() + ctx.settings.timeouts.preauth;
+    let mut stream = ClientStream::Plain(tcp);
+    if listener.tls_mode == TlsMode::Implicit {
+        let Some(tls) = listener.tls.clone() else {
+            return End::PreAuth("listener has no certificate");
+        };
+        stream = match timeout_at(deadline, stream.upgrade(tls)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                info!(error = %e, "TLS handshake failed");
+                return End::PreAuth("tls_error");
+            }
+            Err(_) => return End::PreAuth("preauth_timeout"),
+        };
+    }
+    let mut front = driver.front(stream.is_tls());
+    let mut out = Vec::new();
+    let mut buf = [0u8; READ_CHUNK];
+    loop {
+        front.poll_transmit(&mut out);
+        if !out.is_empty() {
+            match timeout_at(deadline, stream.write_all(&out)).await {
+                Ok(Ok(())) => out.clear(),
+                Ok(Err(_)) => return End::PreAuth("client_error"),
+                Err(_) => return End::PreAuth("preauth_timeout"),
+            }
+        }
+        if let Some(event) = front.poll_event() {
+            match event {
+                Event::Rejected(reason) => info!(reason, "client input rejected"),
+                Event::Close(reason) => {
+                    let _ = timeout_at(deadline, stream.shutdown()).await;
+                    return End::PreAuth(reason.as_str());
+                }
+                Event::StartTls => {
+                    let Some(tls) = listener.tls.clone() else {
+                        return End::PreAuth("listener has no certificate");
+                    };
+                    stream = match timeout_at(deadline, stream.upgrade(tls)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            info!(error = %e, "STARTTLS handshake failed");
+                            return End::PreAuth("tls_error");
+                        }
+                        Err(_) => return End::PreAuth("preauth_timeout"),
+                    };
+                    debug!(version = stream.tls_version(), "STARTTLS done");
+                    front.handle_tls_ready();
+                }
+                Event::Authenticate(creds) => {
+                    let info = ClientInfo {
+                        client,
+                        local,
+                        tls: stream.is_tls(),
+                        session_id: id.clone(),
+                    };
+                    match login::<D>(ctx, driver, &front, creds, &info).await {
+                        Login::Verdict(v) => front.handle_verdict(v),
+                        Login::Accepted {
+                            backend,
+                            leftover,
+                            verdict,
+                        } => {
+                            front.handle_verdict(verdict);
+                            front.poll_transmit(&mut out);
+                            let pipelined = front.into_handoff();
+                            return relay_session(ctx, stream, backend, out, pipelined, leftover)
+                                .await;
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        match timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return End::PreAuth("client_closed"),
+            Ok(Ok(n)) => front.handle_input(buf.get(..n).unwrap_or_default()),
+            Ok(Err(_)) => return End::PreAuth("client_error"),
+            Err(_) => {
+                info!("pre-auth timeout");
+                return End::PreAuth("preauth_timeout");
+            }
+        }
+    }
+}
+
+/// Finishes the hand-off and relays until the session ends.
+async fn relay_session(
+    ctx: &Ctx,
+    mut client: ClientStream,
+    mut backend: TcpStream,
+    to_client: Vec<u8>,
+    to_backend: Vec<u8>,
+    backend_leftover: Vec<u8>,
+) -> End {
+    // Order matters: the login answer first, then whatever the backend sent after it.
+    let hand_off = async {
+        client.write_all(&to_client).await?;
+        client.write_all(&backend_leftover).await?;
+        client.flush().await?;
+        backend.write_all(&to_backend).await?;
+        std::io::Result::Ok(())
+    };
+    if timeout(ctx.settings.timeouts.backend_login, hand_off)
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        return End::PreAuth("handoff_error");
+    }
+    drop((to_client, to_backend, backend_leftover));
+    let idle = ctx.settings.timeouts.idle;
+    let stats = relay::relay(&mut client, &mut backend, idle, ctx.cancel.cancelled()).await;
+    End::Relayed(stats)
+}
+
+enum Login {
+    Verdict(Verdict),
+    Accepted {
+        backend: TcpStream,
+        leftover: Vec<u8>,
+        verdict: Verdict,
+    },
+}
+
+/// Routes the user and logs in to the chosen backend.
+async fn login<D: Driver>(
+    ctx: &Ctx,
+    driver: &D,
+    front: &D::Front,
+    mut creds: Credentials,
+    info: &ClientInfo,
+) -> Login {
+    let mechanism = creds.mechanism.as_str();
+    let decision = match ctx.router.resolve(creds.mailbox_user(), D::PROTOCOL).await {
+        Ok(d) => d,
+        Err(e) => {
+            let failure = e.failure();
+            if failure == Failure::Unavailable {
+                warn!(error = %e, mechanism, "cannot route user");
+            } else {
+                info!(error = %e, mechanism, "login refused");
+            }
+            return Login::Verdict(Verdict::Failed(failure));
+        }
+    };
+    if ctx.settings.normalized_login {
+        creds.set_mailbox_user(decision.user.as_str());
+    }
+    let span = Span::current();
+    span.record("user", decision.user.as_str());
+    span.record("backend", decision.backend.as_str());
+    let unavailable = Login::Verdict(Verdict::Failed(Failure::Unavailable));
+    let Some((host, port, options)) = ctx.settings.backends.get(&decision.backend).and_then(|b| {
+        driver
+            .backend(b)
+            .map(|(port, o)| (b.host.as_str(), port, o))
+    }) else {
+        warn!("backend is not configured for this protocol");
+        return unavailable;
+    };
+    let timeouts = &ctx.settings.timeouts;
+    let mut stream = match timeout(timeouts.backend_connect, TcpStream::connect((host, port))).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(error = %e, "backend connect failed");
+            return unavailable;
+        }
+        Err(_) => {
+            warn!("backend connect timed out");
+            return unavailable;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut machine = front.start_login(creds, options, info);
+    let verdict = match timeout(
+        timeouts.backend_login,
+        drive_login(&mut machine, &mut stream),
+    )
+    .await
+    {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            warn!(error = %e, "backend login failed");
+            return unavailable;
+        }
+        Err(_) => {
+            warn!("backend login timed out");
+            return unavailable;
+        }
+    };
+    match verdict {
+        Verdict::Accepted(_) => {
+            info!(
+                mechanism,
+                route = decision.source.as_str(),
+                tls = info.tls,
+                "login accepted"
+            );
+            Login::Accepted {
+                backend: stream,
+                leftover: machine.into_handoff(),
+                verdict,
+            }
+        }
+        Verdict::Refused(_) => {
+            info!(mechanism, "login refused by backend");
+            Login::Verdict(verdict)
+        }
+        Verdict::Failed(f) => {
+            warn!(failure = ?f, "backend login did not complete");
+            Login::Verdict(verdict)
+        }
+    }
+}
+
+async fn drive_login<L, S>(machine: &mut L, stream: &mut S) -> std::io::Result<Verdict>
+where
+    L: BackendLogin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::new();
+    let mut buf = [0u8; READ_CHUNK];
+    loop {
+        machine.poll_transmit(&mut out);
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if let Some(LoginEvent::Done(verdict)) = machine.poll_event() {
+            return Ok(verdict);
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        machine.handle_input(buf.get(..n).unwrap_or_default());
+    }
+}
+
+/// A session id, unique across restarts and (with overwhelming probability) across
+/// instances: a hash of the process start, the pid and a counter.
+fn session_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos ^ (u64::from(std::process::id()) << 32)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..].copy_from_slice(&n.to_le_bytes());
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes))
+}

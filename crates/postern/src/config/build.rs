@@ -1,0 +1,336 @@
+//! From the file's structs to validated runtime settings: parse, don't validate twice.
+//! Every error names the key (as a path) or the file it comes from.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use postern_route::store::sqlite::SqliteStore;
+use postern_route::store::static_map::StaticStore;
+use postern_route::{BackendEntry, Normalizer, RouteStore, Router, UnknownUsers};
+use postern_server::{
+    Backend, FrontOptions, ImapBackend, ListenerSettings, Settings, Timeouts, TlsMode, tls,
+};
+
+use super::file::{self, File};
+
+/// Where routes come from, before the store is opened.
+#[derive(Debug, Clone)]
+pub enum StorePlan {
+    /// A SQLite file.
+    Sqlite {
+        /// Its path.
+        path: PathBuf,
+        /// Create it if missing.
+        create: bool,
+    },
+    /// The `[routing.static]` table.
+    Static(BTreeMap<String, String>),
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The tracing filter from `[log] level`.
+    pub log_level: String,
+    /// Server settings, with certificates loaded.
+    pub settings: Settings,
+    /// The route store to open.
+    pub store: StorePlan,
+    /// User name rules.
+    pub normalizer: Normalizer,
+    /// Policy for users without a pin.
+    pub unknown_users: UnknownUsers,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, loading every certificate it names.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::from_toml(&text, &base)
+            .map(|mut c| {
+                c.path = path.to_path_buf();
+                c
+            })
+            .with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses a configuration; relative paths in it are taken from `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self> {
+        let de = toml::Deserializer::parse(text).map_err(|e| anyhow!("{e}"))?;
+        let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            // toml's message already quotes the offending line; prefix the key path.
+            anyhow!("{path}: {inner}")
+        })?;
+        build(file, base)
+    }
+
+    /// Opens the route store.
+    pub async fn open_store(&self) -> Result<Arc<dyn RouteStore>> {
+        Ok(match &self.store {
+            StorePlan::Sqlite { path, create } => Arc::new(
+                SqliteStore::open(path, *create)
+                    .await
+                    .with_context(|| format!("sqlite store {}", path.display()))?,
+            ),
+            StorePlan::Static(map) => Arc::new(
+                StaticStore::new(
+                    &self.normalizer,
+                    map.iter().map(|(u, b)| (u.as_str(), b.as_str())),
+                )
+                .map_err(|(user, e)| anyhow!("routing.static: {user:?}: {e}"))?,
+            ),
+        })
+    }
+
+    /// Opens the store and builds the router.
+    pub async fn router(&self) -> Result<Arc<Router>> {
+        let store = self.open_store().await?;
+        let backends = self
+            .settings
+            .backends
+            .values()
+            .map(|b| BackendEntry {
+                name: b.name.clone(),
+                weight: b.weight,
+                protocols: b.protocols(),
+            })
+            .collect();
+        Ok(Arc::new(Router::new(
+            self.normalizer.clone(),
+            store,
+            self.unknown_users,
+            backends,
+        )))
+    }
+}
+
+fn build(file: File, base: &Path) -> Result<Config> {
+    let resolve = |p: &Path| -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+
+    let t = &file.timeouts;
+    for (name, d) in [
+        ("preauth", t.preauth),
+        ("backend_connect", t.backend_connect),
+        ("backend_login", t.backend_login),
+        ("idle", t.idle),
+    ] {
+        ensure!(!d.is_zero(), "timeouts.{name}: must be greater than zero");
+    }
+    let timeouts = Timeouts {
+        preauth: t.preauth,
+        backend_connect: t.backend_connect,
+        backend_login: t.backend_login,
+        idle: t.idle,
+    };
+
+    let imap = &file.imap;
+    ensure!(
+        imap.max_line_length >= 1024,
+        "imap.max_line_length: at least 1024 bytes (RFC 9051 clients send long lines)"
+    );
+    ensure!(
+        imap.max_literal_size <= imap.max_line_length,
+        "imap.max_literal_size: cannot exceed imap.max_line_length, which bounds the whole command"
+    );
+    ensure!(
+        imap.max_auth_failures >= 1,
+        "imap.max_auth_failures: at least 1"
+    );
+    ensure!(
+        !imap.greeting.contains(['\r', '\n']),
+        "imap.greeting: must be one line"
+    );
+
+    ensure!(
+        !file.backends.is_empty(),
+        "backends: at least one backend is needed"
+    );
+    let mut backends = BTreeMap::new();
+    for (name, b) in &file.backends {
+        ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "backends.{name}: names may use letters, digits, '.', '_' and '-'"
+        );
+        ensure!(
+            !b.host.is_empty(),
+            "backends.{name}.host: must not be empty"
+        );
+        let imap = b.imap.as_ref().map(|i| ImapBackend {
+            port: i.port,
+            login: postern_imap::LoginOptions {
+                method: match i.login {
+                    file::ImapLogin::Auto => postern_imap::LoginMethod::Auto,
+                    file::ImapLogin::Login => postern_imap::LoginMethod::Login,
+                    file::ImapLogin::Authenticate => postern_imap::LoginMethod::Plain,
+                },
+                forward_client: i.forward_client == file::ForwardClient::Id,
+            },
+        });
+        if let Some(i) = &imap {
+            ensure!(i.port != 0, "backends.{name}.imap.port: must not be 0");
+        }
+        ensure!(
+            imap.is_some(),
+            "backends.{name}: declares no protocol (add [backends.{name}.imap])"
+        );
+        backends.insert(
+            name.clone(),
+            Arc::new(Backend {
+                name: name.clone(),
+                host: b.host.clone(),
+                weight: b.weight,
+                imap,
+            }),
+        );
+    }
+
+    let default_tls = file
+        .tls
+        .as_ref()
+        .map(|t| (resolve(&t.cert), resolve(&t.key)));
+    let mut certs: BTreeMap<(PathBuf, PathBuf), Arc<rustls::ServerConfig>> = BTreeMap::new();
+    ensure!(
+        !file.listeners.is_empty(),
+        "listeners: at least one listener is needed"
+    );
+    let mut names = BTreeSet::new();
+    let mut binds = BTreeSet::new();
+    let mut listeners = Vec::new();
+    for (i, l) in file.listeners.iter().enumerate() {
+        let key = format!("listeners[{i}]");
+        let protocol = match l.protocol {
+            file::Protocol::Imap => "imap",
+        };
+        let name = l
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{protocol}-{}", l.bind));
+        ensure!(
+            names.insert(name.clone()),
+            "{key}.name: {name:?} is used twice"
+        );
+        ensure!(binds.insert(l.bind), "{key}.bind: {} is used twice", l.bind);
+        let tls_mode = match l.tls {
+            file::TlsMode::None => TlsMode::None,
+            file::TlsMode::Starttls => TlsMode::StartTls,
+            file::TlsMode::Implicit => TlsMode::Implicit,
+        };
+        let pair = match (&l.cert, &l.key) {
+            (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+            (None, None) => default_tls.clone(),
+            _ => bail!("{key}: cert and key go together"),
+        };
+        let tls = if tls_mode == TlsMode::None {
+            None
+        } else {
+            let Some(pair) = pair else {
+                bail!(
+                    "{key}.tls: {} needs a certificate ([tls] or the listener's cert/key)",
+                    tls_mode.as_str()
+                );
+            };
+            let config = match certs.get(&pair) {
+                Some(c) => Arc::clone(c),
+                None => {
+                    let c = tls::server_config(&pair.0, &pair.1).with_context(|| key.clone())?;
+                    certs.insert(pair, Arc::clone(&c));
+                    c
+                }
+            };
+            Some(config)
+        };
+        ensure!(
+            backends.values().any(|b| b.imap.is_some()),
+            "{key}: no backend serves {protocol}"
+        );
+        let front = FrontOptions::Imap(Arc::new(postern_imap::Options {
+            greeting: imap.greeting.clone(),
+            starttls: tls_mode == TlsMode::StartTls,
+            insecure_plaintext_auth: l.insecure_plaintext_auth,
+            max_line: imap.max_line_length,
+            max_literal: imap.max_literal_size,
+            max_bad_commands: imap.max_bad_commands,
+            max_auth_failures: imap.max_auth_failures,
+        }));
+        listeners.push(Arc::new(ListenerSettings {
+            name,
+            bind: l.bind,
+            tls_mode,
+            tls,
+            front,
+        }));
+    }
+
+    let r = &file.routing;
+    let normalizer = Normalizer {
+        lowercase: r.normalize.lowercase,
+        trim: r.normalize.trim,
+        default_domain: r.normalize.default_domain.clone(),
+    };
+    if let Some(d) = &normalizer.default_domain {
+        ensure!(
+            !d.is_empty() && !d.contains(['@', ' ']),
+            "routing.normalize.default_domain: {d:?} is not a domain"
+        );
+    }
+    let store = match r.store {
+        file::StoreKind::Sqlite => {
+            let Some(s) = &r.sqlite else {
+                bail!("routing.store: \"sqlite\" needs a [routing.sqlite] section with a path");
+            };
+            StorePlan::Sqlite {
+                path: resolve(&s.path),
+                create: s.create,
+            }
+        }
+        file::StoreKind::Static => {
+            let Some(map) = &r.static_routes else {
+                bail!("routing.store: \"static\" needs a [routing.static] table");
+            };
+            StorePlan::Static(map.clone())
+        }
+    };
+    if let Some(map) = &r.static_routes {
+        for (user, backend) in map {
+            ensure!(
+                backends.contains_key(backend),
+                "routing.static.{user:?}: unknown backend {backend:?}"
+            );
+        }
+    }
+    let unknown_users = match r.unknown_users {
+        file::UnknownUsers::Reject => UnknownUsers::Reject,
+        file::UnknownUsers::Hash => UnknownUsers::Hash,
+    };
+
+    Ok(Config {
+        path: PathBuf::new(),
+        log_level: file.log.level,
+        settings: Settings {
+            listeners,
+            backends,
+            timeouts,
+            normalized_login: r.normalize.apply_to_backend_login,
+        },
+        store,
+        normalizer,
+        unknown_users,
+    })
+}

@@ -1,0 +1,297 @@
+//! The configuration file as written by the operator: serde structs that mirror the TOML
+//! one to one. Unknown keys are errors (a typo must not silently leave a safe default
+//! off). Every field is documented in docs/config.md; keep the two in step.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `[log]`: logging.
+    #[serde(default)]
+    pub log: Log,
+    /// `[tls]`: the default certificate for TLS listeners.
+    pub tls: Option<Tls>,
+    /// `[timeouts]`: timers.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// `[imap]`: IMAP front-end limits and texts.
+    #[serde(default)]
+    pub imap: Imap,
+    /// `[routing]`: where users go.
+    pub routing: Routing,
+    /// `[backends.NAME]`: the mail servers.
+    pub backends: BTreeMap<String, Backend>,
+    /// `[[listeners]]`: the sockets clients connect to.
+    pub listeners: Vec<Listener>,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// A tracing filter such as `info` or `postern_server=debug,info`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A certificate chain and its key, PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[timeouts]`, as humantime durations (`60s`, `31m`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From accept to login, TLS handshake included.
+    #[serde(with = "humantime_serde")]
+    pub preauth: Duration,
+    /// TCP connect to a backend.
+    #[serde(with = "humantime_serde")]
+    pub backend_connect: Duration,
+    /// Backend greeting to its answer to the login.
+    #[serde(with = "humantime_serde")]
+    pub backend_login: Duration,
+    /// After login, no traffic either way for this long closes the session.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let t = postern_server::Timeouts::default();
+        Self {
+            preauth: t.preauth,
+            backend_connect: t.backend_connect,
+            backend_login: t.backend_login,
+            idle: t.idle,
+        }
+    }
+}
+
+/// `[imap]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Imap {
+    /// Greeting text after the capability code.
+    pub greeting: String,
+    /// Longest pre-auth command, literals included.
+    pub max_line_length: usize,
+    /// Largest pre-auth literal.
+    pub max_literal_size: usize,
+    /// Invalid commands before the connection is closed.
+    pub max_bad_commands: u32,
+    /// Failed logins per connection before it is closed.
+    pub max_auth_failures: u32,
+}
+
+impl Default for Imap {
+    fn default() -> Self {
+        let o = postern_imap::Options::default();
+        Self {
+            greeting: o.greeting,
+            max_line_length: o.max_line,
+            max_literal_size: o.max_literal,
+            max_bad_commands: o.max_bad_commands,
+            max_auth_failures: o.max_auth_failures,
+        }
+    }
+}
+
+/// `routing.store`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// `[routing.sqlite]`.
+    Sqlite,
+    /// `[routing.static]`.
+    Static,
+}
+
+/// `routing.unknown_users`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownUsers {
+    /// Refuse the login.
+    Reject,
+    /// Pick a backend by consistent hash.
+    Hash,
+}
+
+/// `[routing]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    /// Which store holds the pins.
+    pub store: StoreKind,
+    /// What to do with users without a pin.
+    #[serde(default = "default_unknown_users")]
+    pub unknown_users: UnknownUsers,
+    /// `[routing.normalize]`.
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// `[routing.sqlite]`.
+    pub sqlite: Option<Sqlite>,
+    /// `[routing.static]`: user = backend.
+    #[serde(rename = "static")]
+    pub static_routes: Option<BTreeMap<String, String>>,
+}
+
+fn default_unknown_users() -> UnknownUsers {
+    UnknownUsers::Reject
+}
+
+/// `[routing.normalize]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Normalize {
+    /// Lower-case user names.
+    pub lowercase: bool,
+    /// Strip surrounding white space.
+    pub trim: bool,
+    /// Appended to names without `@`.
+    pub default_domain: Option<String>,
+    /// Log in to backends with the normalized name instead of the name as typed.
+    pub apply_to_backend_login: bool,
+}
+
+impl Default for Normalize {
+    fn default() -> Self {
+        Self {
+            lowercase: true,
+            trim: true,
+            default_domain: None,
+            apply_to_backend_login: true,
+        }
+    }
+}
+
+/// `[routing.sqlite]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sqlite {
+    /// Database file.
+    pub path: PathBuf,
+    /// Create the file if missing.
+    #[serde(default = "yes")]
+    pub create: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `[backends.NAME]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// Host name or address.
+    pub host: String,
+    /// Share of hashed users.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// `[backends.NAME.imap]`.
+    pub imap: Option<ImapBackend>,
+}
+
+/// `backends.NAME.imap.login`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ImapLogin {
+    /// AUTHENTICATE PLAIN when the backend offers SASL-IR and PLAIN, else LOGIN.
+    #[default]
+    Auto,
+    /// LOGIN with literals.
+    Login,
+    /// AUTHENTICATE PLAIN.
+    Authenticate,
+}
+
+/// `backends.NAME.imap.forward_client`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardClient {
+    /// Nothing.
+    #[default]
+    None,
+    /// ID with x-originating-ip and friends.
+    Id,
+}
+
+/// `[backends.NAME.imap]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapBackend {
+    /// TCP port.
+    pub port: u16,
+    /// How to replay credentials.
+    #[serde(default)]
+    pub login: ImapLogin,
+    /// How to tell the backend the client's address.
+    #[serde(default)]
+    pub forward_client: ForwardClient,
+}
+
+/// `listeners[].protocol`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// IMAP.
+    Imap,
+}
+
+/// `listeners[].tls`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plaintext only.
+    None,
+    /// Plaintext upgraded by STARTTLS.
+    Starttls,
+    /// TLS from the first byte.
+    Implicit,
+}
+
+/// `[[listeners]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Name for logs (default: protocol-address).
+    pub name: Option<String>,
+    /// The protocol spoken.
+    pub protocol: Protocol,
+    /// Address and port.
+    pub bind: SocketAddr,
+    /// TLS use.
+    pub tls: TlsMode,
+    /// Allow authentication before TLS.
+    #[serde(default)]
+    pub insecure_plaintext_auth: bool,
+    /// Certificate overriding `[tls]`.
+    pub cert: Option<PathBuf>,
+    /// Key overriding `[tls]`.
+    pub key: Option<PathBuf>,
+}
