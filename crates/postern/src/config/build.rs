@@ -226,7 +226,12 @@ fn build(file: File, base: &Path) -> Result<Config> {
             names.insert(name.clone()),
             "{key}.name: {name:?} is used twice"
         );
-        ensure!(binds.insert(l.bind), "{key}.bind: {} is used twice", l.bind);
+        // Port 0 asks the kernel for a free port: several such listeners do not clash.
+        ensure!(
+            l.bind.port() == 0 || binds.insert(l.bind),
+            "{key}.bind: {} is used twice",
+            l.bind
+        );
         let tls_mode = match l.tls {
             file::TlsMode::None => TlsMode::None,
             file::TlsMode::Starttls => TlsMode::StartTls,

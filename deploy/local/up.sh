@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Postern quickstart: builds Postern, installs Dovecot (Debian packages, idempotent),
+# starts two Dovecot backends on loopback that share one maildir root (the stand-in for
+# an NFS-mounted store), and Postern in front of them with routes in embedded SQLite.
+# Returns once everything answers, leaving it running; deploy/local/down.sh stops it.
+# Running it again while the quickstart is up only prints where to connect.
+#
+# State (certificates, routes, mail, logs) lives in var/quickstart/ (or
+# $POSTERN_QUICKSTART_DIR) and survives down.sh; `down.sh --purge` removes it.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+. scripts/lib.sh
+need_cargo
+
+state=${POSTERN_QUICKSTART_DIR:-$repo/var/quickstart}
+bin=$repo/target/release/postern
+imap_port=1143 imaps_port=1993
+
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+greets() { timeout 5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1 && head -c 4 <&3" 2>/dev/null | grep -q "$2"; }
+wait_greeting() {
+    local port=$1 want=$2 what=$3 i
+    for i in $(seq 1 100); do
+        greets "$port" "$want" && return 0
+        sleep 0.1
+    done
+    echo "error: $what did not answer on 127.0.0.1:$port" >&2
+    return 1
+}
+# free_port PREFERRED: the preferred port if nothing listens there, else a free one.
+free_port() {
+    local p=$1
+    while port_taken "$p"; do p=$((20000 + RANDOM % 20000)); done
+    echo "$p"
+}
+
+summary() {
+    . "$state/ports.env"
+    cat <<EOT
+
+Postern quickstart is running.
+  IMAP  (STARTTLS)  127.0.0.1:$imap_port
+  IMAPS             127.0.0.1:$imaps_port
+  backends          b1 = Dovecot 127.0.0.1:$B1_IMAP, b2 = Dovecot 127.0.0.1:$B2_IMAP
+                    (sharing the maildir root $state/mail)
+  routes            SQLite $state/routes.db
+  demo users        alice@example.test -> b1, bob@example.test -> b2
+                    password "demo" for both (quickstart only: never use these elsewhere)
+  CA certificate    $state/tls/ca.pem
+
+Try:
+  curl --ssl-reqd --cacert $state/tls/ca.pem -u alice@example.test:demo imap://localhost:$imap_port/
+  curl --cacert $state/tls/ca.pem -u bob@example.test:demo imaps://localhost:$imaps_port/INBOX
+  openssl s_client -quiet -crlf -starttls imap -connect 127.0.0.1:$imap_port -CAfile $state/tls/ca.pem
+  $bin -c $state/postern.toml route Bob
+
+Logs: $state/postern.log, $state/b1/dovecot.log, $state/b2/dovecot.log
+Stop: deploy/local/down.sh
+EOT
+}
+
+if alive "$state/postern.pid" && alive "$state/b1/run/master.pid" && alive "$state/b2/run/master.pid"; then
+    summary
+    exit 0
+fi
+# Something is missing: start cleanly (data is kept).
+[ -d "$state" ] && deploy/local/down.sh >/dev/null
+
+apt_install "${MAIL_PACKAGES[@]}"
+echo "==> building postern (release)"
+cargo build --release --locked -q -p postern
+
+mkdir -p "$state"
+chmod 755 "$state"
+for p in $imap_port $imaps_port; do
+    if port_taken "$p"; then
+        echo "error: 127.0.0.1:$p is in use; the quickstart listens there (see config/quickstart.toml)" >&2
+        exit 1
+    fi
+done
+if [ ! -s "$state/ports.env" ]; then
+    b1_imap=$(free_port 1431); b2_imap=$(free_port 1432)
+    b1_pop3=$(free_port 1101); b2_pop3=$(free_port 1102)
+    b1_lmtp=$(free_port 2401); b2_lmtp=$(free_port 2402)
+    printf 'B1_IMAP=%s\nB2_IMAP=%s\nB1_POP3=%s\nB2_POP3=%s\nB1_LMTP=%s\nB2_LMTP=%s\n' \
+        "$b1_imap" "$b2_imap" "$b1_pop3" "$b2_pop3" "$b1_lmtp" "$b2_lmtp" > "$state/ports.env"
+fi
+. "$state/ports.env"
+
+scripts/gen-certs.sh "$state/tls"
+
+echo "==> starting Dovecot backends b1 and b2"
+for b in b1 b2; do
+    imap_var=${b^^}_IMAP pop3_var=${b^^}_POP3 lmtp_var=${b^^}_LMTP
+    conf=$(scripts/dovecot-conf.sh "$b" "$state/$b" "$state/mail" \
+        "${!imap_var}" "${!pop3_var}" "${!lmtp_var}")
+    printf 'alice@example.test:{PLAIN}demo::::::\nbob@example.test:{PLAIN}demo::::::\n' \
+        > "$state/$b/users"
+    dovecot -c "$conf" </dev/null >/dev/null 2>>"$state/$b/stderr.log"
+    wait_greeting "${!imap_var}" '\* OK' "Dovecot $b"
+done
+
+echo "==> starting postern"
+sed -e "s/^port = 1431$/port = $B1_IMAP/" -e "s/^port = 1432$/port = $B2_IMAP/" \
+    config/quickstart.toml > "$state/postern.toml"
+"$bin" -c "$state/postern.toml" db seed fixtures/sqlite/seed.sql >/dev/null
+"$bin" -c "$state/postern.toml" check >/dev/null
+nohup "$bin" -c "$state/postern.toml" run </dev/null >> "$state/postern.log" 2>&1 &
+echo $! > "$state/postern.pid"
+wait_greeting "$imap_port" '\* OK' "Postern"
+summary

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what Postern's test suite needs on a Debian machine: the mail servers it
+# tests against, the command-line clients it drives, and a Python virtualenv with the
+# test runner. Idempotent: a second run installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+apt_install "${MAIL_PACKAGES[@]}" python3 python3-venv
+
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "==> creating $VENV"
+    python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import pytest, xdist, pytest_timeout' 2>/dev/null \
+    || ! cmp -s tests/requirements.txt "$VENV/.requirements"; then
+    echo "==> installing tests/requirements.txt into $VENV"
+    "$VENV/bin/pip" install -q -r tests/requirements.txt
+    cp tests/requirements.txt "$VENV/.requirements"
+fi

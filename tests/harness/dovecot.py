@@ -1,0 +1,154 @@
+"""Real Dovecot backends, each in its own directory with its own ports.
+
+The configuration comes from fixtures/dovecot/dovecot.conf.in, the same template the
+quickstart renders. Several instances can share one mail root: the stand-in for the
+operator's NFS-mounted store.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from . import REPO
+from .net import free_port
+
+RENDER = REPO / "scripts" / "dovecot-conf.sh"
+
+
+class Dovecot:
+    def __init__(self, name: str, directory: Path, mailroot: Path, users: dict[str, str]):
+        self.name = name
+        self.dir = directory
+        self.mailroot = mailroot
+        self.users = users
+        self.proc: subprocess.Popen | None = None
+        self.imap_port = self.pop3_port = self.lmtp_port = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "dovecot.log"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def logins(self) -> list[str]:
+        """The user names of the successful logins this backend logged."""
+        return re.findall(r"-login: Info: Login: user=<([^>]*)>", self.log())
+
+    def _render(self) -> Path:
+        out = subprocess.run(
+            [str(RENDER), self.name, str(self.dir), str(self.mailroot),
+             str(self.imap_port), str(self.pop3_port), str(self.lmtp_port)],
+            check=True, capture_output=True, text=True,
+        )
+        (self.dir / "users").write_text(
+            "".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items())
+        )
+        return Path(out.stdout.strip())
+
+    def start(self, attempts: int = 5) -> "Dovecot":
+        for _ in range(attempts):
+            if not self.imap_port:
+                self.imap_port, self.pop3_port, self.lmtp_port = (
+                    free_port(),
+                    free_port(),
+                    free_port(),
+                )
+            conf = self._render()
+            self.proc = subprocess.Popen(
+                ["dovecot", "-F", "-c", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.dir / "stderr.log", "ab"),
+                start_new_session=True,
+            )
+            if self._wait_ready():
+                return self
+            self.stop()
+            self.imap_port = 0  # a port was taken: try fresh ones
+        raise RuntimeError(f"dovecot {self.name} did not start:\n{self.log()[-2000:]}")
+
+    def _wait_ready(self, timeout: float = 15.0) -> bool:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.imap_port), timeout=1) as s:
+                    s.settimeout(2)
+                    if s.recv(200).startswith(b"* OK"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        """Stops Dovecot and every process it started."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._reap_group()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a backend dying hard."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self._reap_group()
+
+    def _reap_group(self) -> None:
+        # Children (login processes) exit when their master goes; wait until they have
+        # released the ports, so a restart can bind them again.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+class Cluster:
+    """Backends b1, b2, ... sharing one mail root, with the same users."""
+
+    def __init__(self, root: Path, users: dict[str, str], count: int = 2):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        self.mailroot = root / "mail"
+        self.backends = {
+            f"b{i}": Dovecot(f"b{i}", root / f"b{i}", self.mailroot, users)
+            for i in range(1, count + 1)
+        }
+
+    def start(self) -> "Cluster":
+        for b in self.backends.values():
+            b.start()
+        return self
+
+    def stop(self) -> None:
+        for b in self.backends.values():
+            b.stop()
+
+    def __getitem__(self, name: str) -> Dovecot:
+        return self.backends[name]

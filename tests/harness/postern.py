@@ -1,0 +1,143 @@
+"""A real Postern process, configured by the test, on ports the kernel picks."""
+
+import copy
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from . import REPO, toml
+from .certs import Certs
+from .dovecot import Cluster
+
+LISTENING = re.compile(r"listening listener=(\S+) proto=\S+ addr=(\S+):(\d+)")
+
+
+def binary() -> Path:
+    path = Path(os.environ.get("POSTERN_BIN", REPO / "target" / "debug" / "postern"))
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: run `cargo build -p postern` (scripts/test.sh does)")
+    return path
+
+
+def base_config(cluster: Cluster, certs: Certs, workdir: Path) -> dict:
+    """Postern in front of the cluster: routes in SQLite seeded from fixtures/, an IMAP
+    STARTTLS listener, an IMAPS listener and a plaintext listener that opts out of the
+    TLS requirement, all on port 0."""
+    return {
+        "log": {"level": "info,postern_server=debug"},
+        "tls": {"cert": str(certs.cert), "key": str(certs.key)},
+        "routing": {
+            "store": "sqlite",
+            "unknown_users": "reject",
+            "normalize": {"default_domain": "example.test"},
+            "sqlite": {"path": str(workdir / "routes.db")},
+        },
+        "backends": {
+            name: {
+                "host": "127.0.0.1",
+                "imap": {"port": b.imap_port, "forward_client": "id"},
+            }
+            for name, b in cluster.backends.items()
+        },
+        "listeners": [
+            {"name": "imap", "protocol": "imap", "bind": "127.0.0.1:0", "tls": "starttls"},
+            {"name": "imaps", "protocol": "imap", "bind": "127.0.0.1:0", "tls": "implicit"},
+            {
+                "name": "imap-plain",
+                "protocol": "imap",
+                "bind": "127.0.0.1:0",
+                "tls": "none",
+                "insecure_plaintext_auth": True,
+            },
+        ],
+    }
+
+
+class Postern:
+    def __init__(self, workdir: Path, config: dict):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = copy.deepcopy(config)
+        self.config_path = self.dir / "postern.toml"
+        self.log_path = self.dir / "postern.log"
+        self.proc: subprocess.Popen | None = None
+        self.addrs: dict[str, tuple[str, int]] = {}
+
+    def write_config(self) -> Path:
+        self.config_path.write_text(toml.dumps(self.config))
+        return self.config_path
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        """Runs `postern -c CONFIG ARGS...` and returns its output."""
+        self.write_config()
+        r = subprocess.run(
+            [str(binary()), "-c", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and r.returncode != 0:
+            raise RuntimeError(f"postern {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+        return r
+
+    def seed(self, sql: Path = REPO / "fixtures" / "sqlite" / "seed.sql") -> None:
+        self.cli("db", "seed", str(sql), check=True)
+
+    def start(self, timeout: float = 20.0) -> "Postern":
+        self.write_config()
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, RUST_LOG=self.config.get("log", {}).get("level", "info"))
+        self.proc = subprocess.Popen(
+            [str(binary()), "-c", str(self.config_path), "run"],
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+        want = len(self.config["listeners"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.addrs = {
+                name: (host, int(port)) for name, host, port in LISTENING.findall(self.log())
+            }
+            if len(self.addrs) >= want:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postern exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.02)
+        raise TimeoutError(f"postern did not start listening:\n{self.log()}")
+
+    def addr(self, listener: str) -> tuple[str, int]:
+        return self.addrs[listener]
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.log())
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no log line matching {pattern!r}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
