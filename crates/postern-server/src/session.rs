@@ -105,16 +105,9 @@ async fn session<D: Driver>(
     let deadline = Instant::now() + ctx.settings.timeouts.preauth;
     let mut stream = ClientStream::Plain(tcp);
     if listener.tls_mode == TlsMode::Implicit {
-        let Some(tls) = listener.tls.clone() else {
-            return End::PreAuth("listener has no certificate");
-        };
-        stream = match timeout_at(deadline, stream.upgrade(tls)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                info!(error = %e, "TLS handshake failed");
-                return End::PreAuth("tls_error");
-            }
-            Err(_) => return End::PreAuth("preauth_timeout"),
+        stream = match handshake(stream, listener, deadline).await {
+            Ok(s) => s,
+            Err(end) => return end,
         };
     }
     let mut front = driver.front(stream.is_tls());
@@ -137,18 +130,10 @@ async fn session<D: Driver>(
                     return End::PreAuth(reason.as_str());
                 }
                 Event::StartTls => {
-                    let Some(tls) = listener.tls.clone() else {
-                        return End::PreAuth("listener has no certificate");
+                    stream = match handshake(stream, listener, deadline).await {
+                        Ok(s) => s,
+                        Err(end) => return end,
                     };
-                    stream = match timeout_at(deadline, stream.upgrade(tls)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            info!(error = %e, "STARTTLS handshake failed");
-                            return End::PreAuth("tls_error");
-                        }
-                        Err(_) => return End::PreAuth("preauth_timeout"),
-                    };
-                    debug!(version = stream.tls_version(), "STARTTLS done");
                     front.handle_tls_ready();
                 }
                 Event::Authenticate(creds) => {
@@ -185,6 +170,29 @@ async fn session<D: Driver>(
                 return End::PreAuth("preauth_timeout");
             }
         }
+    }
+}
+
+/// Runs the TLS server handshake (implicit TLS or after STARTTLS) within the pre-auth
+/// deadline.
+async fn handshake(
+    stream: ClientStream,
+    listener: &ListenerSettings,
+    deadline: Instant,
+) -> Result<ClientStream, End> {
+    let Some(tls) = listener.tls.clone() else {
+        return Err(End::PreAuth("listener has no certificate"));
+    };
+    match timeout_at(deadline, stream.upgrade(tls)).await {
+        Ok(Ok(s)) => {
+            debug!(version = s.tls_version(), "TLS established");
+            Ok(s)
+        }
+        Ok(Err(e)) => {
+            info!(error = %e, "TLS handshake failed");
+            Err(End::PreAuth("tls_error"))
+        }
+        Err(_) => Err(End::PreAuth("preauth_timeout")),
     }
 }
 
