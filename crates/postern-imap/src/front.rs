@@ -263,6 +263,7 @@ impl Front {
                         authzid: None,
                         user,
                         password: Secret::new(password),
+                        challenge: None,
                     },
                 );
             }
@@ -367,6 +368,7 @@ impl Front {
                 authzid: None,
                 user,
                 password: Secret::new(password),
+                challenge: None,
             },
         );
     }

@@ -20,6 +20,7 @@ fn creds(authzid: Option<&str>) -> Credentials {
         authzid: authzid.map(str::to_owned),
         user: "alice@example.test".into(),
         password: Secret::new(b"p\"w".to_vec()),
+        challenge: None,
     }
 }
 

@@ -23,6 +23,7 @@
     )
 )]
 
+pub mod lines;
 pub mod machine;
 pub mod protocol;
 pub mod sasl;

@@ -29,6 +29,9 @@ pub enum Mechanism {
     Plain,
     /// SASL LOGIN (draft-murchison-sasl-login).
     Login,
+    /// POP3 APOP (RFC 1939 §7): the "password" is the MD5 digest of the greeting's
+    /// timestamp and the secret, and [`Credentials::challenge`] holds that timestamp.
+    Apop,
 }
 
 impl Mechanism {
@@ -38,6 +41,7 @@ impl Mechanism {
             Mechanism::Cleartext => "cleartext",
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",
+            Mechanism::Apop => "APOP",
         }
     }
 }
@@ -52,7 +56,11 @@ pub struct Credentials {
     /// The authentication identity: the name the client logged in with, as typed.
     pub user: String,
     /// The password (or token), as raw bytes: IMAP literals may carry 8-bit data.
+    /// For a challenge-response mechanism (APOP) this is the client's response.
     pub password: Secret<Vec<u8>>,
+    /// The server challenge the response answers (the APOP timestamp); `None` for the
+    /// mechanisms that carry the password itself.
+    pub challenge: Option<String>,
 }
 
 impl Credentials {
@@ -121,6 +129,7 @@ pub fn decode_plain(message: &[u8]) -> Result<Credentials, SaslError> {
         authzid,
         user,
         password: Secret::new(passwd.to_vec()),
+        challenge: None,
     })
 }
 

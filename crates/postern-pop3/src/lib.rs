@@ -1,0 +1,1 @@
+//! Sans-IO POP3 for Postern (in progress).

@@ -1,0 +1,1 @@
+//! Sans-IO SMTP, submission and LMTP for Postern (in progress).
