@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-apt_install "${MAIL_PACKAGES[@]}" python3 python3-venv
+# The routing tests start their own MariaDB and PostgreSQL servers (never the
+# machine's): only the server binaries are needed.
+apt_install "${MAIL_PACKAGES[@]}" mariadb-server mariadb-client postgresql postgresql-client \
+    python3 python3-venv
 
 VENV=.venv
 if [ ! -x "$VENV/bin/python" ]; then

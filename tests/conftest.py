@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness import certs as certs_mod
+from harness.databases import MariaDB, Postgres
 from harness.dovecot import Cluster
 from harness.postern import Postern, base_config
 
@@ -16,6 +17,8 @@ USERS = {
     "alice@example.test": "alice-Secret-7Q",
     "bob@example.test": "bob-Secret-9Z",
     "carol@example.test": "carol-Secret-3X",
+    # Never pinned by the fixtures: first logins, assignment races.
+    **{f"new{i:02}@example.test": f"new{i:02}-Secret-5W" for i in range(1, 21)},
 }
 
 
@@ -39,6 +42,30 @@ def cluster(workroot):
     c = Cluster(workroot / "cluster", USERS).start()
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb(workroot, certs):
+    db = MariaDB(workroot / "mariadb", certs).start()
+    yield db
+    db.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(workroot):
+    db = Postgres(workroot / "postgres").start()
+    yield db
+    db.stop()
+
+
+@pytest.fixture(params=["mysql", "postgres"])
+def database(request):
+    """Each routing test runs against both real databases, in a fresh database."""
+    server = request.getfixturevalue("mariadb" if request.param == "mysql" else "postgres")
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name)[:50].lower()
+    name = f"{name}_{abs(hash(request.node.nodeid)) % 100000}"
+    server.new_database(name)
+    return server, name
 
 
 @pytest.fixture

@@ -362,10 +362,10 @@ def test_check_and_route_commands(make_postern):
     r = p.cli("route", "nobody")
     assert r.returncode == 2 and "none" in r.stdout
 
-    p.config["routing"]["sqlite"]["paht"] = "x"
+    p.config["routing"]["sql"]["ulr"] = "x"
     r = p.cli("check")
     assert r.returncode != 0
-    assert "routing.sqlite" in r.stderr and "paht" in r.stderr
+    assert "routing.sql" in r.stderr and "ulr" in r.stderr
 
 
 def test_check_reports_a_bad_certificate(make_postern, workdir):

@@ -105,7 +105,10 @@ done
 echo "==> starting postern"
 sed -e "s/^port = 1431$/port = $B1_IMAP/" -e "s/^port = 1432$/port = $B2_IMAP/" \
     config/quickstart.toml > "$state/postern.toml"
-"$bin" -c "$state/postern.toml" db seed fixtures/sqlite/seed.sql >/dev/null
+# The demo pins (the same as fixtures/sqlite/seed.sql), written through Postern so they
+# work whatever database routing.sql.url points at.
+"$bin" -c "$state/postern.toml" route pin alice@example.test b1 >/dev/null
+"$bin" -c "$state/postern.toml" route pin bob@example.test b2 >/dev/null
 "$bin" -c "$state/postern.toml" check >/dev/null
 nohup "$bin" -c "$state/postern.toml" run </dev/null >> "$state/postern.log" 2>&1 &
 echo $! > "$state/postern.pid"

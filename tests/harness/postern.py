@@ -30,10 +30,10 @@ def base_config(cluster: Cluster, certs: Certs, workdir: Path) -> dict:
         "log": {"level": "info,postern_server=debug"},
         "tls": {"cert": str(certs.cert), "key": str(certs.key)},
         "routing": {
-            "store": "sqlite",
             "unknown_users": "reject",
+            "watch_interval": "200ms",
             "normalize": {"default_domain": "example.test"},
-            "sqlite": {"path": str(workdir / "routes.db")},
+            "sql": {"url": f"sqlite:{workdir / 'routes.db'}"},
         },
         "backends": {
             name: {

@@ -9,6 +9,11 @@ use std::fmt;
 pub struct UserName(String);
 
 impl UserName {
+    /// Wraps a name that was normalized before (read back from the store's change log).
+    pub(crate) fn from_normalized(name: &str) -> Self {
+        Self(name.to_owned())
+    }
+
     /// The normalized name.
     pub fn as_str(&self) -> &str {
         &self.0

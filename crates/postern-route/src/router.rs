@@ -1,12 +1,20 @@
-//! From a login name to a backend: normalize, look up the pin, apply the policy for
-//! users without one. The router never invents a route when the store cannot answer.
+//! From a login name to a backend: normalize, look up the pin (cache first), apply the
+//! policy for users without one. The router never invents a route when the store
+//! cannot answer: serving a guess is exactly the two-backends corruption pinning exists
+//! to prevent.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use postern_proto::{Failure, Protocol};
+use tokio::time::Instant;
+use tracing::warn;
 
+use crate::cache::{CacheOptions, Cached, Lookup, RouteCache};
 use crate::hash::{self, Weighted};
-use crate::store::{RouteStore, StoreError};
+use crate::stats::RouteStats;
+use crate::store::{BackendRef, RouteRecord, RouteStore, StoreError};
 use crate::{InvalidUser, Normalizer, UserName};
 
 /// What to do with a user the store has no pin for.
@@ -15,8 +23,20 @@ pub enum UnknownUsers {
     /// Refuse the login as an authentication failure.
     #[default]
     Reject,
-    /// Pick a backend by weighted rendezvous hash of the normalized name. Stable
-    /// across instances, but not written to the store.
+    /// Pick a backend by weighted rendezvous hash of the normalized name, every time.
+    /// Stable across instances, but nothing is written.
+    Hash,
+    /// Pick a backend and pin the user there (race-safe), so the choice sticks.
+    Assign(AssignPolicy),
+}
+
+/// How a new user's backend is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AssignPolicy {
+    /// The backend with the fewest pinned users per unit of weight.
+    #[default]
+    LeastLoaded,
+    /// Weighted rendezvous hash of the normalized name.
     Hash,
 }
 
@@ -25,9 +45,13 @@ pub enum UnknownUsers {
 pub struct BackendEntry {
     /// Name, as pins refer to it.
     pub name: String,
-    /// Relative share of hashed users.
+    /// Host, as an operator's user table may refer to it.
+    pub host: String,
+    /// Relative share of new users.
     pub weight: u32,
-    /// The protocols this backend serves.
+    /// The pool it belongs to.
+    pub pool: String,
+    /// The protocols it serves.
     pub protocols: Vec<Protocol>,
 }
 
@@ -36,8 +60,14 @@ pub struct BackendEntry {
 pub enum Source {
     /// The store pins the user there.
     Pinned,
-    /// No pin; chosen by hash.
+    /// A cached pin, served because the store is failing.
+    Stale,
+    /// No pin; chosen by hash, not written.
     Hashed,
+    /// No pin; chosen now and written to the store.
+    Assigned,
+    /// No pin; this is where the user would be assigned (a dry run, nothing written).
+    Proposed,
 }
 
 impl Source {
@@ -45,7 +75,10 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Pinned => "pinned",
+            Source::Stale => "stale",
             Source::Hashed => "hashed",
+            Source::Assigned => "assigned",
+            Source::Proposed => "proposed",
         }
     }
 }
@@ -59,6 +92,8 @@ pub struct Decision {
     pub backend: String,
     /// Why.
     pub source: Source,
+    /// The store's record, when there is one (password hash, pool).
+    pub record: Option<Arc<RouteRecord>>,
 }
 
 /// Why a user could not be routed.
@@ -71,13 +106,19 @@ pub enum RouteError {
     /// No pin, and unknown users are rejected.
     #[error("no route for user")]
     NoRoute,
+    /// The account is disabled in the store.
+    #[error("account disabled")]
+    Disabled,
+    /// The user is being moved between backends.
+    #[error("user is being moved")]
+    Moving,
     /// The pin names a backend that is not configured for this protocol.
-    #[error("user is pinned to backend {0:?}, which does not serve this protocol")]
+    #[error("pinned to backend {0:?}, which does not serve this protocol")]
     UnknownBackend(String),
-    /// No backend can take a hashed user.
+    /// No backend can take the user.
     #[error("no backend available for this protocol")]
     NoBackend,
-    /// The store did not answer.
+    /// The store did not answer and nothing usable was cached.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -86,12 +127,62 @@ impl RouteError {
     /// How the protocol should report this to the client.
     pub fn failure(&self) -> Failure {
         match self {
-            RouteError::InvalidUser(_) | RouteError::NoRoute => Failure::AuthFailed,
-            RouteError::UnknownBackend(_) | RouteError::NoBackend | RouteError::Store(_) => {
-                Failure::Unavailable
+            RouteError::InvalidUser(_) | RouteError::NoRoute | RouteError::Disabled => {
+                Failure::AuthFailed
             }
+            RouteError::Moving
+            | RouteError::UnknownBackend(_)
+            | RouteError::NoBackend
+            | RouteError::Store(_) => Failure::Unavailable,
         }
     }
+}
+
+/// Whether a backend may take new users right now (health, drain): filled in by the
+/// runtime; the router only asks.
+pub trait Availability: Send + Sync + std::fmt::Debug {
+    /// `true` if `backend` may receive a new user.
+    fn accepts_new_users(&self, backend: &str) -> bool;
+}
+
+/// Every backend accepts users (no health checks).
+#[derive(Debug, Default)]
+pub struct AlwaysAvailable;
+
+impl Availability for AlwaysAvailable {
+    fn accepts_new_users(&self, _backend: &str) -> bool {
+        true
+    }
+}
+
+/// Router settings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouterOptions {
+    /// Policy for users without a pin.
+    pub unknown_users: UnknownUsers,
+    /// Route cache.
+    pub cache: CacheOptions,
+}
+
+/// What a decision is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// A login: may assign (write) a pin; a held user gets a temporary failure.
+    Login,
+    /// `route show`: writes nothing.
+    DryRun,
+    /// `route move`: writes nothing and looks through a hold.
+    IgnoreHold,
+}
+
+/// How long pinned-user counts are reused for least-loaded assignment: counting is a
+/// GROUP BY over the whole routes table, too heavy per login.
+const COUNTS_TTL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct Counts {
+    fetched: Option<Instant>,
+    per_backend: HashMap<String, u64>,
 }
 
 /// The routing policy of one Postern instance.
@@ -99,8 +190,12 @@ impl RouteError {
 pub struct Router {
     normalizer: Normalizer,
     store: Arc<dyn RouteStore>,
-    unknown: UnknownUsers,
+    options: RouterOptions,
     backends: Vec<BackendEntry>,
+    cache: RouteCache,
+    stats: Arc<RouteStats>,
+    counts: Mutex<Counts>,
+    availability: Arc<dyn Availability>,
 }
 
 impl Router {
@@ -108,15 +203,25 @@ impl Router {
     pub fn new(
         normalizer: Normalizer,
         store: Arc<dyn RouteStore>,
-        unknown: UnknownUsers,
+        options: RouterOptions,
         backends: Vec<BackendEntry>,
     ) -> Self {
         Self {
             normalizer,
             store,
-            unknown,
+            cache: RouteCache::new(options.cache),
+            options,
             backends,
+            stats: Arc::new(RouteStats::default()),
+            counts: Mutex::new(Counts::default()),
+            availability: Arc::new(AlwaysAvailable),
         }
+    }
+
+    /// Replaces the availability view (health checks, drain).
+    pub fn with_availability(mut self, availability: Arc<dyn Availability>) -> Self {
+        self.availability = availability;
+        self
     }
 
     /// The normalization rules.
@@ -129,6 +234,17 @@ impl Router {
         &self.store
     }
 
+    /// Lookup counters.
+    pub fn stats(&self) -> &Arc<RouteStats> {
+        &self.stats
+    }
+
+    /// Forgets the cached route of a (normalized) user, after a change in the store.
+    pub fn forget(&self, normalized_user: &str) {
+        self.cache
+            .invalidate(&UserName::from_normalized(normalized_user));
+    }
+
     /// Decides where `raw_user` (as the client typed it) goes for `protocol`.
     pub async fn resolve(
         &self,
@@ -136,43 +252,246 @@ impl Router {
         protocol: Protocol,
     ) -> Result<Decision, RouteError> {
         let user = self.normalizer.normalize(raw_user)?;
-        if let Some(route) = self.store.lookup(&user).await? {
-            let serves = self
-                .backends
-                .iter()
-                .any(|b| b.name == route.backend && b.protocols.contains(&protocol));
-            if !serves {
-                return Err(RouteError::UnknownBackend(route.backend));
+        self.resolve_normalized(user, protocol).await
+    }
+
+    /// [`Router::resolve`] for a name already normalized.
+    pub async fn resolve_normalized(
+        &self,
+        user: UserName,
+        protocol: Protocol,
+    ) -> Result<Decision, RouteError> {
+        self.decide(user, protocol, Mode::Login).await
+    }
+
+    /// Like [`Router::resolve`], but writes nothing: a user who would be assigned gets a
+    /// [`Source::Proposed`] decision. For `postern route show`.
+    pub async fn explain(
+        &self,
+        raw_user: &str,
+        protocol: Protocol,
+    ) -> Result<Decision, RouteError> {
+        let user = self.normalizer.normalize(raw_user)?;
+        self.decide(user, protocol, Mode::DryRun).await
+    }
+
+    /// Where the user is pinned now, even while a move holds their logins: the
+    /// starting point of `postern route move`, which may resume or force a stalled move.
+    pub async fn current(
+        &self,
+        raw_user: &str,
+        protocol: Protocol,
+    ) -> Result<Decision, RouteError> {
+        let user = self.normalizer.normalize(raw_user)?;
+        self.decide(user, protocol, Mode::IgnoreHold).await
+    }
+
+    async fn decide(
+        &self,
+        user: UserName,
+        protocol: Protocol,
+        mode: Mode,
+    ) -> Result<Decision, RouteError> {
+        let write = mode == Mode::Login;
+        let (record, stale) = self.lookup(&user).await?;
+        let Some(record) = record else {
+            return self.unknown(user, protocol, None, write).await;
+        };
+        if record.disabled {
+            return Err(RouteError::Disabled);
+        }
+        if record.moving && mode != Mode::IgnoreHold {
+            return Err(RouteError::Moving);
+        }
+        let backend = match &record.backend {
+            None => return self.unknown(user, protocol, Some(record), write).await,
+            Some(BackendRef::Name(name)) => self
+                .serving(protocol)
+                .find(|b| &b.name == name)
+                .map(|b| b.name.clone())
+                .ok_or_else(|| RouteError::UnknownBackend(name.clone()))?,
+            Some(BackendRef::Host(host)) => self
+                .serving(protocol)
+                .find(|b| b.host.eq_ignore_ascii_case(host))
+                .map(|b| b.name.clone())
+                .ok_or_else(|| RouteError::UnknownBackend(host.clone()))?,
+        };
+        Ok(Decision {
+            user,
+            backend,
+            source: if stale { Source::Stale } else { Source::Pinned },
+            record: Some(record),
+        })
+    }
+
+    /// The cache, then the store; stale routes when the store fails.
+    async fn lookup(
+        &self,
+        user: &UserName,
+    ) -> Result<(Option<Arc<RouteRecord>>, bool), RouteError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stale = match self.cache.get(user) {
+            Lookup::Fresh(Cached::Found(r)) => {
+                self.stats.hits.fetch_add(1, Relaxed);
+                return Ok((Some(r), false));
             }
+            Lookup::Fresh(Cached::Absent) => {
+                self.stats.hits.fetch_add(1, Relaxed);
+                return Ok((None, false));
+            }
+            Lookup::Stale(r) => Some(r),
+            Lookup::Miss => None,
+        };
+        let started = Instant::now();
+        let answer = self.store.lookup(user).await;
+        self.stats.observe(started.elapsed());
+        match answer {
+            Ok(record) => {
+                self.stats.misses.fetch_add(1, Relaxed);
+                let record = record.map(Arc::new);
+                let cached = match &record {
+                    Some(r) => Cached::Found(Arc::clone(r)),
+                    None => Cached::Absent,
+                };
+                self.cache.put(user.clone(), cached);
+                Ok((record, false))
+            }
+            Err(e) => match stale {
+                Some(record) => {
+                    self.stats.stale.fetch_add(1, Relaxed);
+                    warn!(error = %e, user = %user, "route store failing; serving the cached route");
+                    Ok((Some(record), true))
+                }
+                None => {
+                    self.stats.errors.fetch_add(1, Relaxed);
+                    Err(RouteError::Store(e))
+                }
+            },
+        }
+    }
+
+    fn serving(&self, protocol: Protocol) -> impl Iterator<Item = &BackendEntry> {
+        self.backends
+            .iter()
+            .filter(move |b| b.protocols.contains(&protocol))
+    }
+
+    /// Backends that may take a new user of `pool` for `protocol`.
+    fn candidates(&self, protocol: Protocol, pool: Option<&str>) -> Vec<&BackendEntry> {
+        self.serving(protocol)
+            .filter(|b| b.weight > 0)
+            .filter(|b| pool.is_none_or(|p| b.pool == p))
+            .filter(|b| self.availability.accepts_new_users(&b.name))
+            .collect()
+    }
+
+    async fn unknown(
+        &self,
+        user: UserName,
+        protocol: Protocol,
+        record: Option<Arc<RouteRecord>>,
+        write: bool,
+    ) -> Result<Decision, RouteError> {
+        let pool = record.as_ref().and_then(|r| r.pool.clone());
+        let policy = match self.options.unknown_users {
+            UnknownUsers::Reject => return Err(RouteError::NoRoute),
+            UnknownUsers::Hash => None,
+            UnknownUsers::Assign(p) => Some(p),
+        };
+        let candidates = self.candidates(protocol, pool.as_deref());
+        let choice = match policy {
+            Some(AssignPolicy::LeastLoaded) => self.least_loaded(&user, &candidates).await,
+            Some(AssignPolicy::Hash) | None => hash_pick(&user, &candidates),
+        }
+        .ok_or(RouteError::NoBackend)?;
+        if policy.is_none() || !write {
+            let source = if policy.is_none() {
+                Source::Hashed
+            } else {
+                Source::Proposed
+            };
             return Ok(Decision {
                 user,
-                backend: route.backend,
-                source: Source::Pinned,
+                backend: choice,
+                source,
+                record,
             });
         }
-        match self.unknown {
-            UnknownUsers::Reject => Err(RouteError::NoRoute),
-            UnknownUsers::Hash => {
-                let candidates: Vec<Weighted<'_>> = self
-                    .backends
-                    .iter()
-                    .filter(|b| b.protocols.contains(&protocol))
-                    .map(|b| Weighted {
-                        name: &b.name,
-                        weight: b.weight,
-                    })
-                    .collect();
-                let backend = hash::pick(user.as_str(), &candidates)
-                    .ok_or(RouteError::NoBackend)?
-                    .to_owned();
-                Ok(Decision {
-                    user,
-                    backend,
-                    source: Source::Hashed,
-                })
+        // Race-safe: if another instance pinned the user first, its pin comes back.
+        let backend = self.store.assign(&user, &choice).await?;
+        self.stats
+            .assigned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut c) = self.counts.lock() {
+            *c.per_backend.entry(backend.clone()).or_default() += 1;
+        }
+        let mut new_record = record.as_deref().cloned().unwrap_or_default();
+        new_record.backend = Some(BackendRef::Name(backend.clone()));
+        self.cache
+            .put(user.clone(), Cached::Found(Arc::new(new_record)));
+        Ok(Decision {
+            user,
+            backend,
+            source: Source::Assigned,
+            record,
+        })
+    }
+
+    async fn least_loaded(&self, user: &UserName, candidates: &[&BackendEntry]) -> Option<String> {
+        let counts = self.pinned_counts().await;
+        let load = |b: &BackendEntry| {
+            let n = counts.get(&b.name).copied().unwrap_or(0);
+            // +1: an empty heavy backend still beats an empty light one.
+            (n as f64 + 1.0) / f64::from(b.weight)
+        };
+        let best = candidates
+            .iter()
+            .map(|b| load(b))
+            .fold(f64::INFINITY, f64::min);
+        let tied: Vec<&BackendEntry> = candidates
+            .iter()
+            .copied()
+            .filter(|b| load(b) <= best)
+            .collect();
+        // Ties go by hash, so two instances with the same counts agree.
+        hash_pick(user, &tied)
+    }
+
+    async fn pinned_counts(&self) -> HashMap<String, u64> {
+        if let Ok(c) = self.counts.lock()
+            && c.fetched.is_some_and(|t| t.elapsed() < COUNTS_TTL)
+        {
+            return c.per_backend.clone();
+        }
+        match self.store.counts().await {
+            Ok(rows) => {
+                let fresh: HashMap<String, u64> = rows.into_iter().collect();
+                if let Ok(mut c) = self.counts.lock() {
+                    c.per_backend = fresh.clone();
+                    c.fetched = Some(Instant::now());
+                }
+                fresh
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot count pinned users; using the last counts");
+                self.counts
+                    .lock()
+                    .map(|c| c.per_backend.clone())
+                    .unwrap_or_default()
             }
         }
     }
+}
+
+fn hash_pick(user: &UserName, candidates: &[&BackendEntry]) -> Option<String> {
+    let weighted: Vec<Weighted<'_>> = candidates
+        .iter()
+        .map(|b| Weighted {
+            name: &b.name,
+            weight: b.weight,
+        })
+        .collect();
+    hash::pick(user.as_str(), &weighted).map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -184,7 +503,9 @@ mod tests {
         ["b1", "b2"]
             .map(|name| BackendEntry {
                 name: name.into(),
+                host: format!("{name}.example"),
                 weight: 1,
+                pool: "default".into(),
                 protocols: vec![Protocol::Imap],
             })
             .to_vec()
@@ -200,7 +521,11 @@ mod tests {
             [("alice@example.test", "b1"), ("Bob", "b2"), ("eve", "gone")],
         )
         .unwrap();
-        Router::new(n, Arc::new(store), unknown, backends())
+        let options = RouterOptions {
+            unknown_users: unknown,
+            ..RouterOptions::default()
+        };
+        Router::new(n, Arc::new(store), options, backends())
     }
 
     #[tokio::test]
@@ -213,6 +538,7 @@ mod tests {
         }
         let d = r.resolve("bob@example.test", Protocol::Imap).await.unwrap();
         assert_eq!(d.backend, "b2");
+        assert_eq!(r.stats().hits.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
@@ -230,6 +556,12 @@ mod tests {
             .unwrap();
         assert_eq!(d1, d2);
         assert_eq!(d1.source, Source::Hashed);
+
+        // Assignment needs a writable store.
+        let r = router(UnknownUsers::Assign(AssignPolicy::LeastLoaded));
+        let e = r.resolve("carol", Protocol::Imap).await.unwrap_err();
+        assert!(matches!(e, RouteError::Store(StoreError::ReadOnly(_))));
+        assert_eq!(e.failure(), Failure::Unavailable);
     }
 
     #[tokio::test]

@@ -2,11 +2,13 @@
 //! drives the sans-IO protocol machines, asks the router where a user goes, connects and
 //! logs in to the backend, and relays bytes.
 
+pub mod registry;
 pub mod relay;
 pub mod server;
 pub mod settings;
 pub mod stream;
 pub mod tls;
+pub mod watch;
 
 mod driver;
 mod session;

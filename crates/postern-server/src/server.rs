@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::driver::{Driver, Imap};
+use crate::registry::Registry;
 use crate::session::{self, Ctx};
 use crate::settings::{FrontOptions, ListenerSettings, Settings};
 
@@ -59,9 +60,15 @@ impl Server {
         let ctx = Arc::new(Ctx {
             settings,
             router,
+            registry: Registry::new(),
             cancel: CancellationToken::new(),
         });
         Ok(Self { ctx, bound })
+    }
+
+    /// This instance's live sessions.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.ctx.registry
     }
 
     /// Each listener's name and the address it is bound to (useful with port 0).
@@ -76,6 +83,15 @@ impl Server {
     /// sessions and waits (briefly) for them to end.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let tracker = TaskTracker::new();
+        if let Some(watch) = &self.ctx.settings.watch {
+            tracker.spawn(crate::watch::run(
+                Arc::clone(&self.ctx.router),
+                Arc::clone(&self.ctx.registry),
+                watch.instance_id.clone(),
+                watch.interval,
+                self.ctx.cancel.clone(),
+            ));
+        }
         for (settings, listener) in self.bound {
             if let Ok(addr) = listener.local_addr() {
                 info!(

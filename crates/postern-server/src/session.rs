@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::driver::Driver;
+use crate::registry::{Registry, SessionGuard, SessionInfo};
 use crate::relay::{self, Stats};
 use crate::settings::{ListenerSettings, Settings, TlsMode};
 use crate::stream::ClientStream;
@@ -36,6 +37,7 @@ use crate::stream::ClientStream;
 pub(crate) struct Ctx {
     pub(crate) settings: Settings,
     pub(crate) router: Arc<Router>,
+    pub(crate) registry: Arc<Registry>,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -149,12 +151,17 @@ async fn session<D: Driver>(
                             backend,
                             leftover,
                             verdict,
+                            guard,
                         } => {
                             front.handle_verdict(verdict);
                             front.poll_transmit(&mut out);
                             let pipelined = front.into_handoff();
-                            return relay_session(ctx, stream, backend, out, pipelined, leftover)
-                                .await;
+                            let handoff = Handoff {
+                                to_client: out,
+                                to_backend: pipelined,
+                                backend_leftover: leftover,
+                            };
+                            return relay_session(ctx, stream, backend, handoff, guard).await;
                         }
                     }
                 }
@@ -196,21 +203,30 @@ async fn handshake(
     }
 }
 
-/// Finishes the hand-off and relays until the session ends.
+/// The bytes in flight at the moment a login succeeds.
+struct Handoff {
+    /// The front end's answer to the login (and anything before it).
+    to_client: Vec<u8>,
+    /// Client bytes pipelined after the login command.
+    to_backend: Vec<u8>,
+    /// Backend bytes received after its answer.
+    backend_leftover: Vec<u8>,
+}
+
+/// Finishes the hand-off and relays until the session ends or is kicked.
 async fn relay_session(
     ctx: &Ctx,
     mut client: ClientStream,
     mut backend: TcpStream,
-    to_client: Vec<u8>,
-    to_backend: Vec<u8>,
-    backend_leftover: Vec<u8>,
+    handoff: Handoff,
+    guard: SessionGuard,
 ) -> End {
     // Order matters: the login answer first, then whatever the backend sent after it.
     let hand_off = async {
-        client.write_all(&to_client).await?;
-        client.write_all(&backend_leftover).await?;
+        client.write_all(&handoff.to_client).await?;
+        client.write_all(&handoff.backend_leftover).await?;
         client.flush().await?;
-        backend.write_all(&to_backend).await?;
+        backend.write_all(&handoff.to_backend).await?;
         std::io::Result::Ok(())
     };
     if timeout(ctx.settings.timeouts.backend_login, hand_off)
@@ -219,9 +235,9 @@ async fn relay_session(
     {
         return End::PreAuth("handoff_error");
     }
-    drop((to_client, to_backend, backend_leftover));
+    drop(handoff);
     let idle = ctx.settings.timeouts.idle;
-    let stats = relay::relay(&mut client, &mut backend, idle, ctx.cancel.cancelled()).await;
+    let stats = relay::relay(&mut client, &mut backend, idle, guard.token().cancelled()).await;
     End::Relayed(stats)
 }
 
@@ -231,6 +247,7 @@ enum Login {
         backend: TcpStream,
         leftover: Vec<u8>,
         verdict: Verdict,
+        guard: SessionGuard,
     },
 }
 
@@ -243,7 +260,26 @@ async fn login<D: Driver>(
     info: &ClientInfo,
 ) -> Login {
     let mechanism = creds.mechanism.as_str();
-    let decision = match ctx.router.resolve(creds.mailbox_user(), D::PROTOCOL).await {
+    let user = match ctx.router.normalizer().normalize(creds.mailbox_user()) {
+        Ok(u) => u,
+        Err(e) => {
+            info!(error = %e, mechanism, "login refused");
+            return Login::Verdict(Verdict::Failed(Failure::AuthFailed));
+        }
+    };
+    // Registered before the route is looked up: a kick from here on reaches us.
+    let guard = ctx.registry.register(
+        SessionInfo {
+            id: info.session_id.clone(),
+            user: user.as_str().to_owned(),
+            protocol: D::PROTOCOL,
+            backend: None,
+            client: info.client,
+            since: SystemTime::now(),
+        },
+        &ctx.cancel,
+    );
+    let decision = match ctx.router.resolve_normalized(user, D::PROTOCOL).await {
         Ok(d) => d,
         Err(e) => {
             let failure = e.failure();
@@ -261,6 +297,7 @@ async fn login<D: Driver>(
     let span = Span::current();
     span.record("user", decision.user.as_str());
     span.record("backend", decision.backend.as_str());
+    guard.set_backend(&decision.backend);
     let unavailable = Login::Verdict(Verdict::Failed(Failure::Unavailable));
     let Some((host, port, options)) = ctx.settings.backends.get(&decision.backend).and_then(|b| {
         driver
@@ -301,6 +338,10 @@ async fn login<D: Driver>(
             return unavailable;
         }
     };
+    if guard.token().is_cancelled() {
+        info!("kicked during login");
+        return unavailable;
+    }
     match verdict {
         Verdict::Accepted(_) => {
             info!(
@@ -313,6 +354,7 @@ async fn login<D: Driver>(
                 backend: stream,
                 leftover: machine.into_handoff(),
                 verdict,
+                guard,
             }
         }
         Verdict::Refused(_) => {

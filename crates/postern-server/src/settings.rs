@@ -20,6 +20,18 @@ pub struct Settings {
     /// Log in to backends with the normalized user name (the name the user is pinned
     /// under) instead of the name as typed.
     pub normalized_login: bool,
+    /// Following the route store's change log (moves, kicks); `None` for stores that
+    /// have none (static routes).
+    pub watch: Option<WatchSettings>,
+}
+
+/// How this instance follows the route store's change log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchSettings {
+    /// This instance's id in the `instances` table.
+    pub instance_id: String,
+    /// Poll interval.
+    pub interval: Duration,
 }
 
 /// How a listener uses TLS.
@@ -82,8 +94,10 @@ pub struct Backend {
     pub name: String,
     /// Host name or address.
     pub host: String,
-    /// Relative share of users placed by hash.
+    /// Relative share of new users.
     pub weight: u32,
+    /// The pool the backend belongs to.
+    pub pool: String,
     /// IMAP service, if this backend offers one.
     pub imap: Option<ImapBackend>,
 }

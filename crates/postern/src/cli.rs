@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use postern_proto::Protocol;
-use postern_route::RouteError;
+use postern_route::moves::MoveOutcome;
+use postern_route::{RouteError, Router, Source};
 use postern_server::Server;
 use tracing_subscriber::EnvFilter;
 
@@ -36,10 +37,13 @@ enum Command {
     Run,
     /// Validate the configuration, its certificates and the route store, then exit.
     Check,
-    /// Show where a user goes and why.
+    /// Show and change where users go. `postern route USER` is `route show USER`.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Route {
+        #[command(subcommand)]
+        action: Option<RouteAction>,
         /// The user name, as a client would type it.
-        user: String,
+        user: Option<String>,
         /// The protocol to route for.
         #[arg(long, default_value = "imap")]
         protocol: String,
@@ -52,10 +56,57 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum RouteAction {
+    /// Where USER goes and why (writes nothing).
+    Show {
+        /// The user name, as a client would type it.
+        user: String,
+        /// The protocol to route for.
+        #[arg(long, default_value = "imap")]
+        protocol: String,
+    },
+    /// Pin USER to BACKEND, replacing any pin. Live sessions are not touched: to move a
+    /// user who may be logged in, use `route move`.
+    Pin {
+        /// The user name.
+        user: String,
+        /// The backend name.
+        backend: String,
+    },
+    /// Remove USER's pin (the unknown-users policy applies at the next login).
+    Unpin {
+        /// The user name.
+        user: String,
+    },
+    /// Move USER to BACKEND safely: hold new logins, end the user's sessions on every
+    /// Postern instance, then switch the pin.
+    Move {
+        /// The user name.
+        user: String,
+        /// The backend to move to.
+        backend: String,
+        /// Switch the pin even if some live instance did not confirm the kick.
+        #[arg(long)]
+        force: bool,
+    },
+    /// End USER's sessions on every Postern instance.
+    Kick {
+        /// The user name.
+        user: String,
+    },
+    /// List the pins, optionally of one backend.
+    List {
+        /// Only this backend's users.
+        #[arg(long)]
+        backend: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DbAction {
-    /// Create or upgrade Postern's tables in the configured store.
+    /// Create or upgrade Postern's tables in the configured database.
     Migrate,
-    /// Run a SQL script (such as fixtures/sqlite/seed.sql) against the store, in one
+    /// Run a SQL script (such as fixtures/sqlite/seed.sql) against the database, in one
     /// transaction.
     Seed {
         /// The SQL file.
@@ -88,9 +139,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => runtime.block_on(check(&cli.config)),
-        Command::Route { user, protocol } => {
+        Command::Route {
+            action,
+            user,
+            protocol,
+        } => {
             let config = Config::load(&cli.config)?;
-            runtime.block_on(route(&config, &user, &protocol))
+            let action = match (action, user) {
+                (Some(a), _) => a,
+                (None, Some(user)) => RouteAction::Show { user, protocol },
+                (None, None) => {
+                    bail!("route: name a user, or one of show/pin/unpin/move/kick/list")
+                }
+            };
+            runtime.block_on(route(&config, action))
         }
         Command::Db { action } => {
             let config = Config::load(&cli.config)?;
@@ -150,7 +212,11 @@ async fn check(path: &Path) -> Result<ExitCode> {
         );
     }
     match &config.store {
-        StorePlan::Sqlite { path, .. } => println!("  routes   sqlite {}", path.display()),
+        StorePlan::Sql(o) => println!(
+            "  routes   {} {}",
+            store.kind(),
+            crate::config::redact_url(&o.url)
+        ),
         StorePlan::Static(m) => println!("  routes   static, {} entries", m.len()),
     }
     for b in config.settings.backends.values() {
@@ -180,18 +246,129 @@ fn parse_protocol(s: &str) -> Result<Protocol> {
     }
 }
 
-async fn route(config: &Config, user: &str, protocol: &str) -> Result<ExitCode> {
-    let protocol = parse_protocol(protocol)?;
+async fn route(config: &Config, action: RouteAction) -> Result<ExitCode> {
     let router = config.router().await?;
-    match router.resolve(user, protocol).await {
+    let store = router.store();
+    let normalize = |raw: &str| router.normalizer().normalize(raw).context("user name");
+    let backend_exists = |b: &str| -> Result<()> {
+        if config.settings.backends.contains_key(b) {
+            Ok(())
+        } else {
+            bail!("no backend named {b:?} in the configuration")
+        }
+    };
+    match action {
+        RouteAction::Show { user, protocol } => {
+            return show(config, &router, &user, parse_protocol(&protocol)?).await;
+        }
+        RouteAction::Pin { user, backend } => {
+            backend_exists(&backend)?;
+            let user = normalize(&user)?;
+            store.pin(&user, &backend).await?;
+            println!("{user} pinned to {backend}");
+        }
+        RouteAction::Unpin { user } => {
+            let user = normalize(&user)?;
+            if store.unpin(&user).await? {
+                println!("{user}: pin removed");
+            } else {
+                println!("{user}: had no pin");
+            }
+        }
+        RouteAction::Move {
+            user,
+            backend,
+            force,
+        } => {
+            backend_exists(&backend)?;
+            let current = router.current(&user, Protocol::Imap).await?;
+            if current.backend == backend {
+                println!("{} is already on {backend}", current.user);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let outcome = postern_route::moves::move_user(
+                store.as_ref(),
+                &current.user,
+                &current.backend,
+                &backend,
+                config.fence,
+                force,
+            )
+            .await?;
+            match outcome {
+                MoveOutcome::Moved(acks) => {
+                    println!(
+                        "{} moved from {} to {backend}; sessions ended by {} instance(s){}",
+                        current.user,
+                        current.backend,
+                        acks.confirmed.len(),
+                        missing_note(&acks.missing)
+                    );
+                }
+                MoveOutcome::Stalled { acks, hold_until } => {
+                    eprintln!(
+                        "{}: NOT moved: instance(s) {} did not confirm within {:?}. \
+                         The user stays on {}; logins are refused until the hold ends \
+                         (unix time {hold_until}). Retry, or use --force.",
+                        current.user,
+                        acks.missing.join(", "),
+                        config.fence.ack_timeout,
+                        current.backend
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        RouteAction::Kick { user } => {
+            let user = normalize(&user)?;
+            let acks = postern_route::moves::kick_user(store.as_ref(), &user, config.fence).await?;
+            println!(
+                "{user}: kick confirmed by {} instance(s){}",
+                acks.confirmed.len(),
+                missing_note(&acks.missing)
+            );
+        }
+        RouteAction::List { backend } => {
+            if let Some(b) = &backend {
+                backend_exists(b)?;
+            }
+            for row in store.list(backend.as_deref()).await? {
+                match row.moving_to {
+                    Some(to) => println!("{}\t{}\t(moving to {to})", row.user, row.backend),
+                    None => println!("{}\t{}", row.user, row.backend),
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn missing_note(missing: &[String]) -> String {
+    if missing.is_empty() {
+        String::new()
+    } else {
+        format!(" (not confirmed by: {})", missing.join(", "))
+    }
+}
+
+async fn show(
+    config: &Config,
+    router: &Router,
+    user: &str,
+    protocol: Protocol,
+) -> Result<ExitCode> {
+    match router.explain(user, protocol).await {
         Ok(d) => {
             println!("user:    {} (as typed: {user:?})", d.user);
             let why = match d.source {
-                postern_route::Source::Pinned => {
-                    format!("pinned in the {} store", router.store().kind())
-                }
-                postern_route::Source::Hashed => {
+                Source::Pinned => format!("pinned in the {} store", router.store().kind()),
+                Source::Stale => "cached pin; the store is not answering".to_owned(),
+                Source::Hashed => {
                     "no pin; chosen by hash (routing.unknown_users = \"hash\")".to_owned()
+                }
+                Source::Assigned => "assigned just now".to_owned(),
+                Source::Proposed => {
+                    "no pin yet; would be assigned there at the first login".to_owned()
                 }
             };
             println!("backend: {} ({why})", d.backend);
@@ -209,18 +386,25 @@ async fn route(config: &Config, user: &str, protocol: &str) -> Result<ExitCode> 
             );
             Ok(ExitCode::from(2))
         }
+        Err(RouteError::Moving) => {
+            println!("user:    {user:?}\nbackend: none right now: a move is in progress");
+            Ok(ExitCode::from(2))
+        }
+        Err(RouteError::Disabled) => {
+            println!("user:    {user:?}\nbackend: none: the account is disabled");
+            Ok(ExitCode::from(2))
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 async fn db(config: &Config, action: DbAction) -> Result<ExitCode> {
-    let StorePlan::Sqlite { path, .. } = &config.store else {
-        bail!("routing.store is not a database");
-    };
-    // Opening runs the migrations.
-    let store = postern_route::store::sqlite::SqliteStore::open(path, true).await?;
+    let store = config.open_sql().await?;
     match action {
-        DbAction::Migrate => println!("{}: schema up to date", path.display()),
+        DbAction::Migrate => {
+            store.migrate().await?;
+            println!("{}: schema up to date", store.dialect().as_str());
+        }
         DbAction::Seed { file } => {
             let sql = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
@@ -228,7 +412,7 @@ async fn db(config: &Config, action: DbAction) -> Result<ExitCode> {
                 .execute_script(&sql)
                 .await
                 .with_context(|| format!("{}", file.display()))?;
-            println!("{}: loaded {}", path.display(), file.display());
+            println!("loaded {}", file.display());
         }
     }
     Ok(ExitCode::SUCCESS)

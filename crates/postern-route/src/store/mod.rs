@@ -1,45 +1,211 @@
-//! Where pins live. A store answers one question, "which backend is this user pinned
-//! to?", and says clearly when it cannot answer (so the router never guesses).
+//! Where pins live. A store answers "which backend is this user pinned to?", writes
+//! pins race-safely, and carries the change log through which Postern instances learn
+//! of moves and kicks. Every failure means "no answer": the caller must never guess.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
+use postern_proto::Secret;
+
 use crate::UserName;
 
-pub mod sqlite;
+pub mod sql;
 pub mod static_map;
 
 /// A boxed future, so stores can sit behind `dyn RouteStore`.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// A user's pin.
+/// How a record names its backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route {
-    /// The backend's name, as declared in the configuration.
+pub enum BackendRef {
+    /// A backend name from the configuration.
+    Name(String),
+    /// A host, as an operator's user table may store it (Dovecot's `host` field); the
+    /// router maps it to the configured backend with that host.
+    Host(String),
+}
+
+/// What the store knows about a user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteRecord {
+    /// The pin; `None` when the user is known (e.g. in the operator's table) but has no
+    /// backend yet, so assignment applies.
+    pub backend: Option<BackendRef>,
+    /// The pool the user belongs to, if the operator's query says.
+    pub pool: Option<String>,
+    /// The password hash from the operator's query (for proxy-side authentication).
+    pub password: Option<Secret<String>>,
+    /// The account is disabled: logins are refused.
+    pub disabled: bool,
+    /// A move is in progress: logins get a temporary failure until it completes.
+    pub moving: bool,
+}
+
+/// One pin, as listed by `postern route list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinRow {
+    /// The normalized user.
+    pub user: String,
+    /// The backend.
     pub backend: String,
+    /// The target of a move in progress.
+    pub moving_to: Option<String>,
+}
+
+/// What changed, as recorded in the change log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The pin was written (pinned, assigned by an operator, moved): forget cached routes.
+    Pin,
+    /// End the user's live sessions (a kick, or the first half of a move).
+    Kick,
+}
+
+impl ChangeKind {
+    /// The value stored in `route_events.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Pin => "pin",
+            ChangeKind::Kick => "kick",
+        }
+    }
+}
+
+/// One entry of the change log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeEvent {
+    /// Position in the log; increases.
+    pub id: i64,
+    /// The normalized user.
+    pub user: String,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The backend involved, when there is one.
+    pub backend: Option<String>,
+}
+
+/// A Postern instance as seen through the database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceRow {
+    /// Its id (host, pid, start time).
+    pub id: String,
+    /// Unix seconds of its last heartbeat.
+    pub heartbeat_at: i64,
+    /// The last change-log entry it has applied.
+    pub last_event_id: i64,
 }
 
 /// A store failure. Every variant means "no answer": the caller must not guess a route.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store could not be reached or failed; retrying later may help.
+    /// The store could not be reached, timed out or failed; retrying later may help.
     #[error("route store unavailable: {0}")]
     Unavailable(String),
     /// The store does not support the operation (e.g. writing to a static map).
-    #[error("route store is read-only")]
-    ReadOnly,
+    #[error("the {0} route store is read-only")]
+    ReadOnly(&'static str),
+    /// The store answered something Postern cannot use (e.g. a lookup query without a
+    /// `backend` or `host` column).
+    #[error("route store answer unusable: {0}")]
+    Invalid(String),
 }
 
-/// A source of pins.
+/// A source of pins. Read-only stores implement `lookup`, `ping` and `kind`; the write
+/// and change-log methods default to [`StoreError::ReadOnly`] and an empty log.
 pub trait RouteStore: Send + Sync + fmt::Debug {
-    /// Looks up the pin of a normalized user; `Ok(None)` when there is none.
-    fn lookup<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, Option<Route>>;
-    /// Pins a user to a backend, replacing any previous pin.
-    fn pin<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, ()>;
+    /// Looks up a normalized user; `Ok(None)` when the store does not know the user.
+    fn lookup<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, Option<RouteRecord>>;
+
     /// Checks that the store answers, for `postern check` and readiness.
     fn ping(&self) -> StoreFuture<'_, ()>;
-    /// A short name for logs: `static`, `sqlite`.
+
+    /// A short name for logs: `static`, `sqlite`, `mysql`, `postgres`.
     fn kind(&self) -> &'static str;
+
+    /// Pins a user who has no pin yet. Race-safe: when several instances assign the
+    /// same user at once, exactly one pin is written and every caller gets it back.
+    fn assign<'a>(&'a self, _user: &'a UserName, _backend: &'a str) -> StoreFuture<'a, String> {
+        read_only(self.kind())
+    }
+
+    /// Pins a user to a backend, replacing any pin, and logs a `Pin` change.
+    fn pin<'a>(&'a self, _user: &'a UserName, _backend: &'a str) -> StoreFuture<'a, ()> {
+        read_only(self.kind())
+    }
+
+    /// Removes a user's pin; `true` if there was one.
+    fn unpin<'a>(&'a self, _user: &'a UserName) -> StoreFuture<'a, bool> {
+        read_only(self.kind())
+    }
+
+    /// First half of a fenced move: marks the user as moving from `from` to `to` until
+    /// `hold_until` (Unix seconds) and logs a `Kick`. Returns the kick's log id.
+    fn begin_move<'a>(
+        &'a self,
+        _user: &'a UserName,
+        _from: &'a str,
+        _to: &'a str,
+        _hold_until: i64,
+    ) -> StoreFuture<'a, i64> {
+        read_only(self.kind())
+    }
+
+    /// Second half of a fenced move: switches the pin to `to`, clears the hold and logs
+    /// a `Pin` change.
+    fn finish_move<'a>(&'a self, _user: &'a UserName, _to: &'a str) -> StoreFuture<'a, ()> {
+        read_only(self.kind())
+    }
+
+    /// Logs a `Kick` for the user; returns its log id.
+    fn kick<'a>(&'a self, _user: &'a UserName) -> StoreFuture<'a, i64> {
+        read_only(self.kind())
+    }
+
+    /// Pinned users per backend, for least-loaded assignment.
+    fn counts(&self) -> StoreFuture<'_, Vec<(String, u64)>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Every pin, or the pins of one backend.
+    fn list<'a>(&'a self, _backend: Option<&'a str>) -> StoreFuture<'a, Vec<PinRow>> {
+        read_only(self.kind())
+    }
+
+    /// Change-log entries after `after`, oldest first, at most `limit`.
+    fn events_since(&self, _after: i64, _limit: u32) -> StoreFuture<'_, Vec<ChangeEvent>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// The id of the newest change-log entry (0 when empty).
+    fn last_event_id(&self) -> StoreFuture<'_, i64> {
+        Box::pin(async { Ok(0) })
+    }
+
+    /// Records that `instance` is alive and has applied the log up to `last_event_id`.
+    fn heartbeat<'a>(&'a self, _instance: &'a str, _last_event_id: i64) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The instances that have reported.
+    fn instances(&self) -> StoreFuture<'_, Vec<InstanceRow>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Forgets change-log entries and instances older than `before` (Unix seconds).
+    fn prune(&self, _before: i64) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn read_only<T: Send + 'static>(kind: &'static str) -> StoreFuture<'static, T> {
+    Box::pin(async move { Err(StoreError::ReadOnly(kind)) })
+}
+
+/// Seconds since the Unix epoch, as stored in the change log and holds.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

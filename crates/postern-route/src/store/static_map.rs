@@ -1,8 +1,8 @@
-//! Pins written in the configuration file: for small sites and for tests.
+//! Pins written in the configuration file: for small sites and for tests. Read-only.
 
 use std::collections::HashMap;
 
-use super::{Route, RouteStore, StoreError, StoreFuture};
+use super::{BackendRef, RouteRecord, RouteStore, StoreFuture};
 use crate::{InvalidUser, Normalizer, UserName};
 
 /// A fixed user → backend table.
@@ -30,15 +30,12 @@ impl StaticStore {
 }
 
 impl RouteStore for StaticStore {
-    fn lookup<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, Option<Route>> {
-        let route = self.routes.get(user).map(|backend| Route {
-            backend: backend.clone(),
+    fn lookup<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, Option<RouteRecord>> {
+        let record = self.routes.get(user).map(|backend| RouteRecord {
+            backend: Some(BackendRef::Name(backend.clone())),
+            ..RouteRecord::default()
         });
-        Box::pin(async move { Ok(route) })
-    }
-
-    fn pin<'a>(&'a self, _user: &'a UserName, _backend: &'a str) -> StoreFuture<'a, ()> {
-        Box::pin(async { Err(StoreError::ReadOnly) })
+        Box::pin(async move { Ok(record) })
     }
 
     fn ping(&self) -> StoreFuture<'_, ()> {

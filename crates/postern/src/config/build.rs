@@ -6,9 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use postern_route::store::sqlite::SqliteStore;
+use postern_route::moves::FenceOptions;
+use postern_route::store::sql::{Dialect, SqlOptions, SqlStore};
 use postern_route::store::static_map::StaticStore;
-use postern_route::{BackendEntry, Normalizer, RouteStore, Router, UnknownUsers};
+use postern_route::{
+    AssignPolicy, BackendEntry, CacheOptions, Normalizer, RouteStore, Router, RouterOptions,
+    UnknownUsers,
+};
+use postern_server::settings::WatchSettings;
 use postern_server::{
     Backend, FrontOptions, ImapBackend, ListenerSettings, Settings, Timeouts, TlsMode, tls,
 };
@@ -18,13 +23,8 @@ use super::file::{self, File};
 /// Where routes come from, before the store is opened.
 #[derive(Debug, Clone)]
 pub enum StorePlan {
-    /// A SQLite file.
-    Sqlite {
-        /// Its path.
-        path: PathBuf,
-        /// Create it if missing.
-        create: bool,
-    },
+    /// A SQL database (SQLite, MySQL/MariaDB, PostgreSQL).
+    Sql(SqlOptions),
     /// The `[routing.static]` table.
     Static(BTreeMap<String, String>),
 }
@@ -42,8 +42,10 @@ pub struct Config {
     pub store: StorePlan,
     /// User name rules.
     pub normalizer: Normalizer,
-    /// Policy for users without a pin.
-    pub unknown_users: UnknownUsers,
+    /// Router policy and cache.
+    pub router: RouterOptions,
+    /// Timing of moves and kicks.
+    pub fence: FenceOptions,
 }
 
 impl Config {
@@ -72,14 +74,20 @@ impl Config {
         build(file, base)
     }
 
+    /// Opens the SQL store (for `postern db` and `postern route`).
+    pub async fn open_sql(&self) -> Result<SqlStore> {
+        let StorePlan::Sql(options) = &self.store else {
+            bail!("routing.store is \"static\": there is no database");
+        };
+        SqlStore::open(options)
+            .await
+            .with_context(|| format!("route database {}", redact_url(&options.url)))
+    }
+
     /// Opens the route store.
     pub async fn open_store(&self) -> Result<Arc<dyn RouteStore>> {
         Ok(match &self.store {
-            StorePlan::Sqlite { path, create } => Arc::new(
-                SqliteStore::open(path, *create)
-                    .await
-                    .with_context(|| format!("sqlite store {}", path.display()))?,
-            ),
+            StorePlan::Sql(_) => Arc::new(self.open_sql().await?),
             StorePlan::Static(map) => Arc::new(
                 StaticStore::new(
                     &self.normalizer,
@@ -99,14 +107,16 @@ impl Config {
             .values()
             .map(|b| BackendEntry {
                 name: b.name.clone(),
+                host: b.host.clone(),
                 weight: b.weight,
+                pool: b.pool.clone(),
                 protocols: b.protocols(),
             })
             .collect();
         Ok(Arc::new(Router::new(
             self.normalizer.clone(),
             store,
-            self.unknown_users,
+            self.router,
             backends,
         )))
     }
@@ -196,6 +206,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 name: name.clone(),
                 host: b.host.clone(),
                 weight: b.weight,
+                pool: b.pool.clone(),
                 imap,
             }),
         );
@@ -296,14 +307,34 @@ fn build(file: File, base: &Path) -> Result<Config> {
         );
     }
     let store = match r.store {
-        file::StoreKind::Sqlite => {
-            let Some(s) = &r.sqlite else {
-                bail!("routing.store: \"sqlite\" needs a [routing.sqlite] section with a path");
+        file::StoreKind::Sql => {
+            let Some(sql) = &r.sql else {
+                bail!("routing.store: \"sql\" needs a [routing.sql] section with a url");
             };
-            StorePlan::Sqlite {
-                path: resolve(&s.path),
-                create: s.create,
-            }
+            let dialect = Dialect::of_url(&sql.url).ok_or_else(|| {
+                anyhow!("routing.sql.url: must start with sqlite:, mysql:, mariadb: or postgres:")
+            })?;
+            let url = if dialect == Dialect::Sqlite {
+                sqlite_url(&sql.url, base)
+            } else {
+                sql.url.clone()
+            };
+            ensure!(
+                !sql.connect_timeout.is_zero(),
+                "routing.sql.connect_timeout: must be > 0"
+            );
+            ensure!(
+                !sql.query_timeout.is_zero(),
+                "routing.sql.query_timeout: must be > 0"
+            );
+            StorePlan::Sql(SqlOptions {
+                url,
+                max_connections: sql.max_connections,
+                connect_timeout: sql.connect_timeout,
+                query_timeout: sql.query_timeout,
+                lookup_query: sql.lookup_query.clone(),
+                migrate: sql.migrate,
+            })
         }
         file::StoreKind::Static => {
             let Some(map) = &r.static_routes else {
@@ -320,9 +351,31 @@ fn build(file: File, base: &Path) -> Result<Config> {
             );
         }
     }
-    let unknown_users = match r.unknown_users {
-        file::UnknownUsers::Reject => UnknownUsers::Reject,
-        file::UnknownUsers::Hash => UnknownUsers::Hash,
+    let unknown_users = match (r.unknown_users, r.assign_policy) {
+        (file::UnknownUsers::Reject, _) => UnknownUsers::Reject,
+        (file::UnknownUsers::Hash, _) => UnknownUsers::Hash,
+        (file::UnknownUsers::Assign, file::AssignPolicy::LeastLoaded) => {
+            UnknownUsers::Assign(AssignPolicy::LeastLoaded)
+        }
+        (file::UnknownUsers::Assign, file::AssignPolicy::Hash) => {
+            UnknownUsers::Assign(AssignPolicy::Hash)
+        }
+    };
+    ensure!(
+        !(matches!(unknown_users, UnknownUsers::Assign(_)) && r.store == file::StoreKind::Static),
+        "routing.unknown_users: \"assign\" needs a writable store (routing.store = \"sql\")"
+    );
+    ensure!(r.cache.capacity > 0, "routing.cache.capacity: must be > 0");
+    ensure!(
+        !r.watch_interval.is_zero(),
+        "routing.watch_interval: must be > 0"
+    );
+    let watch = match r.store {
+        file::StoreKind::Sql => Some(WatchSettings {
+            instance_id: r.instance_id.clone().unwrap_or_else(default_instance_id),
+            interval: r.watch_interval,
+        }),
+        file::StoreKind::Static => None,
     };
 
     Ok(Config {
@@ -333,9 +386,87 @@ fn build(file: File, base: &Path) -> Result<Config> {
             backends,
             timeouts,
             normalized_login: r.normalize.apply_to_backend_login,
+            watch,
         },
         store,
         normalizer,
-        unknown_users,
+        router: RouterOptions {
+            unknown_users,
+            cache: CacheOptions {
+                ttl: r.cache.ttl,
+                negative_ttl: r.cache.negative_ttl,
+                stale_if_error: r.cache.stale_if_error,
+                capacity: r.cache.capacity,
+            },
+        },
+        fence: FenceOptions {
+            hold: r.moves.hold,
+            ack_timeout: r.moves.ack_timeout,
+            live_within: r.moves.live_within,
+        },
     })
+}
+
+/// `sqlite:routes.db` relative to the configuration file, created when missing unless
+/// the URL sets its own `mode`.
+fn sqlite_url(url: &str, base: &Path) -> String {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path == ":memory:" {
+        return url.to_owned();
+    }
+    let path = Path::new(path);
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
+    let mut encoded = String::new();
+    for c in path.display().to_string().chars() {
+        match c {
+            '%' => encoded.push_str("%25"),
+            '?' => encoded.push_str("%3F"),
+            '#' => encoded.push_str("%23"),
+            c => encoded.push(c),
+        }
+    }
+    let query = if query.split('&').any(|p| p.starts_with("mode=")) {
+        query.to_owned()
+    } else if query.is_empty() {
+        "mode=rwc".to_owned()
+    } else {
+        format!("{query}&mode=rwc")
+    };
+    format!("sqlite://{encoded}?{query}")
+}
+
+/// A database URL fit for messages: the password replaced.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = url.get(scheme + 3..at).unwrap_or("");
+            let user = creds.split(':').next().unwrap_or("");
+            format!(
+                "{}{user}:***{}",
+                url.get(..scheme + 3).unwrap_or(""),
+                url.get(at..).unwrap_or("")
+            )
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// `host:pid:start`: unique per process, readable in `postern route` output.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        postern_route::store::now_secs()
+    )
 }

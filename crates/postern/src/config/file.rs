@@ -118,22 +118,37 @@ impl Default for Imap {
 }
 
 /// `routing.store`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
-    /// `[routing.sqlite]`.
-    Sqlite,
+    /// `[routing.sql]`: SQLite, MySQL/MariaDB or PostgreSQL.
+    #[default]
+    Sql,
     /// `[routing.static]`.
     Static,
 }
 
 /// `routing.unknown_users`.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownUsers {
     /// Refuse the login.
+    #[default]
     Reject,
-    /// Pick a backend by consistent hash.
+    /// Pick a backend by consistent hash, not written.
+    Hash,
+    /// Pick a backend and pin the user there.
+    Assign,
+}
+
+/// `routing.assign_policy`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AssignPolicy {
+    /// Fewest pinned users per unit of weight.
+    #[default]
+    LeastLoaded,
+    /// Consistent hash of the user name.
     Hash,
 }
 
@@ -142,22 +157,37 @@ pub enum UnknownUsers {
 #[serde(deny_unknown_fields)]
 pub struct Routing {
     /// Which store holds the pins.
+    #[serde(default)]
     pub store: StoreKind,
     /// What to do with users without a pin.
-    #[serde(default = "default_unknown_users")]
+    #[serde(default)]
     pub unknown_users: UnknownUsers,
+    /// How `assign` picks a backend.
+    #[serde(default)]
+    pub assign_policy: AssignPolicy,
+    /// How often the change log is polled for moves and kicks.
+    #[serde(default = "one_second", with = "humantime_serde")]
+    pub watch_interval: Duration,
+    /// This instance's id in the `instances` table (default: host:pid:start).
+    pub instance_id: Option<String>,
     /// `[routing.normalize]`.
     #[serde(default)]
     pub normalize: Normalize,
-    /// `[routing.sqlite]`.
-    pub sqlite: Option<Sqlite>,
+    /// `[routing.cache]`.
+    #[serde(default)]
+    pub cache: Cache,
+    /// `[routing.moves]`.
+    #[serde(default)]
+    pub moves: Moves,
+    /// `[routing.sql]`.
+    pub sql: Option<Sql>,
     /// `[routing.static]`: user = backend.
     #[serde(rename = "static")]
     pub static_routes: Option<BTreeMap<String, String>>,
 }
 
-fn default_unknown_users() -> UnknownUsers {
-    UnknownUsers::Reject
+fn one_second() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `[routing.normalize]`.
@@ -185,15 +215,93 @@ impl Default for Normalize {
     }
 }
 
-/// `[routing.sqlite]`.
+/// `[routing.sql]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Sqlite {
-    /// Database file.
-    pub path: PathBuf,
-    /// Create the file if missing.
+pub struct Sql {
+    /// `sqlite:PATH`, `mysql://...`, `postgres://...`.
+    pub url: String,
+    /// Pool size.
+    #[serde(default = "eight")]
+    pub max_connections: u32,
+    /// Connect (and pool wait) bound.
+    #[serde(default = "five_seconds", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Per-statement bound.
+    #[serde(default = "two_seconds", with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// The operator's lookup query over an existing user table.
+    pub lookup_query: Option<String>,
+    /// Apply Postern's schema migrations when opening.
     #[serde(default = "yes")]
-    pub create: bool,
+    pub migrate: bool,
+}
+
+fn eight() -> u32 {
+    8
+}
+
+fn two_seconds() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `[routing.cache]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cache {
+    /// Serve a found route without asking the store for this long.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Remember "no such user" for this long.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Serve a found route this long after it was fetched while the store fails.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    /// Most users cached.
+    pub capacity: usize,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        let c = postern_route::CacheOptions::default();
+        Self {
+            ttl: c.ttl,
+            negative_ttl: c.negative_ttl,
+            stale_if_error: c.stale_if_error,
+            capacity: c.capacity,
+        }
+    }
+}
+
+/// `[routing.moves]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Moves {
+    /// Logins of a user being moved get a temporary failure for at most this long.
+    #[serde(with = "humantime_serde")]
+    pub hold: Duration,
+    /// How long a move or kick waits for every live instance to confirm.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Instances silent for longer than this are considered gone.
+    #[serde(with = "humantime_serde")]
+    pub live_within: Duration,
+}
+
+impl Default for Moves {
+    fn default() -> Self {
+        let f = postern_route::moves::FenceOptions::default();
+        Self {
+            hold: f.hold,
+            ack_timeout: f.ack_timeout,
+            live_within: f.live_within,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -204,15 +312,22 @@ fn one() -> u32 {
     1
 }
 
+fn default_pool() -> String {
+    "default".into()
+}
+
 /// `[backends.NAME]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     /// Host name or address.
     pub host: String,
-    /// Share of hashed users.
+    /// Share of new users.
     #[serde(default = "one")]
     pub weight: u32,
+    /// The pool the backend belongs to.
+    #[serde(default = "default_pool")]
+    pub pool: String,
     /// `[backends.NAME.imap]`.
     pub imap: Option<ImapBackend>,
 }

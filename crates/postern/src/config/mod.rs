@@ -3,4 +3,4 @@
 mod build;
 pub mod file;
 
-pub use build::{Config, StorePlan};
+pub use build::{Config, StorePlan, redact_url};

@@ -1,0 +1,841 @@
+//! Routes in SQL: SQLite (the embedded default), MySQL/MariaDB and PostgreSQL, through
+//! one code path on sqlx's `Any` driver. Only the SQL text differs per dialect
+//! (placeholders, upsert syntax, how an insert returns its id); every statement binds
+//! its values as parameters, never by string building.
+//!
+//! Two ways to use it:
+//! - Postern's own `routes` table (migrations in `migrations/<dialect>/`).
+//! - An operator-written `lookup_query` over an existing user table, returning a
+//!   `backend` (or `host`) column and optionally `pool`, `password` and `disabled`. The
+//!   normalized user is bound to every placeholder of the query. Rows in Postern's own
+//!   `routes` table (written by assignment, `route pin` and `route move`) take
+//!   precedence over the operator's backend, so moves work in this mode too.
+
+use std::time::Duration;
+
+use postern_proto::Secret;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Column, Executor, Row};
+
+use super::{
+    BackendRef, ChangeEvent, ChangeKind, InstanceRow, PinRow, RouteRecord, RouteStore, StoreError,
+    StoreFuture, now_secs,
+};
+use crate::UserName;
+
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The SQL dialects Postern speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite 3.
+    Sqlite,
+    /// MySQL 8 / MariaDB 10.5 and later.
+    MySql,
+    /// PostgreSQL 12 and later.
+    Postgres,
+}
+
+impl Dialect {
+    /// The dialect of a database URL (`sqlite:`, `mysql:`/`mariadb:`, `postgres:`/`postgresql:`).
+    pub fn of_url(url: &str) -> Option<Self> {
+        let scheme = url.split(':').next()?.to_ascii_lowercase();
+        match scheme.as_str() {
+            "sqlite" => Some(Dialect::Sqlite),
+            "mysql" | "mariadb" => Some(Dialect::MySql),
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            _ => None,
+        }
+    }
+
+    /// Name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "sqlite",
+            Dialect::MySql => "mysql",
+            Dialect::Postgres => "postgres",
+        }
+    }
+
+    fn migrator(self) -> &'static sqlx::migrate::Migrator {
+        match self {
+            Dialect::Sqlite => &SQLITE,
+            Dialect::MySql => &MYSQL,
+            Dialect::Postgres => &POSTGRES,
+        }
+    }
+
+    /// Rewrites `?` placeholders for PostgreSQL (`$1`, `$2`, ...). Our own statements
+    /// never contain `?` inside literals.
+    fn sql(self, template: &str) -> String {
+        if self != Dialect::Postgres {
+            return template.to_owned();
+        }
+        let mut out = String::with_capacity(template.len() + 8);
+        let mut n = 0;
+        for c in template.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+}
+
+/// Connection settings.
+#[derive(Clone, Debug)]
+pub struct SqlOptions {
+    /// `sqlite:PATH`, `mysql://user:pass@host:port/db`, `postgres://...`. TLS to the
+    /// database is set in the URL (`?ssl-mode=REQUIRED`, `?sslmode=require`).
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Bound on connecting (and on waiting for a pooled connection).
+    pub connect_timeout: Duration,
+    /// Bound on each statement: a slow database counts as a failing one, so the route
+    /// cache can serve stale routes instead of making clients wait.
+    pub query_timeout: Duration,
+    /// The operator's lookup query, if any.
+    pub lookup_query: Option<String>,
+    /// Apply Postern's migrations when opening.
+    pub migrate: bool,
+}
+
+/// Statements for one dialect, built once.
+#[derive(Debug)]
+struct Statements {
+    lookup: String,
+    assign: String,
+    pin: String,
+    unpin: String,
+    begin_move: String,
+    finish_move: String,
+    insert_event: String,
+    counts: String,
+    list_all: String,
+    list_backend: String,
+    events_since: String,
+    last_event: String,
+    heartbeat: String,
+    instances: String,
+    prune_events: String,
+    prune_instances: String,
+}
+
+impl Statements {
+    fn new(d: Dialect) -> Self {
+        let upsert = |insert: &str, conflict: &str, mysql: &str, others: &str| match d {
+            Dialect::MySql => format!("{insert} ON DUPLICATE KEY UPDATE {mysql}"),
+            Dialect::Sqlite | Dialect::Postgres => {
+                format!("{insert} ON CONFLICT ({conflict}) DO {others}")
+            }
+        };
+        let returning_id = match d {
+            // MySQL has no RETURNING; its insert id comes with the result.
+            Dialect::MySql => "",
+            Dialect::Sqlite | Dialect::Postgres => " RETURNING id",
+        };
+        Self {
+            lookup: d.sql("SELECT backend, moving_to, hold_until FROM routes WHERE username = ?"),
+            assign: d.sql(&upsert(
+                "INSERT INTO routes (username, backend) VALUES (?, ?)",
+                "username",
+                // A no-op update: the first writer wins, the others read its pin back.
+                "username = username",
+                "NOTHING",
+            )),
+            pin: d.sql(&upsert(
+                "INSERT INTO routes (username, backend) VALUES (?, ?)",
+                "username",
+                "backend = VALUES(backend), moving_to = NULL, hold_until = NULL, \
+                 updated_at = CURRENT_TIMESTAMP",
+                "UPDATE SET backend = excluded.backend, moving_to = NULL, hold_until = NULL, \
+                 updated_at = CURRENT_TIMESTAMP",
+            )),
+            unpin: d.sql("DELETE FROM routes WHERE username = ?"),
+            begin_move: d.sql(&upsert(
+                "INSERT INTO routes (username, backend, moving_to, hold_until) VALUES (?, ?, ?, ?)",
+                "username",
+                "moving_to = VALUES(moving_to), hold_until = VALUES(hold_until)",
+                "UPDATE SET moving_to = excluded.moving_to, hold_until = excluded.hold_until",
+            )),
+            finish_move: d.sql(
+                "UPDATE routes SET backend = ?, moving_to = NULL, hold_until = NULL, \
+                 updated_at = CURRENT_TIMESTAMP WHERE username = ?",
+            ),
+            insert_event: d.sql(&format!(
+                "INSERT INTO route_events (username, kind, backend, created_at) \
+                 VALUES (?, ?, ?, ?){returning_id}"
+            )),
+            counts: "SELECT backend, COUNT(*) FROM routes GROUP BY backend".to_owned(),
+            list_all: "SELECT username, backend, moving_to FROM routes ORDER BY username"
+                .to_owned(),
+            list_backend: d.sql(
+                "SELECT username, backend, moving_to FROM routes WHERE backend = ? \
+                 ORDER BY username",
+            ),
+            events_since: d.sql(
+                "SELECT id, username, kind, backend FROM route_events WHERE id > ? \
+                 ORDER BY id LIMIT ?",
+            ),
+            last_event: "SELECT COALESCE(MAX(id), 0) FROM route_events".to_owned(),
+            heartbeat: d.sql(&upsert(
+                "INSERT INTO instances (id, heartbeat_at, last_event_id) VALUES (?, ?, ?)",
+                "id",
+                "heartbeat_at = VALUES(heartbeat_at), last_event_id = VALUES(last_event_id)",
+                "UPDATE SET heartbeat_at = excluded.heartbeat_at, \
+                 last_event_id = excluded.last_event_id",
+            )),
+            instances: "SELECT id, heartbeat_at, last_event_id FROM instances ORDER BY id"
+                .to_owned(),
+            prune_events: d.sql("DELETE FROM route_events WHERE created_at < ?"),
+            prune_instances: d.sql("DELETE FROM instances WHERE heartbeat_at < ?"),
+        }
+    }
+}
+
+/// A route store in a SQL database.
+#[derive(Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+    statements: Statements,
+    lookup_query: Option<String>,
+    /// How many times the user is bound into `lookup_query`.
+    lookup_binds: usize,
+    query_timeout: Duration,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqlStore {
+    /// Connects (and migrates, if asked). Fails when the database cannot be reached, so
+    /// `postern check` and startup say so; later outages are handled per lookup.
+    pub async fn open(options: &SqlOptions) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::of_url(&options.url).ok_or_else(|| {
+            StoreError::Invalid("database URL must start with sqlite:, mysql: or postgres:".into())
+        })?;
+        let mut pool = AnyPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.connect_timeout);
+        if dialect == Dialect::Sqlite {
+            pool = pool.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // WAL lets `postern route` write while the proxy reads; the busy
+                    // timeout makes a writer wait instead of failing at once.
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = tokio_timeout(options.connect_timeout, pool.connect(&options.url))
+            .await?
+            .map_err(unavailable)?;
+        if options.migrate {
+            dialect.migrator().run(&pool).await.map_err(unavailable)?;
+        }
+        let lookup_binds = options
+            .lookup_query
+            .as_deref()
+            .map_or(0, |q| placeholders(q, dialect));
+        Ok(Self {
+            pool,
+            dialect,
+            statements: Statements::new(dialect),
+            lookup_query: options.lookup_query.clone(),
+            lookup_binds,
+            query_timeout: options.query_timeout,
+        })
+    }
+
+    /// The dialect in use.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// Applies Postern's migrations (for `postern db migrate`).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.dialect
+            .migrator()
+            .run(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Runs a SQL script (seed data) in one transaction.
+    pub async fn execute_script(&self, sql: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        tokio_timeout(self.query_timeout, f)
+            .await?
+            .map_err(unavailable)
+    }
+
+    async fn own_route(&self, user: &UserName) -> Result<Option<(String, bool)>, StoreError> {
+        let row = self
+            .timed(
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.lookup.clone()))
+                    .bind(user.as_str())
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let backend: String = row.try_get(0).map_err(unavailable)?;
+        let moving_to: Option<String> = row.try_get(1).map_err(unavailable)?;
+        let hold_until: Option<i64> = row.try_get(2).map_err(unavailable)?;
+        let moving = moving_to.is_some() && hold_until.is_some_and(|t| t > now_secs());
+        Ok(Some((backend, moving)))
+    }
+
+    async fn operator_route(
+        &self,
+        query: &str,
+        user: &UserName,
+    ) -> Result<Option<RouteRecord>, StoreError> {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(query.to_owned()));
+        for _ in 0..self.lookup_binds {
+            q = q.bind(user.as_str());
+        }
+        let row = self.timed(q.fetch_optional(&self.pool)).await?;
+        row.map(|row| operator_record(&row)).transpose()
+    }
+
+    async fn insert_event(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        user: &UserName,
+        kind: ChangeKind,
+        backend: Option<&str>,
+    ) -> Result<i64, sqlx::Error> {
+        let q = sqlx::query(sqlx::AssertSqlSafe(self.statements.insert_event.clone()))
+            .bind(user.as_str())
+            .bind(kind.as_str())
+            .bind(backend.map(str::to_owned))
+            .bind(now_secs());
+        match self.dialect {
+            Dialect::MySql => {
+                let done = q.execute(&mut *conn).await?;
+                Ok(done.last_insert_id().unwrap_or(0))
+            }
+            Dialect::Sqlite | Dialect::Postgres => {
+                let row = q.fetch_one(&mut *conn).await?;
+                row.try_get(0)
+            }
+        }
+    }
+}
+
+/// Decodes a row of the operator's query by column name.
+fn operator_record(row: &AnyRow) -> Result<RouteRecord, StoreError> {
+    let has = |name: &str| {
+        row.columns()
+            .iter()
+            .any(|c| c.name().eq_ignore_ascii_case(name))
+    };
+    let text = |name: &str| -> Result<Option<String>, StoreError> {
+        if !has(name) {
+            return Ok(None);
+        }
+        row.try_get::<Option<String>, _>(name)
+            .map(|v| v.filter(|s| !s.is_empty()))
+            .map_err(|e| StoreError::Invalid(format!("column {name}: {e}")))
+    };
+    let backend = match (text("backend")?, text("host")?) {
+        (Some(b), _) => Some(BackendRef::Name(b)),
+        (None, Some(h)) => Some(BackendRef::Host(h)),
+        (None, None) if has("backend") || has("host") => None,
+        (None, None) => {
+            return Err(StoreError::Invalid(
+                "the lookup query must return a `backend` or a `host` column".into(),
+            ));
+        }
+    };
+    let disabled = if has("disabled") {
+        truthy(row, "disabled")?
+    } else {
+        false
+    };
+    Ok(RouteRecord {
+        backend,
+        pool: text("pool")?,
+        password: text("password")?.map(Secret::new),
+        disabled,
+        moving: false,
+    })
+}
+
+/// Operators store flags as BOOLEAN, TINYINT, INT or 'Y'/'N' strings.
+fn truthy(row: &AnyRow, name: &str) -> Result<bool, StoreError> {
+    if let Ok(v) = row.try_get::<Option<bool>, _>(name) {
+        return Ok(v.unwrap_or(false));
+    }
+    if let Ok(v) = row.try_get::<Option<i64>, _>(name) {
+        return Ok(v.is_some_and(|v| v != 0));
+    }
+    if let Ok(v) = row.try_get::<Option<String>, _>(name) {
+        let v = v.unwrap_or_default().to_ascii_lowercase();
+        return Ok(matches!(v.as_str(), "1" | "t" | "true" | "y" | "yes"));
+    }
+    Err(StoreError::Invalid(format!("column {name}: not a flag")))
+}
+
+/// How many placeholders a query has, outside quoted literals.
+fn placeholders(query: &str, dialect: Dialect) -> usize {
+    let mut in_quote = false;
+    let mut count = 0;
+    let mut max_dollar = 0usize;
+    let bytes = query.as_bytes();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'\'' => in_quote = !in_quote,
+            b'?' if !in_quote && dialect != Dialect::Postgres => count += 1,
+            b'$' if !in_quote && dialect == Dialect::Postgres => {
+                let digits: String = query
+                    .get(i + 1..)
+                    .unwrap_or_default()
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if let Ok(n) = digits.parse::<usize>() {
+                    max_dollar = max_dollar.max(n);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    // PostgreSQL numbers its parameters: `$1` used twice is bound once.
+    if dialect == Dialect::Postgres {
+        max_dollar
+    } else {
+        count
+    }
+}
+
+async fn tokio_timeout<T>(limit: Duration, f: impl Future<Output = T>) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("no answer within {limit:?}")))
+}
+
+impl RouteStore for SqlStore {
+    fn lookup<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, Option<RouteRecord>> {
+        Box::pin(async move {
+            let own = self.own_route(user).await?;
+            let mut record = match &self.lookup_query {
+                Some(q) => self.operator_route(q, user).await?,
+                None => None,
+            };
+            if let Some((backend, moving)) = own {
+                let r = record.get_or_insert_with(RouteRecord::default);
+                r.backend = Some(BackendRef::Name(backend));
+                r.moving = moving;
+            }
+            Ok(record)
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.timed(sqlx::query("SELECT 1").execute(&self.pool))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        self.dialect.as_str()
+    }
+
+    fn assign<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            self.timed(
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.assign.clone()))
+                    .bind(user.as_str())
+                    .bind(backend)
+                    .execute(&self.pool),
+            )
+            .await?;
+            // Whoever won the insert, this is the pin everyone uses.
+            match self.own_route(user).await? {
+                Some((winner, _)) => Ok(winner),
+                None => Err(StoreError::Unavailable("pin vanished after insert".into())),
+            }
+        })
+    }
+
+    fn pin<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let work = async {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.pin.clone()))
+                    .bind(user.as_str())
+                    .bind(backend)
+                    .execute(&mut *tx)
+                    .await?;
+                self.insert_event(&mut tx, user, ChangeKind::Pin, Some(backend))
+                    .await?;
+                tx.commit().await
+            };
+            self.timed(work).await
+        })
+    }
+
+    fn unpin<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let work = async {
+                let mut tx = self.pool.begin().await?;
+                let done = sqlx::query(sqlx::AssertSqlSafe(self.statements.unpin.clone()))
+                    .bind(user.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                self.insert_event(&mut tx, user, ChangeKind::Pin, None)
+                    .await?;
+                tx.commit().await?;
+                Ok(done.rows_affected() > 0)
+            };
+            self.timed(work).await
+        })
+    }
+
+    fn begin_move<'a>(
+        &'a self,
+        user: &'a UserName,
+        from: &'a str,
+        to: &'a str,
+        hold_until: i64,
+    ) -> StoreFuture<'a, i64> {
+        Box::pin(async move {
+            let work = async {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.begin_move.clone()))
+                    .bind(user.as_str())
+                    .bind(from)
+                    .bind(to)
+                    .bind(hold_until)
+                    .execute(&mut *tx)
+                    .await?;
+                let id = self
+                    .insert_event(&mut tx, user, ChangeKind::Kick, Some(from))
+                    .await?;
+                tx.commit().await?;
+                Ok(id)
+            };
+            self.timed(work).await
+        })
+    }
+
+    fn finish_move<'a>(&'a self, user: &'a UserName, to: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let work = async {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.finish_move.clone()))
+                    .bind(to)
+                    .bind(user.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                self.insert_event(&mut tx, user, ChangeKind::Pin, Some(to))
+                    .await?;
+                tx.commit().await
+            };
+            self.timed(work).await
+        })
+    }
+
+    fn kick<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, i64> {
+        Box::pin(async move {
+            let work = async {
+                let mut conn = self.pool.acquire().await?;
+                self.insert_event(&mut conn, user, ChangeKind::Kick, None)
+                    .await
+            };
+            self.timed(work).await
+        })
+    }
+
+    fn counts(&self) -> StoreFuture<'_, Vec<(String, u64)>> {
+        Box::pin(async move {
+            let rows = self
+                .timed(
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.counts.clone()))
+                        .fetch_all(&self.pool),
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    let backend: String = r.try_get(0)?;
+                    let n: i64 = r.try_get(1)?;
+                    Ok((backend, u64::try_from(n).unwrap_or(0)))
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(unavailable)
+        })
+    }
+
+    fn list<'a>(&'a self, backend: Option<&'a str>) -> StoreFuture<'a, Vec<PinRow>> {
+        Box::pin(async move {
+            let q = match backend {
+                Some(b) => {
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.list_backend.clone())).bind(b)
+                }
+                None => sqlx::query(sqlx::AssertSqlSafe(self.statements.list_all.clone())),
+            };
+            let rows = self.timed(q.fetch_all(&self.pool)).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(PinRow {
+                        user: r.try_get(0)?,
+                        backend: r.try_get(1)?,
+                        moving_to: r.try_get(2)?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(unavailable)
+        })
+    }
+
+    fn events_since(&self, after: i64, limit: u32) -> StoreFuture<'_, Vec<ChangeEvent>> {
+        Box::pin(async move {
+            let rows = self
+                .timed(
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.events_since.clone()))
+                        .bind(after)
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.pool),
+                )
+                .await?;
+            let mut events = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let kind: String = r.try_get(2).map_err(unavailable)?;
+                let kind = match kind.as_str() {
+                    "kick" => ChangeKind::Kick,
+                    // Unknown kinds (from a newer Postern) at least invalidate caches.
+                    _ => ChangeKind::Pin,
+                };
+                events.push(ChangeEvent {
+                    id: r.try_get(0).map_err(unavailable)?,
+                    user: r.try_get(1).map_err(unavailable)?,
+                    kind,
+                    backend: r.try_get(3).map_err(unavailable)?,
+                });
+            }
+            Ok(events)
+        })
+    }
+
+    fn last_event_id(&self) -> StoreFuture<'_, i64> {
+        Box::pin(async move {
+            let row = self
+                .timed(
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.last_event.clone()))
+                        .fetch_one(&self.pool),
+                )
+                .await?;
+            row.try_get(0).map_err(unavailable)
+        })
+    }
+
+    fn heartbeat<'a>(&'a self, instance: &'a str, last_event_id: i64) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.timed(
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.heartbeat.clone()))
+                    .bind(instance)
+                    .bind(now_secs())
+                    .bind(last_event_id)
+                    .execute(&self.pool),
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn instances(&self) -> StoreFuture<'_, Vec<InstanceRow>> {
+        Box::pin(async move {
+            let rows = self
+                .timed(
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.instances.clone()))
+                        .fetch_all(&self.pool),
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(InstanceRow {
+                        id: r.try_get(0)?,
+                        heartbeat_at: r.try_get(1)?,
+                        last_event_id: r.try_get(2)?,
+                    })
+                })
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(unavailable)
+        })
+    }
+
+    fn prune(&self, before: i64) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            for statement in [
+                &self.statements.prune_events,
+                &self.statements.prune_instances,
+            ] {
+                self.timed(
+                    sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+                        .bind(before)
+                        .execute(&self.pool),
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Normalizer;
+
+    fn options(url: String) -> SqlOptions {
+        SqlOptions {
+            url,
+            max_connections: 4,
+            connect_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(5),
+            lookup_query: None,
+            migrate: true,
+        }
+    }
+
+    #[test]
+    fn placeholders_per_dialect() {
+        assert_eq!(
+            Dialect::Postgres.sql("a = ? AND b = ?"),
+            "a = $1 AND b = $2"
+        );
+        assert_eq!(Dialect::MySql.sql("a = ?"), "a = ?");
+        assert_eq!(
+            placeholders("SELECT 'x?' FROM t WHERE a = ? OR b = ?", Dialect::MySql),
+            2
+        );
+        assert_eq!(
+            placeholders("SELECT 1 FROM t WHERE a = $1 OR b = $1", Dialect::Postgres),
+            1
+        );
+        assert_eq!(Dialect::of_url("mariadb://x/y"), Some(Dialect::MySql));
+        assert_eq!(Dialect::of_url("postgresql://x/y"), Some(Dialect::Postgres));
+        assert_eq!(Dialect::of_url("redis://x"), None);
+    }
+
+    #[tokio::test]
+    async fn sqlite_pins_moves_and_change_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.db");
+        let missing = SqlStore::open(&options(format!("sqlite:{}", path.display()))).await;
+        assert!(missing.is_err(), "no ?mode=rwc: the file must exist");
+        let store = SqlStore::open(&options(format!("sqlite:{}?mode=rwc", path.display())))
+            .await
+            .unwrap();
+        let n = Normalizer::default();
+        let alice = n.normalize("Alice@Example.test").unwrap();
+        assert_eq!(store.lookup(&alice).await.unwrap(), None);
+
+        // First assignment wins; a later one gets the winner back.
+        assert_eq!(store.assign(&alice, "b1").await.unwrap(), "b1");
+        assert_eq!(store.assign(&alice, "b2").await.unwrap(), "b1");
+        let start = store.last_event_id().await.unwrap();
+
+        store.pin(&alice, "b2").await.unwrap();
+        let rec = store.lookup(&alice).await.unwrap().unwrap();
+        assert_eq!(rec.backend, Some(BackendRef::Name("b2".into())));
+        assert!(!rec.moving);
+
+        let kick = store
+            .begin_move(&alice, "b2", "b1", now_secs() + 60)
+            .await
+            .unwrap();
+        assert!(store.lookup(&alice).await.unwrap().unwrap().moving);
+        store.finish_move(&alice, "b1").await.unwrap();
+        let rec = store.lookup(&alice).await.unwrap().unwrap();
+        assert_eq!(rec.backend, Some(BackendRef::Name("b1".into())));
+        assert!(!rec.moving);
+
+        let events = store.events_since(start, 100).await.unwrap();
+        let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [ChangeKind::Pin, ChangeKind::Kick, ChangeKind::Pin]);
+        assert_eq!(events[1].id, kick);
+        assert_eq!(store.counts().await.unwrap(), vec![("b1".to_owned(), 1)]);
+        assert_eq!(
+            store.list(Some("b1")).await.unwrap()[0].user,
+            alice.as_str()
+        );
+
+        store.heartbeat("i1", kick).await.unwrap();
+        store.heartbeat("i1", kick + 1).await.unwrap();
+        let inst = store.instances().await.unwrap();
+        assert_eq!((inst.len(), inst[0].last_event_id), (1, kick + 1));
+        assert!(store.unpin(&alice).await.unwrap());
+        assert_eq!(store.lookup(&alice).await.unwrap(), None);
+        store.prune(now_secs() + 10).await.unwrap();
+        assert!(store.instances().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn operator_query_with_pin_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}?mode=rwc", dir.path().join("r.db").display());
+        let store = SqlStore::open(&options(url.clone())).await.unwrap();
+        store
+            .execute_script(
+                "CREATE TABLE virtual_users (email TEXT, mailhost TEXT, pw TEXT, active INT);
+                 INSERT INTO virtual_users VALUES ('alice@x', '10.0.0.1', '{PLAIN}a', 1);
+                 INSERT INTO virtual_users VALUES ('bob@x', NULL, '{PLAIN}b', 0);",
+            )
+            .await
+            .unwrap();
+        let store = SqlStore::open(&SqlOptions {
+            lookup_query: Some(
+                "SELECT mailhost AS host, pw AS password, 1 - active AS disabled \
+                 FROM virtual_users WHERE email = ? OR email = ?"
+                    .into(),
+            ),
+            ..options(url)
+        })
+        .await
+        .unwrap();
+        let n = Normalizer::default();
+        let alice = n.normalize("alice@x").unwrap();
+        let rec = store.lookup(&alice).await.unwrap().unwrap();
+        assert_eq!(rec.backend, Some(BackendRef::Host("10.0.0.1".into())));
+        assert_eq!(rec.password.unwrap().expose(), "{PLAIN}a");
+        assert!(!rec.disabled);
+        let bob = n.normalize("bob@x").unwrap();
+        let rec = store.lookup(&bob).await.unwrap().unwrap();
+        assert_eq!((rec.backend, rec.disabled), (None, true));
+        // Postern's own pin wins over the operator's host.
+        store.pin(&alice, "b2").await.unwrap();
+        let rec = store.lookup(&alice).await.unwrap().unwrap();
+        assert_eq!(rec.backend, Some(BackendRef::Name("b2".into())));
+        assert!(rec.password.is_some());
+        let nobody = n.normalize("nobody@x").unwrap();
+        assert_eq!(store.lookup(&nobody).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,92 @@
+//! Follows the route store's change log: forgets cached routes whose pin changed and
+//! ends the sessions of kicked users, then reports (heartbeat) how far it got, which is
+//! what a fenced move waits for. Polling keeps the three SQL dialects on one path; a
+//! change is seen within one interval (1 s by default).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_route::Router;
+use postern_route::store::{ChangeKind, now_secs};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::registry::Registry;
+
+/// Entries fetched per poll; a backlog is drained over consecutive polls.
+const BATCH: u32 = 1000;
+/// Change-log entries and dead instances older than this are pruned.
+const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// How often to prune.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Runs until `cancel` fires.
+pub async fn run(
+    router: Arc<Router>,
+    registry: Arc<Registry>,
+    instance: String,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let store = Arc::clone(router.store());
+    // Entries written before this instance started concern neither its (empty) cache
+    // nor its (absent) sessions.
+    let mut last = loop {
+        match store.last_event_id().await {
+            Ok(id) => break id,
+            Err(e) => {
+                warn!(error = %e, "cannot read the route change log; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = cancel.cancelled() => return,
+                }
+            }
+        }
+    };
+    info!(%instance, from = last, "following the route change log");
+    let mut failing = false;
+    let mut last_prune = tokio::time::Instant::now();
+    loop {
+        match store.events_since(last, BATCH).await {
+            Ok(events) => {
+                if failing {
+                    info!("route change log reachable again");
+                    failing = false;
+                }
+                for e in &events {
+                    router.forget(&e.user);
+                    if e.kind == ChangeKind::Kick {
+                        let n = registry.kick_user(&e.user);
+                        info!(user = %e.user, sessions = n, "kick: ending the user's sessions");
+                    } else {
+                        debug!(user = %e.user, backend = ?e.backend, "pin changed");
+                    }
+                    last = last.max(e.id);
+                }
+                if let Err(e) = store.heartbeat(&instance, last).await {
+                    warn!(error = %e, "cannot record the heartbeat");
+                }
+                if events.len() == BATCH as usize {
+                    continue;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "cannot read the route change log");
+                    failing = true;
+                }
+            }
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = tokio::time::Instant::now();
+            let before = now_secs() - i64::try_from(RETENTION.as_secs()).unwrap_or(0);
+            if let Err(e) = store.prune(before).await {
+                warn!(error = %e, "cannot prune the route change log");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,288 @@
+"""Sticky routing on real MariaDB and PostgreSQL: pins, the operator-query mode,
+normalization, race-safe assignment by two instances, the route cache across a
+database outage, and fenced moves and kicks across instances. Every test runs against
+both databases (the `database` fixture), each in a fresh database."""
+
+import imaplib
+import threading
+import time
+
+import pytest
+
+from conftest import USERS
+from harness.databases import MariaDB, Postgres
+from imap_client import Raw, SourceIMAP4_SSL, backend_id
+from harness.net import read_all
+
+ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
+
+
+def on_database(url, **routing):
+    """A config edit: routes in `url`, plus `routing` keys."""
+
+    def edit(c):
+        c["routing"]["sql"] = {"url": url, "query_timeout": "2s", "connect_timeout": "2s"}
+        c["routing"].update(routing)
+
+    return edit
+
+
+def login_backend(p, user, certs, listener="imaps"):
+    """Logs `user` in through Postern; returns the backend that answered."""
+    m = SourceIMAP4_SSL(*p.addr(listener), ssl_context=certs.client_context())
+    m.login(user, USERS[user.strip().lower()] if "@" in user else USERS[f"{user.strip().lower()}@example.test"])
+    name = backend_id(m)
+    m.logout()
+    return name.split('"')[-2].rsplit("-", 1)[-1]
+
+
+def test_pins_in_the_database_route_logins(database, make_postern, certs):
+    server, db = database
+    p = make_postern(on_database(server.url(db)), seed=False, start=False)
+    assert p.cli("db", "migrate").returncode == 0
+    assert p.cli("route", "pin", "Alice", "b1").returncode == 0
+    r = p.cli("route", "pin", "bob@example.test", "b2")
+    assert r.returncode == 0 and "bob@example.test pinned to b2" in r.stdout
+    assert p.cli("route", "pin", "bob", "nowhere").returncode != 0
+    p.start()
+    assert login_backend(p, ALICE, certs) == "b1"
+    assert login_backend(p, BOB, certs) == "b2"
+    rows = server.sql("SELECT username, backend FROM routes ORDER BY username", db)
+    assert rows.split() == [ALICE, "b1", BOB, "b2"]
+    listed = p.cli("route", "list", "--backend", "b2").stdout
+    assert listed.split() == [BOB, "b2"]
+
+
+def test_tls_to_the_database(mariadb, make_postern, certs):
+    db = mariadb.new_database("t_tls_required")
+    url = mariadb.url(db, **{"ssl-mode": "VERIFY_IDENTITY", "ssl-ca": str(certs.ca)})
+    p = make_postern(on_database(url), seed=False, start=False)
+    assert p.cli("route", "pin", ALICE, "b2").returncode == 0
+    p.start()
+    assert login_backend(p, ALICE, certs) == "b2"
+    # The server really saw a TLS session from Postern.
+    assert mariadb.sql("SHOW GLOBAL STATUS LIKE 'Ssl_accepts'").split()[1] != "0"
+
+
+def test_operator_query_over_an_existing_user_table(database, make_postern, certs):
+    server, db = database
+    flag = "(active = 0)"
+    param = "$1" if server.kind == "postgres" else "?"
+    server.sql(
+        "CREATE TABLE virtual_users (email VARCHAR(255) PRIMARY KEY, mailhost VARCHAR(64), "
+        "pw VARCHAR(128), active INT);"
+        f"INSERT INTO virtual_users VALUES ('{ALICE}', '127.0.0.1', '{{PLAIN}}x', 1);"
+        f"INSERT INTO virtual_users VALUES ('{BOB}', 'localhost', '{{PLAIN}}x', 1);"
+        f"INSERT INTO virtual_users VALUES ('{CAROL}', '127.0.0.1', '{{PLAIN}}x', 0);",
+        db,
+    )
+    query = (
+        f"SELECT mailhost AS host, pw AS password, {flag} AS disabled "
+        f"FROM virtual_users WHERE email = {param}"
+    )
+
+    def edit(c):
+        on_database(server.url(db))(c)
+        c["routing"]["sql"]["lookup_query"] = query
+        # Two hosts for the same loopback address, so the host column can pick.
+        c["backends"]["b2"]["host"] = "localhost"
+
+    p = make_postern(edit, seed=False)
+    assert login_backend(p, ALICE, certs) == "b1"
+    assert login_backend(p, BOB, certs) == "b2"
+    m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        m.login(CAROL, USERS[CAROL])
+    p.wait_log("account disabled")
+    # A pin written by Postern overrides the operator's host, and reaches the running
+    # instance through the change log (its cached route is dropped).
+    assert p.cli("route", "pin", ALICE, "b2").returncode == 0
+    deadline = time.monotonic() + 5
+    while login_backend(p, ALICE, certs) != "b2":
+        assert time.monotonic() < deadline, "the pin change never reached the instance"
+        time.sleep(0.2)
+
+
+def test_spellings_of_one_user_share_one_pin(database, make_postern, certs):
+    server, db = database
+    p = make_postern(on_database(server.url(db), unknown_users="assign"), seed=False)
+    first = login_backend(p, "New01@Example.TEST", certs)
+    for spelling in ("new01", "new01@EXAMPLE.test", "NEW01"):
+        assert login_backend(p, spelling, certs) == first
+    rows = server.sql("SELECT username, backend FROM routes", db).split()
+    assert rows == ["new01@example.test", first]
+
+
+def test_concurrent_first_logins_on_two_instances_end_with_one_pin(
+    database, make_postern, certs
+):
+    server, db = database
+
+    def prefer(b1, b2):
+        def edit(c):
+            on_database(server.url(db), unknown_users="assign", assign_policy="least-loaded")(c)
+            c["backends"]["b1"]["weight"] = b1
+            c["backends"]["b2"]["weight"] = b2
+
+        return edit
+
+    # The two instances would each pick a different backend for every new user.
+    a = make_postern(prefer(100, 1), seed=False)
+    b = make_postern(prefer(1, 100), seed=False)
+    users = [f"new{i:02}@example.test" for i in range(2, 14)]
+    seen: dict[tuple[str, str], str] = {}
+    errors = []
+
+    def login(instance, tag, user, barrier):
+        try:
+            barrier.wait(timeout=30)
+            seen[(user, tag)] = login_backend(instance, user, certs)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    for user in users:
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=login, args=(inst, tag, user, barrier))
+            for inst, tag in ((a, "a"), (b, "b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    rows = dict(
+        line.split("\t") for line in server.sql("SELECT username, backend FROM routes", db).splitlines()
+    )
+    for user in users:
+        assert seen[(user, "a")] == seen[(user, "b")] == rows[user], (user, seen, rows)
+    assert len(rows) == len(users)
+
+
+@pytest.mark.parametrize("kind", ["mysql", "postgres"])
+def test_cached_routes_survive_a_database_outage(kind, workdir, make_postern, certs, mariadb):
+    server = (MariaDB(workdir / "db", certs) if kind == "mysql" else Postgres(workdir / "db")).start()
+    try:
+
+        def edit(c):
+            on_database(server.url())(c)
+            c["routing"]["cache"] = {"ttl": "1s", "negative_ttl": "1s", "stale_if_error": "1h"}
+
+        p = make_postern(edit, seed=False, start=False)
+        assert p.cli("route", "pin", ALICE, "b2").returncode == 0
+        assert p.cli("route", "pin", BOB, "b1").returncode == 0
+        p.start()
+        assert login_backend(p, ALICE, certs) == "b2"
+
+        server.stop()
+        time.sleep(1.5)  # past the TTL: the cache must ask the (dead) database
+        assert login_backend(p, ALICE, certs) == "b2"  # cached: still THAT backend
+        m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
+        with pytest.raises(imaplib.IMAP4.error, match=r"UNAVAILABLE"):
+            m.login(BOB, USERS[BOB])  # never cached: a temporary failure, not a guess
+        p.wait_log("serving the cached route")
+
+        server.start()  # same port, same data
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert login_backend(p, BOB, certs) == "b1"
+                break
+            except imaplib.IMAP4.error:
+                assert time.monotonic() < deadline, "no recovery after the database returned"
+                time.sleep(0.5)
+    finally:
+        server.stop()
+
+
+def two_instances(server, db, make_postern, **routing):
+    edit = on_database(server.url(db), **routing)
+    return make_postern(edit, seed=False), make_postern(edit, seed=False)
+
+
+def idle_session(p, user, certs):
+    raw = Raw(p.addr("imaps"), certs.client_context())
+    out = raw.cmd(f"a LOGIN {user} {USERS[user]}\r\n".encode(), b"a")
+    assert out.startswith(b"a OK"), out
+    assert b"b OK" in raw.cmd(b"b SELECT INBOX\r\n", b"b")
+    return raw
+
+
+def test_move_kicks_the_user_on_every_instance(database, make_postern, certs):
+    server, db = database
+    a, b = two_instances(server, db, make_postern)
+    assert a.cli("route", "pin", ALICE, "b1").returncode == 0
+    on_a, on_b = idle_session(a, ALICE, certs), idle_session(b, ALICE, certs)
+    bystander = idle_session(a, BOB, certs) if a.cli("route", "pin", BOB, "b2").returncode == 0 else None
+
+    started = time.monotonic()
+    r = a.cli("route", "move", "Alice", "b2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "moved from b1 to b2" in r.stdout and "2 instance(s)" in r.stdout
+    assert time.monotonic() - started < 10
+    # Both live sessions were ended by their instances.
+    for raw in (on_a, on_b):
+        read_all(raw.sock, timeout=10)
+    # The bystander's session is untouched.
+    assert b"c OK" in bystander.cmd(b"c NOOP\r\n", b"c")
+    # New logins land on the new backend, on both instances.
+    assert login_backend(a, ALICE, certs) == "b2"
+    assert login_backend(b, ALICE, certs) == "b2"
+    assert server.sql(f"SELECT backend, moving_to FROM routes WHERE username = '{ALICE}'", db).split() == [
+        "b2",
+        "NULL" if server.kind == "mysql" else "",
+    ][: 1 if server.kind == "postgres" else 2]
+    a.wait_log("kick: ending the user's sessions")
+    b.wait_log("kick: ending the user's sessions")
+
+
+def test_kick_ends_sessions_everywhere(database, make_postern, certs):
+    server, db = database
+    a, b = two_instances(server, db, make_postern)
+    assert a.cli("route", "pin", BOB, "b2").returncode == 0
+    sessions = [idle_session(a, BOB, certs), idle_session(b, BOB, certs)]
+    r = b.cli("route", "kick", "bob")
+    assert r.returncode == 0 and "confirmed by 2 instance(s)" in r.stdout, r.stdout
+    for raw in sessions:
+        read_all(raw.sock, timeout=10)
+    assert login_backend(a, BOB, certs) == "b2"
+
+
+def test_a_move_without_every_confirmation_holds_the_user(database, make_postern, certs):
+    server, db = database
+
+    def edit(c):
+        on_database(server.url(db))(c)
+        c["routing"]["moves"] = {"hold": "60s", "ack_timeout": "2s"}
+
+    p = make_postern(edit, seed=False)
+    assert p.cli("route", "pin", ALICE, "b1").returncode == 0
+    # An instance that is alive (recent heartbeat) but never applies the kick.
+    now = int(time.time())
+    server.sql(f"INSERT INTO instances VALUES ('stuck-instance', {now + 3600}, 0)", db)
+    r = p.cli("route", "move", ALICE, "b2")
+    assert r.returncode == 1 and "NOT moved" in r.stderr and "stuck-instance" in r.stderr
+    # Meanwhile the user is on hold: a temporary failure, on neither backend.
+    m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            m.login(ALICE, USERS[ALICE])
+        except imaplib.IMAP4.error as e:
+            assert "UNAVAILABLE" in str(e)
+            break
+        m.logout()
+        assert time.monotonic() < deadline, "logins were not held during the move"
+        m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
+        time.sleep(0.2)
+    assert "a move is in progress" in p.cli("route", "show", ALICE).stdout
+    r = p.cli("route", "move", ALICE, "b2", "--force")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert login_backend(p, ALICE, certs) == "b2"
+            break
+        except imaplib.IMAP4.error:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
