@@ -17,6 +17,9 @@ USERS = {
     "alice@example.test": "alice-Secret-7Q",
     "bob@example.test": "bob-Secret-9Z",
     "carol@example.test": "carol-Secret-3X",
+    # Long passwords: nginx cuts POP3 lines at 128 bytes; Postern must not.
+    "longpw@example.test": "L" * 2048,
+    "longerpw@example.test": "M" * 4500,
     # Never pinned by the fixtures: first logins, assignment races.
     **{f"new{i:02}@example.test": f"new{i:02}-Secret-5W" for i in range(1, 21)},
 }

@@ -15,7 +15,7 @@ need_cargo
 
 state=${POSTERN_QUICKSTART_DIR:-$repo/var/quickstart}
 bin=$repo/target/release/postern
-imap_port=1143 imaps_port=1993
+imap_port=1143 imaps_port=1993 pop3_port=1110 pop3s_port=1995
 
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -43,7 +43,10 @@ summary() {
 Postern quickstart is running.
   IMAP  (STARTTLS)  127.0.0.1:$imap_port
   IMAPS             127.0.0.1:$imaps_port
-  backends          b1 = Dovecot 127.0.0.1:$B1_IMAP, b2 = Dovecot 127.0.0.1:$B2_IMAP
+  POP3  (STLS)      127.0.0.1:$pop3_port
+  POP3S             127.0.0.1:$pop3s_port
+  backends          b1 = Dovecot 127.0.0.1:$B1_IMAP (IMAP) :$B1_POP3 (POP3)
+                    b2 = Dovecot 127.0.0.1:$B2_IMAP (IMAP) :$B2_POP3 (POP3)
                     (sharing the maildir root $state/mail)
   routes            SQLite $state/routes.db
   demo users        alice@example.test -> b1, bob@example.test -> b2
@@ -53,6 +56,7 @@ Postern quickstart is running.
 Try:
   curl --ssl-reqd --cacert $state/tls/ca.pem -u alice@example.test:demo imap://localhost:$imap_port/
   curl --cacert $state/tls/ca.pem -u bob@example.test:demo imaps://localhost:$imaps_port/INBOX
+  curl --ssl-reqd --cacert $state/tls/ca.pem -u bob@example.test:demo pop3://localhost:$pop3_port/
   openssl s_client -quiet -crlf -starttls imap -connect 127.0.0.1:$imap_port -CAfile $state/tls/ca.pem
   $bin -c $state/postern.toml route Bob
 
@@ -74,7 +78,7 @@ cargo build --release --locked -q -p postern
 
 mkdir -p "$state"
 chmod 755 "$state"
-for p in $imap_port $imaps_port; do
+for p in $imap_port $imaps_port $pop3_port $pop3s_port; do
     if port_taken "$p"; then
         echo "error: 127.0.0.1:$p is in use; the quickstart listens there (see config/quickstart.toml)" >&2
         exit 1
@@ -104,6 +108,7 @@ done
 
 echo "==> starting postern"
 sed -e "s/^port = 1431$/port = $B1_IMAP/" -e "s/^port = 1432$/port = $B2_IMAP/" \
+    -e "s/^port = 1101$/port = $B1_POP3/" -e "s/^port = 1102$/port = $B2_POP3/" \
     config/quickstart.toml > "$state/postern.toml"
 # The demo pins (the same as fixtures/sqlite/seed.sql), written through Postern so they
 # work whatever database routing.sql.url points at.

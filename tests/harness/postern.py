@@ -23,9 +23,9 @@ def binary() -> Path:
 
 
 def base_config(cluster: Cluster, certs: Certs, workdir: Path) -> dict:
-    """Postern in front of the cluster: routes in SQLite seeded from fixtures/, an IMAP
-    STARTTLS listener, an IMAPS listener and a plaintext listener that opts out of the
-    TLS requirement, all on port 0."""
+    """Postern in front of the cluster: routes in SQLite seeded from fixtures/; IMAP with
+    STARTTLS, IMAPS, a plaintext IMAP listener that opts out of the TLS requirement,
+    POP3 with STLS and POP3S, all on port 0."""
     return {
         "log": {"level": "info,postern_server=debug"},
         "tls": {"cert": str(certs.cert), "key": str(certs.key)},
@@ -39,6 +39,7 @@ def base_config(cluster: Cluster, certs: Certs, workdir: Path) -> dict:
             name: {
                 "host": "127.0.0.1",
                 "imap": {"port": b.imap_port, "forward_client": "id"},
+                "pop3": {"port": b.pop3_port, "forward_client": "xclient"},
             }
             for name, b in cluster.backends.items()
         },
@@ -52,6 +53,8 @@ def base_config(cluster: Cluster, certs: Certs, workdir: Path) -> dict:
                 "tls": "none",
                 "insecure_plaintext_auth": True,
             },
+            {"name": "pop3", "protocol": "pop3", "bind": "127.0.0.1:0", "tls": "starttls"},
+            {"name": "pop3s", "protocol": "pop3", "bind": "127.0.0.1:0", "tls": "implicit"},
         ],
     }
 

@@ -1,1 +1,24 @@
-//! Sans-IO POP3 for Postern (in progress).
+//! Sans-IO POP3 for Postern: the client-facing pre-authentication machine ([`Front`])
+//! and the backend login machine ([`Login`]). No sockets, no clock, no randomness, no
+//! async runtime: the driver in `postern-server` feeds bytes in, sends what comes out,
+//! and supplies what needs the outside world (the APOP timestamp).
+//!
+//! POP3 before login is a line protocol: every command and every SASL response is one
+//! line, cut by [`postern_proto::lines::LineBuf`] under a hard limit, then split into a
+//! verb and its argument by hand (the grammar is a dozen keywords; a parser library
+//! would add nothing).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
+
+pub mod front;
+pub mod login;
+
+pub use front::{Front, Options, apop_timestamp, is_apop_timestamp};
+pub use login::{Login, LoginMethod, LoginOptions};

@@ -19,8 +19,9 @@ pub(crate) trait Driver: Send + Sync + 'static {
     /// The protocol served.
     const PROTOCOL: Protocol;
 
-    /// A new front end for a connection (`tls`: already encrypted).
-    fn front(&self, tls: bool) -> Self::Front;
+    /// A new front end for a connection (`tls`: already encrypted; `session_id`:
+    /// unique per connection).
+    fn front(&self, tls: bool, session_id: &str) -> Self::Front;
 
     /// The port and login settings of `backend` for this protocol, if it serves it.
     fn backend<'a>(&self, backend: &'a Backend) -> Option<(u16, &'a Self::LoginOptions)>;
@@ -38,11 +39,42 @@ impl Driver for Imap {
 
     const PROTOCOL: Protocol = Protocol::Imap;
 
-    fn front(&self, tls: bool) -> Self::Front {
+    fn front(&self, tls: bool, _session_id: &str) -> Self::Front {
         postern_imap::Front::new(Arc::clone(&self.options), tls)
     }
 
     fn backend<'a>(&self, backend: &'a Backend) -> Option<(u16, &'a Self::LoginOptions)> {
         backend.imap.as_ref().map(|b| (b.port, &b.login))
+    }
+}
+
+/// POP3.
+pub(crate) struct Pop3 {
+    pub(crate) options: Arc<postern_pop3::Options>,
+    /// The host part of APOP timestamps.
+    pub(crate) hostname: String,
+}
+
+impl Driver for Pop3 {
+    type Front = postern_pop3::Front;
+    type Login = postern_pop3::Login;
+    type LoginOptions = postern_pop3::LoginOptions;
+
+    const PROTOCOL: Protocol = Protocol::Pop3;
+
+    fn front(&self, tls: bool, session_id: &str) -> Self::Front {
+        // RFC 1939 §7: the timestamp must differ for every greeting, or a captured
+        // digest could be replayed. The session id is unique per process and start.
+        let timestamp = self.options.apop.then(|| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            postern_pop3::apop_timestamp(&format!("{session_id}.{now}"), &self.hostname)
+        });
+        postern_pop3::Front::new(Arc::clone(&self.options), tls, timestamp.flatten())
+    }
+
+    fn backend<'a>(&self, backend: &'a Backend) -> Option<(u16, &'a Self::LoginOptions)> {
+        backend.pop3.as_ref().map(|b| (b.port, &b.login))
     }
 }

@@ -10,10 +10,11 @@ pub mod stream;
 pub mod tls;
 pub mod watch;
 
+mod apop;
 mod driver;
 mod session;
 
 pub use server::{Server, ServerError};
 pub use settings::{
-    Backend, FrontOptions, ImapBackend, ListenerSettings, Settings, Timeouts, TlsMode,
+    Backend, FrontOptions, ImapBackend, ListenerSettings, Pop3Backend, Settings, Timeouts, TlsMode,
 };

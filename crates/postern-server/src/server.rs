@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::driver::{Driver, Imap};
+use crate::driver::{Driver, Imap, Pop3};
 use crate::registry::Registry;
 use crate::session::{self, Ctx};
 use crate::settings::{FrontOptions, ListenerSettings, Settings};
@@ -107,6 +107,13 @@ impl Server {
             match settings.front.clone() {
                 FrontOptions::Imap(options) => {
                     let driver = Arc::new(Imap { options });
+                    tracker.spawn(accept_loop(ctx, driver, settings, listener, sessions));
+                }
+                FrontOptions::Pop3(options) => {
+                    let driver = Arc::new(Pop3 {
+                        options,
+                        hostname: self.ctx.settings.hostname.clone(),
+                    });
                     tracker.spawn(accept_loop(ctx, driver, settings, listener, sessions));
                 }
             }

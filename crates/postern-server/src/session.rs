@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::{
-    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, LoginEvent, Verdict,
+    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, LoginEvent, Mechanism, Verdict,
 };
 use postern_route::Router;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -112,7 +112,7 @@ async fn session<D: Driver>(
             Err(end) => return end,
         };
     }
-    let mut front = driver.front(stream.is_tls());
+    let mut front = driver.front(stream.is_tls(), &id);
     let mut out = Vec::new();
     let mut buf = [0u8; READ_CHUNK];
     loop {
@@ -291,6 +291,23 @@ async fn login<D: Driver>(
             return Login::Verdict(Verdict::Failed(failure));
         }
     };
+    if creds.mechanism == Mechanism::Apop {
+        // APOP proves knowledge of the password without sending it; the backend can
+        // only be logged in to with the password itself, so Postern checks the digest
+        // against the store's plaintext password and replays that.
+        let stored = decision.record.as_ref().and_then(|r| r.password.as_ref());
+        match crate::apop::open(&creds, stored) {
+            Ok(password) => {
+                creds.password = password;
+                creds.mechanism = Mechanism::Cleartext;
+                creds.challenge = None;
+            }
+            Err(why) => {
+                info!(reason = why, mechanism, "login refused");
+                return Login::Verdict(Verdict::Failed(Failure::AuthFailed));
+            }
+        }
+    }
     if ctx.settings.normalized_login {
         creds.set_mailbox_user(decision.user.as_str());
     }

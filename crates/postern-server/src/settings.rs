@@ -20,6 +20,8 @@ pub struct Settings {
     /// Log in to backends with the normalized user name (the name the user is pinned
     /// under) instead of the name as typed.
     pub normalized_login: bool,
+    /// This server's name (APOP timestamps, SMTP greetings).
+    pub hostname: String,
     /// Following the route store's change log (moves, kicks); `None` for stores that
     /// have none (static routes).
     pub watch: Option<WatchSettings>,
@@ -61,6 +63,8 @@ impl TlsMode {
 pub enum FrontOptions {
     /// IMAP.
     Imap(Arc<postern_imap::Options>),
+    /// POP3.
+    Pop3(Arc<postern_pop3::Options>),
 }
 
 impl FrontOptions {
@@ -68,6 +72,7 @@ impl FrontOptions {
     pub fn protocol(&self) -> Protocol {
         match self {
             FrontOptions::Imap(_) => Protocol::Imap,
+            FrontOptions::Pop3(_) => Protocol::Pop3,
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct Backend {
     pub pool: String,
     /// IMAP service, if this backend offers one.
     pub imap: Option<ImapBackend>,
+    /// POP3 service, if this backend offers one.
+    pub pop3: Option<Pop3Backend>,
 }
 
 impl Backend {
@@ -108,6 +115,9 @@ impl Backend {
         let mut p = Vec::new();
         if self.imap.is_some() {
             p.push(Protocol::Imap);
+        }
+        if self.pop3.is_some() {
+            p.push(Protocol::Pop3);
         }
         p
     }
@@ -120,6 +130,15 @@ pub struct ImapBackend {
     pub port: u16,
     /// How to log in.
     pub login: postern_imap::LoginOptions,
+}
+
+/// A backend's POP3 service.
+#[derive(Clone, Debug)]
+pub struct Pop3Backend {
+    /// TCP port.
+    pub port: u16,
+    /// How to log in.
+    pub login: postern_pop3::LoginOptions,
 }
 
 /// Timers. Each bounds one wait so a silent peer cannot hold a session forever.

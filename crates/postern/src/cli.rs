@@ -221,8 +221,13 @@ async fn check(path: &Path) -> Result<ExitCode> {
     }
     for b in config.settings.backends.values() {
         let mut notes = Vec::new();
-        if let Some(imap) = &b.imap {
-            let addr = format!("{}:{}", b.host, imap.port);
+        let services = [
+            ("imap", b.imap.as_ref().map(|s| s.port)),
+            ("pop3", b.pop3.as_ref().map(|s| s.port)),
+        ];
+        for (name, port) in services {
+            let Some(port) = port else { continue };
+            let addr = format!("{}:{port}", b.host);
             let reachable = tokio::time::timeout(
                 Duration::from_secs(2),
                 tokio::net::TcpStream::connect(addr.as_str()),
@@ -230,7 +235,7 @@ async fn check(path: &Path) -> Result<ExitCode> {
             .await
             .is_ok_and(|r| r.is_ok());
             notes.push(format!(
-                "imap {addr}{}",
+                "{name} {addr}{}",
                 if reachable { "" } else { " (unreachable now)" }
             ));
         }
@@ -242,7 +247,8 @@ async fn check(path: &Path) -> Result<ExitCode> {
 fn parse_protocol(s: &str) -> Result<Protocol> {
     match s {
         "imap" => Ok(Protocol::Imap),
-        other => bail!("unknown protocol {other:?} (expected imap)"),
+        "pop3" => Ok(Protocol::Pop3),
+        other => bail!("unknown protocol {other:?} (expected imap or pop3)"),
     }
 }
 
@@ -372,11 +378,15 @@ async fn show(
                 }
             };
             println!("backend: {} ({why})", d.backend);
-            if let Some(b) = config.settings.backends.get(&d.backend)
-                && let Some(imap) = &b.imap
-                && protocol == Protocol::Imap
-            {
-                println!("imap:    {}:{}", b.host, imap.port);
+            if let Some(b) = config.settings.backends.get(&d.backend) {
+                let port = match protocol {
+                    Protocol::Imap => b.imap.as_ref().map(|s| s.port),
+                    Protocol::Pop3 => b.pop3.as_ref().map(|s| s.port),
+                    _ => None,
+                };
+                if let Some(port) = port {
+                    println!("{protocol}:    {}:{port}", b.host);
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -15,7 +15,8 @@ use postern_route::{
 };
 use postern_server::settings::WatchSettings;
 use postern_server::{
-    Backend, FrontOptions, ImapBackend, ListenerSettings, Settings, Timeouts, TlsMode, tls,
+    Backend, FrontOptions, ImapBackend, ListenerSettings, Pop3Backend, Settings, Timeouts, TlsMode,
+    tls,
 };
 
 use super::file::{self, File};
@@ -196,9 +197,22 @@ fn build(file: File, base: &Path) -> Result<Config> {
         if let Some(i) = &imap {
             ensure!(i.port != 0, "backends.{name}.imap.port: must not be 0");
         }
+        let pop3 = b.pop3.as_ref().map(|p| Pop3Backend {
+            port: p.port,
+            login: postern_pop3::LoginOptions {
+                method: match p.login {
+                    file::Pop3Login::Plain => postern_pop3::LoginMethod::Plain,
+                    file::Pop3Login::User => postern_pop3::LoginMethod::User,
+                },
+                forward_client: p.forward_client == file::Pop3Forward::Xclient,
+            },
+        });
+        if let Some(p) = &pop3 {
+            ensure!(p.port != 0, "backends.{name}.pop3.port: must not be 0");
+        }
         ensure!(
-            imap.is_some(),
-            "backends.{name}: declares no protocol (add [backends.{name}.imap])"
+            imap.is_some() || pop3.is_some(),
+            "backends.{name}: declares no protocol (add [backends.{name}.imap] or .pop3)"
         );
         backends.insert(
             name.clone(),
@@ -208,6 +222,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 weight: b.weight,
                 pool: b.pool.clone(),
                 imap,
+                pop3,
             }),
         );
     }
@@ -228,6 +243,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
         let key = format!("listeners[{i}]");
         let protocol = match l.protocol {
             file::Protocol::Imap => "imap",
+            file::Protocol::Pop3 => "pop3",
         };
         let name = l
             .name
@@ -272,19 +288,42 @@ fn build(file: File, base: &Path) -> Result<Config> {
             };
             Some(config)
         };
-        ensure!(
-            backends.values().any(|b| b.imap.is_some()),
-            "{key}: no backend serves {protocol}"
-        );
-        let front = FrontOptions::Imap(Arc::new(postern_imap::Options {
-            greeting: imap.greeting.clone(),
-            starttls: tls_mode == TlsMode::StartTls,
-            insecure_plaintext_auth: l.insecure_plaintext_auth,
-            max_line: imap.max_line_length,
-            max_literal: imap.max_literal_size,
-            max_bad_commands: imap.max_bad_commands,
-            max_auth_failures: imap.max_auth_failures,
-        }));
+        let starttls = tls_mode == TlsMode::StartTls;
+        let front = match l.protocol {
+            file::Protocol::Imap => {
+                ensure!(
+                    backends.values().any(|b| b.imap.is_some()),
+                    "{key}: no backend serves {protocol}"
+                );
+                FrontOptions::Imap(Arc::new(postern_imap::Options {
+                    greeting: imap.greeting.clone(),
+                    starttls,
+                    insecure_plaintext_auth: l.insecure_plaintext_auth,
+                    max_line: imap.max_line_length,
+                    max_literal: imap.max_literal_size,
+                    max_bad_commands: imap.max_bad_commands,
+                    max_auth_failures: imap.max_auth_failures,
+                }))
+            }
+            file::Protocol::Pop3 => {
+                ensure!(
+                    backends.values().any(|b| b.pop3.is_some()),
+                    "{key}: no backend serves {protocol}"
+                );
+                let p = &file.pop3;
+                let options = postern_pop3::Options {
+                    greeting: p.greeting.clone(),
+                    starttls,
+                    insecure_plaintext_auth: l.insecure_plaintext_auth,
+                    apop: p.apop,
+                    max_line: p.max_line_length,
+                    max_bad_commands: p.max_bad_commands,
+                    max_auth_failures: p.max_auth_failures,
+                };
+                options.validate().map_err(|e| anyhow!("pop3: {e}"))?;
+                FrontOptions::Pop3(Arc::new(options))
+            }
+        };
         listeners.push(Arc::new(ListenerSettings {
             name,
             bind: l.bind,
@@ -370,6 +409,25 @@ fn build(file: File, base: &Path) -> Result<Config> {
         !r.watch_interval.is_zero(),
         "routing.watch_interval: must be > 0"
     );
+    if file.pop3.apop {
+        ensure!(
+            r.store == file::StoreKind::Sql
+                && r.sql.as_ref().is_some_and(|s| s.lookup_query.is_some()),
+            "pop3.apop: APOP needs plaintext passwords, from a routing.sql.lookup_query that returns a password column"
+        );
+    }
+    let hostname = match &file.server.hostname {
+        Some(h) => {
+            ensure!(
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)),
+                "server.hostname: {h:?} is not a host name"
+            );
+            h.clone()
+        }
+        None => system_hostname(),
+    };
     let watch = match r.store {
         file::StoreKind::Sql => Some(WatchSettings {
             instance_id: r.instance_id.clone().unwrap_or_else(default_instance_id),
@@ -386,6 +444,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
             backends,
             timeouts,
             normalized_login: r.normalize.apply_to_backend_login,
+            hostname,
             watch,
         },
         store,
@@ -459,13 +518,19 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// `host:pid:start`: unique per process, readable in `postern route` output.
 fn default_instance_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
     format!(
-        "{host}:{}:{}",
+        "{}:{}:{}",
+        system_hostname(),
         std::process::id(),
         postern_route::store::now_secs()
     )

@@ -13,6 +13,9 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
+    /// `[server]`: instance-wide settings.
+    #[serde(default)]
+    pub server: Server,
     /// `[log]`: logging.
     #[serde(default)]
     pub log: Log,
@@ -24,12 +27,23 @@ pub struct File {
     /// `[imap]`: IMAP front-end limits and texts.
     #[serde(default)]
     pub imap: Imap,
+    /// `[pop3]`: POP3 front-end limits and texts.
+    #[serde(default)]
+    pub pop3: Pop3,
     /// `[routing]`: where users go.
     pub routing: Routing,
     /// `[backends.NAME]`: the mail servers.
     pub backends: BTreeMap<String, Backend>,
     /// `[[listeners]]`: the sockets clients connect to.
     pub listeners: Vec<Listener>,
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// This server's name, as clients see it (APOP timestamps, SMTP greetings).
+    pub hostname: Option<String>,
 }
 
 /// `[log]`.
@@ -113,6 +127,35 @@ impl Default for Imap {
             max_literal_size: o.max_literal,
             max_bad_commands: o.max_bad_commands,
             max_auth_failures: o.max_auth_failures,
+        }
+    }
+}
+
+/// `[pop3]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3 {
+    /// Greeting text after `+OK `.
+    pub greeting: String,
+    /// Longest pre-auth command or SASL line, CRLF included.
+    pub max_line_length: usize,
+    /// Invalid commands before the connection is closed.
+    pub max_bad_commands: u32,
+    /// Failed logins per connection before it is closed.
+    pub max_auth_failures: u32,
+    /// Accept APOP (needs plaintext passwords from the route store's lookup query).
+    pub apop: bool,
+}
+
+impl Default for Pop3 {
+    fn default() -> Self {
+        let o = postern_pop3::Options::default();
+        Self {
+            greeting: o.greeting,
+            max_line_length: o.max_line,
+            max_bad_commands: o.max_bad_commands,
+            max_auth_failures: o.max_auth_failures,
+            apop: o.apop,
         }
     }
 }
@@ -330,6 +373,44 @@ pub struct Backend {
     pub pool: String,
     /// `[backends.NAME.imap]`.
     pub imap: Option<ImapBackend>,
+    /// `[backends.NAME.pop3]`.
+    pub pop3: Option<Pop3Backend>,
+}
+
+/// `backends.NAME.pop3.login`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pop3Login {
+    /// AUTH PLAIN with an initial response.
+    #[default]
+    Plain,
+    /// USER then PASS.
+    User,
+}
+
+/// `backends.NAME.pop3.forward_client`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pop3Forward {
+    /// Nothing.
+    #[default]
+    None,
+    /// Dovecot's XCLIENT ADDR/PORT/SESSION.
+    Xclient,
+}
+
+/// `[backends.NAME.pop3]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pop3Backend {
+    /// TCP port.
+    pub port: u16,
+    /// How to replay credentials.
+    #[serde(default)]
+    pub login: Pop3Login,
+    /// How to tell the backend the client's address.
+    #[serde(default)]
+    pub forward_client: Pop3Forward,
 }
 
 /// `backends.NAME.imap.login`.
@@ -376,6 +457,8 @@ pub struct ImapBackend {
 pub enum Protocol {
     /// IMAP.
     Imap,
+    /// POP3.
+    Pop3,
 }
 
 /// `listeners[].tls`.
