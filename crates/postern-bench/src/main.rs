@@ -1,0 +1,3 @@
+//! Postern benchmark tool (in progress).
+
+fn main() {}
