@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use postern_imap::{Login, LoginMethod, LoginOptions};
-use postern_proto::{BackendLogin, ClientInfo, Credentials, Mechanism, Secret};
+use postern_proto::{BackendLogin, ClientInfo, Credentials, LoginEvent, Mechanism, Secret};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, input)) = data.split_first() else {
@@ -24,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
             _ => LoginMethod::Auto,
         },
         forward_client: control & 8 == 8,
+        starttls: control & 16 == 16,
     };
     let client = ClientInfo {
         client: "192.0.2.1:1000".parse().unwrap(),
@@ -38,8 +39,10 @@ fuzz_target!(|data: &[u8]| {
         login.handle_input(piece);
         login.poll_transmit(&mut out);
         out.clear();
-        if login.poll_event().is_some() {
-            break;
+        match login.poll_event() {
+            Some(LoginEvent::StartTls) => login.handle_tls_ready(),
+            Some(LoginEvent::Done(_)) => break,
+            None => {}
         }
     }
 });

@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
             LoginMethod::Plain
         },
         forward_client: control & 2 == 2,
+        starttls: control & 4 == 4,
     };
     let client = ClientInfo {
         client: "[2001:db8::1]:1000".parse().unwrap(),
@@ -50,8 +51,10 @@ fuzz_target!(|data: &[u8]| {
         // A password with CRLF never travels outside base64.
         assert!(!out.windows(6).any(|w| w == b"DELE 1"));
         out.clear();
-        if let Some(LoginEvent::Done(_)) = login.poll_event() {
-            done = true;
+        match login.poll_event() {
+            Some(LoginEvent::StartTls) => login.handle_tls_ready(),
+            Some(LoginEvent::Done(_)) => done = true,
+            None => {}
         }
     }
 });

@@ -5,7 +5,9 @@
 //!  Greeting ──caps in greeting──▶ LoggingIn ──tagged OK──▶ Done(Accepted)
 //!     │                              ▲   │  └─tagged NO/BAD──▶ Done(Refused)
 //!     └──no caps──▶ Capability ──────┘   └─"+" ─▶ next literal chunk
-//!  anything unexpected (BYE, PREAUTH, EOF, overlong line) ──▶ Done(Failed(Unavailable))
+//!        (starttls: ──STARTTLS──▶ StartTls ──OK──▶ [driver: TLS] ──▶ Capability)
+//!  anything unexpected (BYE, PREAUTH, EOF, overlong line, no STARTTLS when required)
+//!                                                         ──▶ Done(Failed(Unavailable))
 //! ```
 //!
 //! Credentials always travel as literals or base64, never as quoted strings, so no
@@ -48,6 +50,10 @@ pub struct LoginOptions {
     /// The backend trusts Postern (Dovecot `login_trusted_networks`): send the client's
     /// address in `ID` as `x-originating-ip` and friends.
     pub forward_client: bool,
+    /// Upgrade the connection with STARTTLS before anything else is sent. A backend
+    /// that does not offer it fails the login: credentials never fall back to a
+    /// plaintext hop that was configured to be encrypted.
+    pub starttls: bool,
 }
 
 /// Backend responses during login are small; a greeting or a capability line longer than
@@ -60,6 +66,7 @@ const BACKEND_LIMITS: Limits = Limits {
 const MAX_PREAMBLE: usize = 64 * 1024;
 
 const TAG_CAPABILITY: &str = "C";
+const TAG_STARTTLS: &str = "S";
 const TAG_ID: &str = "I";
 const TAG_LOGIN: &str = "L";
 
@@ -67,6 +74,10 @@ const TAG_LOGIN: &str = "L";
 enum State {
     Greeting,
     Capability,
+    /// STARTTLS sent, waiting for its OK.
+    StartTls,
+    /// The driver is running the TLS handshake.
+    WaitTls,
     /// The login is on its way; `chunks` are the parts still waiting for a `+`.
     LoggingIn {
         chunks: VecDeque<Secret<Vec<u8>>>,
@@ -76,9 +87,12 @@ enum State {
 
 #[derive(Debug, Default)]
 struct Caps {
+    /// Whether a capability list was seen at all.
+    known: bool,
     sasl_ir: bool,
     auth_plain: bool,
     literal_plus: bool,
+    starttls: bool,
 }
 
 /// Logs a client in to one backend connection.
@@ -91,6 +105,7 @@ pub struct Login {
     creds: Credentials,
     id_command: Option<Vec<u8>>,
     method: LoginMethod,
+    starttls: bool,
     caps: Caps,
     preamble: Vec<u8>,
 }
@@ -112,6 +127,7 @@ impl Login {
             creds,
             id_command,
             method: options.method,
+            starttls: options.starttls,
             caps: Caps::default(),
             preamble: Vec::new(),
         }
@@ -127,11 +143,13 @@ impl Login {
     }
 
     fn learn_caps<'a>(&mut self, caps: impl IntoIterator<Item = &'a Capability<'a>>) {
+        self.caps.known = true;
         for cap in caps {
             match cap {
                 Capability::SaslIr => self.caps.sasl_ir = true,
                 Capability::LiteralPlus => self.caps.literal_plus = true,
                 Capability::Auth(AuthMechanism::Plain) => self.caps.auth_plain = true,
+                Capability::StartTls => self.caps.starttls = true,
                 _ => {}
             }
         }
@@ -142,16 +160,52 @@ impl Login {
             Ok((_, greeting)) if greeting.kind == GreetingKind::Ok => {
                 if let Some(Code::Capability(caps)) = &greeting.code {
                     self.learn_caps(caps.as_ref());
-                    self.send_login();
+                    self.after_capabilities();
                 } else {
-                    self.out
-                        .extend_from_slice(format!("{TAG_CAPABILITY} CAPABILITY\r\n").as_bytes());
-                    self.state = State::Capability;
+                    self.ask_capabilities();
                 }
             }
             // PREAUTH (nothing to log in to), BYE, or not IMAP at all.
             _ => self.unavailable(),
         }
+    }
+
+    fn ask_capabilities(&mut self) {
+        self.caps = Caps::default();
+        self.out
+            .extend_from_slice(format!("{TAG_CAPABILITY} CAPABILITY\r\n").as_bytes());
+        self.state = State::Capability;
+    }
+
+    /// The capabilities are known: upgrade first if asked to, else log in.
+    fn after_capabilities(&mut self) {
+        if !self.starttls {
+            return self.send_login();
+        }
+        if !self.caps.starttls {
+            return self.unavailable();
+        }
+        self.out
+            .extend_from_slice(format!("{TAG_STARTTLS} STARTTLS\r\n").as_bytes());
+        self.state = State::StartTls;
+    }
+
+    fn starttls_answer(&mut self, line: &[u8]) {
+        let Some((tag, status, _)) = tagged(line) else {
+            return;
+        };
+        if tag != TAG_STARTTLS.as_bytes() {
+            return;
+        }
+        if status != StatusKind::Ok {
+            return self.unavailable();
+        }
+        // Whatever the backend sent after its OK arrived in plaintext and must not be
+        // read as if it came through TLS.
+        self.framer.clear();
+        self.starttls = false;
+        self.state = State::WaitTls;
+        self.event = Some(LoginEvent::StartTls);
     }
 
     fn capability(&mut self, line: &[u8]) {
@@ -164,7 +218,7 @@ impl Login {
                 if tagged.tag.inner() == TAG_CAPABILITY =>
             {
                 // Even a refused CAPABILITY leaves the plain LOGIN path open.
-                self.send_login();
+                self.after_capabilities();
             }
             Ok((_, Response::Status(Status::Bye(_)))) => self.unavailable(),
             _ => {}
@@ -263,7 +317,7 @@ impl Login {
     }
 
     fn process(&mut self) {
-        while !matches!(self.state, State::Done) {
+        while !matches!(self.state, State::Done | State::WaitTls) {
             let len = match self.framer.poll(Mode::Response, BACKEND_LIMITS) {
                 Frame::Message(len) => len,
                 Frame::Incomplete => return,
@@ -276,8 +330,9 @@ impl Login {
             match self.state {
                 State::Greeting => self.greeting(&line),
                 State::Capability => self.capability(&line),
+                State::StartTls => self.starttls_answer(&line),
                 State::LoggingIn { .. } => self.logging_in(&line),
-                State::Done => {}
+                State::WaitTls | State::Done => {}
             }
         }
     }
@@ -314,6 +369,11 @@ fn tagged(line: &[u8]) -> Option<(&[u8], StatusKind, &[u8])> {
 
 impl BackendLogin for Login {
     fn handle_input(&mut self, bytes: &[u8]) {
+        if matches!(self.state, State::WaitTls) {
+            // The driver reads nothing during the handshake; plaintext arriving now is
+            // not to be trusted.
+            return;
+        }
         if matches!(self.state, State::Done) {
             // After the answer, bytes belong to the relay (see `into_handoff`).
             self.framer.push(bytes);
@@ -321,6 +381,14 @@ impl BackendLogin for Login {
         }
         self.framer.push(bytes);
         self.process();
+    }
+
+    fn handle_tls_ready(&mut self) {
+        if matches!(self.state, State::WaitTls) {
+            // RFC 9051 §6.2.1: capabilities may change after STARTTLS (AUTH=PLAIN is
+            // often offered only then): ask again.
+            self.ask_capabilities();
+        }
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {

@@ -37,6 +37,7 @@ fn login(method: LoginMethod, forward: bool, id: Option<ClientId>, authzid: Opti
     let opts = LoginOptions {
         method,
         forward_client: forward,
+        starttls: false,
     };
     Login::new(creds(authzid), id, &opts, &client())
 }
@@ -45,7 +46,11 @@ fn feed(l: &mut Login, bytes: &[u8]) -> (String, Option<Verdict>) {
     l.handle_input(bytes);
     let mut out = Vec::new();
     l.poll_transmit(&mut out);
-    let v = l.poll_event().map(|LoginEvent::Done(v)| v);
+    let v = match l.poll_event() {
+        Some(LoginEvent::Done(v)) => Some(v),
+        Some(LoginEvent::StartTls) => panic!("unexpected StartTls"),
+        None => None,
+    };
     (String::from_utf8(out).unwrap(), v)
 }
 
@@ -148,4 +153,45 @@ fn broken_backends_are_unavailable() {
     assert_eq!(feed(&mut l, b"* BYE shutting down\r\n").1, unavailable);
     let mut l = login(LoginMethod::Auto, false, None, None);
     assert_eq!(feed(&mut l, &vec![b'x'; 70_000]).1, unavailable);
+}
+
+#[test]
+fn starttls_comes_before_any_credential() {
+    let opts = LoginOptions {
+        method: LoginMethod::Auto,
+        forward_client: false,
+        starttls: true,
+    };
+    let mut l = Login::new(creds(None), None, &opts, &client());
+    let (out, _) = feed(
+        &mut l,
+        b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n",
+    );
+    assert_eq!(out, "S STARTTLS\r\n");
+    l.handle_input(b"S OK Begin TLS\r\n* injected\r\n");
+    assert!(matches!(l.poll_event(), Some(LoginEvent::StartTls)));
+    let mut out = Vec::new();
+    l.poll_transmit(&mut out);
+    assert!(out.is_empty());
+    l.handle_tls_ready();
+    l.poll_transmit(&mut out);
+    assert_eq!(out, b"C CAPABILITY\r\n");
+    let (out, _) = feed(
+        &mut l,
+        b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN\r\nC OK done\r\n",
+    );
+    assert!(out.starts_with("L AUTHENTICATE PLAIN "), "{out}");
+}
+
+#[test]
+fn a_backend_without_starttls_is_not_logged_in_to_in_plaintext() {
+    let opts = LoginOptions {
+        method: LoginMethod::Auto,
+        forward_client: false,
+        starttls: true,
+    };
+    let mut l = Login::new(creds(None), None, &opts, &client());
+    let (out, v) = feed(&mut l, DOVECOT);
+    assert_eq!(out, "");
+    assert_eq!(v, Some(Verdict::Failed(Failure::Unavailable)));
 }

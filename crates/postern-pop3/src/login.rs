@@ -3,6 +3,7 @@
 //! `AUTH PLAIN` (RFC 5034, RFC 4616), and report the backend's answer.
 //!
 //! ```text
+//!  (starttls: Greeting ──STLS──▶ Stls ──+OK──▶ [driver: TLS] ──▶ as below)
 //!  Greeting ─┬─ forward_client and "+OK [XCLIENT]" ─▶ Xclient ──+OK──┐
 //!            └────────────────────────────────────────────────────────┤
 //!                 ┌───────────────────────────────────────────────────┘
@@ -47,6 +48,9 @@ pub struct LoginOptions {
     /// The backend trusts Postern (Dovecot `login_trusted_networks`): send the client's
     /// address, port and the session id with `XCLIENT` before logging in.
     pub forward_client: bool,
+    /// Upgrade the connection with STLS (RFC 2595) before anything else is sent. A
+    /// backend that refuses fails the login: credentials never fall back to plaintext.
+    pub starttls: bool,
 }
 
 /// RFC 1939 §3 caps a response line at 512 octets; this leaves room for servers that
@@ -61,6 +65,10 @@ const MAX_SESSION_ID: usize = 64;
 #[derive(Debug)]
 enum State {
     Greeting,
+    /// STLS sent, waiting for `+OK`.
+    Stls,
+    /// The driver is running the TLS handshake.
+    WaitTls,
     Xclient,
     User,
     Pass,
@@ -82,6 +90,9 @@ pub struct Login {
     creds: Credentials,
     plain: bool,
     xclient: Option<String>,
+    /// The greeting offered XCLIENT (remembered across STLS: there is no new greeting).
+    xclient_offered: bool,
+    starttls: bool,
     forwarded: bool,
 }
 
@@ -105,6 +116,8 @@ impl Login {
             creds,
             plain,
             xclient,
+            xclient_offered: false,
+            starttls: options.starttls,
             forwarded: false,
         };
         if login.creds.mechanism == Mechanism::Apop {
@@ -151,11 +164,21 @@ impl Login {
             return self.unavailable();
         }
         // Dovecot's own proxy looks for the same code right after `+OK`.
-        let offered = text
+        self.xclient_offered = text
             .get(..9)
             .is_some_and(|code| code.eq_ignore_ascii_case(b"[XCLIENT]"));
+        if self.starttls {
+            self.out.extend_from_slice(b"STLS\r\n");
+            self.state = State::Stls;
+        } else {
+            self.identify();
+        }
+    }
+
+    /// XCLIENT when the backend offered it, then the login.
+    fn identify(&mut self) {
         match self.xclient.take() {
-            Some(command) if offered => {
+            Some(command) if self.xclient_offered => {
                 self.out.extend_from_slice(command.as_bytes());
                 self.state = State::Xclient;
             }
@@ -205,6 +228,13 @@ impl Login {
         };
         match (&self.state, status) {
             (State::Greeting, _) => self.greeting(status, text),
+            (State::Stls, Status::Ok) => {
+                // Anything after the +OK came in plaintext: not to be read as if it
+                // had come through TLS.
+                self.lines.clear();
+                self.state = State::WaitTls;
+                self.event = Some(LoginEvent::StartTls);
+            }
             (State::Xclient, Status::Ok) => {
                 self.forwarded = true;
                 self.send_login();
@@ -222,7 +252,7 @@ impl Login {
     }
 
     fn process(&mut self) {
-        while !matches!(self.state, State::Done) {
+        while !matches!(self.state, State::Done | State::WaitTls) {
             match self.lines.poll(BACKEND_MAX_LINE) {
                 Line::Incomplete => return,
                 Line::TooLong => return self.unavailable(),
@@ -286,9 +316,18 @@ fn status(line: &[u8]) -> Option<(Status, &[u8])> {
 
 impl BackendLogin for Login {
     fn handle_input(&mut self, bytes: &[u8]) {
+        if matches!(self.state, State::WaitTls) {
+            return;
+        }
         self.lines.push(bytes);
         // After the answer, bytes belong to the relay (see `into_handoff`).
         self.process();
+    }
+
+    fn handle_tls_ready(&mut self) {
+        if matches!(self.state, State::WaitTls) {
+            self.identify();
+        }
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {

@@ -50,6 +50,7 @@ fn login_from(c: Credentials, method: LoginMethod, forward: bool, info: &ClientI
     let opts = LoginOptions {
         method,
         forward_client: forward,
+        starttls: false,
     };
     Login::new(c, &opts, info)
 }
@@ -58,8 +59,16 @@ fn feed(l: &mut Login, bytes: &[u8]) -> (String, Option<Verdict>) {
     l.handle_input(bytes);
     let mut out = Vec::new();
     l.poll_transmit(&mut out);
-    let v = l.poll_event().map(|LoginEvent::Done(v)| v);
+    let v = done(l.poll_event());
     (String::from_utf8(out).unwrap(), v)
+}
+
+fn done(e: Option<LoginEvent>) -> Option<Verdict> {
+    match e {
+        Some(LoginEvent::Done(v)) => Some(v),
+        Some(LoginEvent::StartTls) => panic!("unexpected StartTls"),
+        None => None,
+    }
 }
 
 fn accepted(text: &[u8]) -> Option<Verdict> {
@@ -359,7 +368,7 @@ fn credentials_that_cannot_be_replayed() {
         creds("", b"pw", None),
     ] {
         let mut l = login(c, LoginMethod::User, false);
-        assert_eq!(l.poll_event().map(|LoginEvent::Done(v)| v), AUTH_FAILED);
+        assert_eq!(done(l.poll_event()), AUTH_FAILED);
         assert_eq!(feed(&mut l, DOVECOT), (String::new(), None));
     }
     // Base64 carries CR and LF safely; NUL would shift PLAIN's fields.
@@ -373,7 +382,7 @@ fn credentials_that_cannot_be_replayed() {
         "AUTH PLAIN AGFsaWNlAHB3DQpERUxFIDE=\r\n"
     );
     let mut l = login(creds("alice", b"p\0w", None), LoginMethod::Plain, false);
-    assert_eq!(l.poll_event().map(|LoginEvent::Done(v)| v), AUTH_FAILED);
+    assert_eq!(done(l.poll_event()), AUTH_FAILED);
     // APOP credentials must have been verified and replaced by the driver.
     let apop = Credentials {
         mechanism: Mechanism::Apop,
@@ -381,7 +390,7 @@ fn credentials_that_cannot_be_replayed() {
         ..creds("alice", b"c4c9334bac560ecc979e58001b3e22fb", None)
     };
     let mut l = login(apop, LoginMethod::Plain, false);
-    assert_eq!(l.poll_event().map(|LoginEvent::Done(v)| v), UNAVAILABLE);
+    assert_eq!(done(l.poll_event()), UNAVAILABLE);
     assert_eq!(feed(&mut l, DOVECOT), (String::new(), None));
 }
 
@@ -395,4 +404,36 @@ fn bytes_after_the_answer_are_handed_off() {
     assert_eq!(v, accepted(b"Logged in."));
     assert_eq!(feed(&mut l, b"messages\r\n"), (String::new(), None));
     assert_eq!(l.into_handoff(), b"+OK 1 messages\r\n");
+}
+
+#[test]
+fn stls_comes_first_and_xclient_follows_inside_tls() {
+    let opts = LoginOptions {
+        method: LoginMethod::Plain,
+        forward_client: true,
+        starttls: true,
+    };
+    let mut l = Login::new(creds("alice@example.test", b"pw", None), &opts, &client());
+    let (out, _) = feed(&mut l, b"+OK [XCLIENT] Dovecot ready.\r\n");
+    assert_eq!(out, "STLS\r\n");
+    l.handle_input(b"+OK Begin TLS negotiation now.\r\n+OK injected\r\n");
+    assert!(matches!(l.poll_event(), Some(LoginEvent::StartTls)));
+    l.handle_tls_ready();
+    let mut out = Vec::new();
+    l.poll_transmit(&mut out);
+    assert!(String::from_utf8(out).unwrap().starts_with("XCLIENT ADDR="));
+}
+
+#[test]
+fn a_backend_refusing_stls_is_not_logged_in_to() {
+    let opts = LoginOptions {
+        method: LoginMethod::User,
+        forward_client: false,
+        starttls: true,
+    };
+    let mut l = Login::new(creds("alice@example.test", b"pw", None), &opts, &client());
+    feed(&mut l, b"+OK ready\r\n");
+    let (out, v) = feed(&mut l, b"-ERR STLS not available\r\n");
+    assert_eq!(out, "");
+    assert_eq!(v, UNAVAILABLE);
 }

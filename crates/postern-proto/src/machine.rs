@@ -136,23 +136,33 @@ pub trait FrontEnd {
     fn into_handoff(self) -> Vec<u8>;
 }
 
-/// A backend-facing login machine: greets, forwards identity, replays credentials.
+/// A backend-facing login machine: greets, forwards identity, upgrades to TLS when
+/// told to, replays credentials.
 pub trait BackendLogin {
     /// Feeds bytes read from the backend.
     fn handle_input(&mut self, bytes: &[u8]);
+    /// Reports that the TLS handshake requested by [`LoginEvent::StartTls`] finished.
+    /// Machines that never ask for TLS may keep this default, which does nothing.
+    fn handle_tls_ready(&mut self) {}
     /// Appends bytes to send to the backend.
     fn poll_transmit(&mut self, out: &mut Vec<u8>);
     /// Returns the login's outcome once known.
     fn poll_event(&mut self) -> Option<LoginEvent>;
     /// After an accepted login: backend bytes received after its final answer, which the
     /// driver MUST send to the client before relaying.
-    fn into_handoff(self) -> Vec<u8>;
+    fn into_handoff(self) -> Vec<u8>
+    where
+        Self: Sized;
 }
 
 /// What a backend login machine reports.
 #[derive(Debug)]
 #[must_use = "an unhandled event stalls the session"]
 pub enum LoginEvent {
+    /// Flush output, run a TLS client handshake on the backend connection, then call
+    /// `handle_tls_ready`. The backend agreed to STARTTLS; no credential has been sent,
+    /// and the machine has dropped anything the backend sent after its agreement.
+    StartTls,
     /// The login finished; pass the verdict to the front end.
     Done(Verdict),
 }

@@ -21,7 +21,7 @@ pub mod store;
 pub use cache::CacheOptions;
 pub use normalize::{InvalidUser, Normalizer, UserName};
 pub use router::{
-    AssignPolicy, Availability, BackendEntry, Decision, RouteError, Router, RouterOptions, Source,
-    UnknownUsers,
+    AssignPolicy, Availability, BackendEntry, BackendState, Decision, Failover, PoolMode,
+    PoolPolicy, RouteError, Router, RouterOptions, Source, UnknownUsers,
 };
 pub use store::{RouteRecord, RouteStore, StoreError};

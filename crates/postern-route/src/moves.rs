@@ -121,3 +121,51 @@ pub async fn kick_user(
     let id = store.kick(user).await?;
     wait_for_acks(store, id, options).await
 }
+
+/// Progress of an evacuation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Evacuation {
+    /// Users moved, with their new backend.
+    pub moved: Vec<(String, String)>,
+    /// Users whose move stalled (a live instance did not confirm): still on the old
+    /// backend, held until their hold expires.
+    pub stalled: Vec<String>,
+}
+
+/// Moves every user pinned to `from` onto `targets` (by rendezvous hash, weighted), in
+/// batches of `batch` fenced moves: the batch's kicks go out together and one wait
+/// covers them all, so an evacuation of thousands of users takes seconds per batch,
+/// not per user.
+pub async fn evacuate(
+    store: &dyn RouteStore,
+    from: &str,
+    targets: &[crate::hash::Weighted<'_>],
+    batch: usize,
+    options: FenceOptions,
+) -> Result<Evacuation, StoreError> {
+    let mut report = Evacuation::default();
+    let pins = store.list(Some(from)).await?;
+    for chunk in pins.chunks(batch.max(1)) {
+        let hold_until = now_secs() + i64::try_from(options.hold.as_secs()).unwrap_or(60);
+        let mut last = 0;
+        let mut planned = Vec::new();
+        for row in chunk {
+            let user = UserName::from_normalized(&row.user);
+            let Some(to) = crate::hash::pick(user.as_str(), targets) else {
+                return Err(StoreError::Invalid("no backend to evacuate to".into()));
+            };
+            last = last.max(store.begin_move(&user, from, to, hold_until).await?);
+            planned.push((user, to.to_owned()));
+        }
+        let acks = wait_for_acks(store, last, options).await?;
+        for (user, to) in planned {
+            if acks.missing.is_empty() {
+                store.finish_move(&user, &to).await?;
+                report.moved.push((user.as_str().to_owned(), to));
+            } else {
+                report.stalled.push(user.as_str().to_owned());
+            }
+        }
+    }
+    Ok(report)
+}

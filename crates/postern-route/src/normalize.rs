@@ -9,8 +9,9 @@ use std::fmt;
 pub struct UserName(String);
 
 impl UserName {
-    /// Wraps a name that was normalized before (read back from the store's change log).
-    pub(crate) fn from_normalized(name: &str) -> Self {
+    /// Wraps a name that was normalized before (read back from the store). Callers MUST
+    /// NOT pass a name as typed by a client: use [`Normalizer::normalize`].
+    pub fn from_normalized(name: &str) -> Self {
         Self(name.to_owned())
     }
 

@@ -68,6 +68,12 @@ pub enum Source {
     Assigned,
     /// No pin; this is where the user would be assigned (a dry run, nothing written).
     Proposed,
+    /// The pinned backend is down; re-pinned here (shared pool).
+    FailedOver,
+    /// The pinned backend is down; routed here until it is back (shared pool).
+    Temporary,
+    /// The pinned backend is draining; moved here with a fenced move (shared pool).
+    Moved,
 }
 
 impl Source {
@@ -79,6 +85,9 @@ impl Source {
             Source::Hashed => "hashed",
             Source::Assigned => "assigned",
             Source::Proposed => "proposed",
+            Source::FailedOver => "failed_over",
+            Source::Temporary => "temporary",
+            Source::Moved => "moved",
         }
     }
 }
@@ -94,6 +103,9 @@ pub struct Decision {
     pub source: Source,
     /// The store's record, when there is one (password hash, pool).
     pub record: Option<Arc<RouteRecord>>,
+    /// The backend the user is pinned to, when the session goes elsewhere
+    /// (failover, temporary routing, drain).
+    pub pinned: Option<String>,
 }
 
 /// Why a user could not be routed.
@@ -118,6 +130,13 @@ pub enum RouteError {
     /// No backend can take the user.
     #[error("no backend available for this protocol")]
     NoBackend,
+    /// The user's backend is down and the pool does not let another take them.
+    #[error("backend {0:?} is down")]
+    BackendDown(String),
+    /// Too many failovers at once: the login is refused for now, so the surviving
+    /// backends are not stampeded.
+    #[error("failover rate limit reached")]
+    FailoverThrottled,
     /// The store did not answer and nothing usable was cached.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -133,35 +152,89 @@ impl RouteError {
             RouteError::Moving
             | RouteError::UnknownBackend(_)
             | RouteError::NoBackend
+            | RouteError::BackendDown(_)
+            | RouteError::FailoverThrottled
             | RouteError::Store(_) => Failure::Unavailable,
         }
     }
 }
 
-/// Whether a backend may take new users right now (health, drain): filled in by the
-/// runtime; the router only asks.
-pub trait Availability: Send + Sync + std::fmt::Debug {
-    /// `true` if `backend` may receive a new user.
-    fn accepts_new_users(&self, backend: &str) -> bool;
+/// What a backend can take right now, combining its health checks and the operator's
+/// decision (`postern backend drain|down`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// Healthy: new users and sessions welcome.
+    Up,
+    /// Healthy but draining: no new users, no new sessions where another backend can
+    /// take them; existing sessions stay.
+    Draining,
+    /// Down (failed checks, or marked down): no sessions at all.
+    Down,
 }
 
-/// Every backend accepts users (no health checks).
+/// The runtime's view of backend states; the router only asks.
+pub trait Availability: Send + Sync + std::fmt::Debug {
+    /// The state of `backend` for `protocol`.
+    fn state(&self, backend: &str, protocol: Protocol) -> BackendState;
+}
+
+/// Every backend is up (no health checks): for tools and tests.
 #[derive(Debug, Default)]
 pub struct AlwaysAvailable;
 
 impl Availability for AlwaysAvailable {
-    fn accepts_new_users(&self, _backend: &str) -> bool {
-        true
+    fn state(&self, _backend: &str, _protocol: Protocol) -> BackendState {
+        BackendState::Up
     }
 }
 
+/// Whether a pool's backends share one mail store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PoolMode {
+    /// Each backend owns its users' mail ("own storage"): a user is never sent to
+    /// another backend; while theirs is down they get a temporary failure.
+    #[default]
+    OwnStorage,
+    /// The backends share one store (e.g. NFS): when a user's backend is down, another
+    /// healthy backend of the pool takes them.
+    Shared,
+}
+
+/// What a failover in a shared pool writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Failover {
+    /// Re-pin the user to the new backend for good.
+    #[default]
+    Repin,
+    /// Route to the new backend only while the pinned one is down; the pin stays, and
+    /// the runtime ends these sessions when the pinned backend comes back.
+    Temporary,
+}
+
+/// A pool's policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolPolicy {
+    /// Shared store or own storage.
+    pub mode: PoolMode,
+    /// For shared pools: re-pin or route temporarily.
+    pub failover: Failover,
+}
+
 /// Router settings.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RouterOptions {
     /// Policy for users without a pin.
     pub unknown_users: UnknownUsers,
     /// Route cache.
     pub cache: CacheOptions,
+    /// Pool policies by pool name; pools not listed are own-storage.
+    pub pools: HashMap<String, PoolPolicy>,
+    /// Most failovers per second from this instance (0: unlimited). Logins beyond it
+    /// get a temporary failure and retry, spreading the reconnects of a dead backend's
+    /// users over time instead of stampeding the survivors.
+    pub failover_rate: u32,
+    /// Timing of the fenced move used to take users off a draining backend.
+    pub fence: crate::moves::FenceOptions,
 }
 
 /// What a decision is for.
@@ -196,6 +269,41 @@ pub struct Router {
     stats: Arc<RouteStats>,
     counts: Mutex<Counts>,
     availability: Arc<dyn Availability>,
+    failover_tokens: Mutex<TokenBucket>,
+}
+
+/// A token bucket refilled at `rate` per second, holding at most one second's worth.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Router {
@@ -210,6 +318,7 @@ impl Router {
             normalizer,
             store,
             cache: RouteCache::new(options.cache),
+            failover_tokens: Mutex::new(TokenBucket::new(options.failover_rate)),
             options,
             backends,
             stats: Arc::new(RouteStats::default()),
@@ -308,20 +417,126 @@ impl Router {
             Some(BackendRef::Name(name)) => self
                 .serving(protocol)
                 .find(|b| &b.name == name)
-                .map(|b| b.name.clone())
                 .ok_or_else(|| RouteError::UnknownBackend(name.clone()))?,
             Some(BackendRef::Host(host)) => self
                 .serving(protocol)
                 .find(|b| b.host.eq_ignore_ascii_case(host))
-                .map(|b| b.name.clone())
                 .ok_or_else(|| RouteError::UnknownBackend(host.clone()))?,
         };
-        Ok(Decision {
+        let decision = Decision {
             user,
-            backend,
+            backend: backend.name.clone(),
             source: if stale { Source::Stale } else { Source::Pinned },
             record: Some(record),
-        })
+            pinned: None,
+        };
+        if mode != Mode::Login {
+            return Ok(decision);
+        }
+        let policy = self.pool_policy(&backend.pool);
+        match self.availability.state(&backend.name, protocol) {
+            BackendState::Up => Ok(decision),
+            BackendState::Draining if policy.mode == PoolMode::OwnStorage => Ok(decision),
+            BackendState::Draining => self.drain_move(decision, backend, protocol).await,
+            BackendState::Down if policy.mode == PoolMode::OwnStorage => {
+                Err(RouteError::BackendDown(backend.name.clone()))
+            }
+            BackendState::Down => self.fail_over(decision, backend, protocol, policy).await,
+        }
+    }
+
+    fn pool_policy(&self, pool: &str) -> PoolPolicy {
+        self.options.pools.get(pool).copied().unwrap_or_default()
+    }
+
+    /// Another backend of the shared pool, the same on every instance for a user
+    /// (rendezvous hash over the pool's healthy members).
+    fn failover_target(
+        &self,
+        user: &UserName,
+        from: &BackendEntry,
+        protocol: Protocol,
+    ) -> Option<String> {
+        let candidates: Vec<&BackendEntry> = self
+            .candidates(protocol, Some(&from.pool))
+            .into_iter()
+            .filter(|b| b.name != from.name)
+            .collect();
+        hash_pick(user, &candidates)
+    }
+
+    async fn fail_over(
+        &self,
+        decision: Decision,
+        from: &BackendEntry,
+        protocol: Protocol,
+        policy: PoolPolicy,
+    ) -> Result<Decision, RouteError> {
+        let target = self
+            .failover_target(&decision.user, from, protocol)
+            .ok_or_else(|| RouteError::BackendDown(from.name.clone()))?;
+        let admitted = self.failover_tokens.lock().map_or(true, |mut b| b.take());
+        if !admitted {
+            return Err(RouteError::FailoverThrottled);
+        }
+        let mut decision = decision;
+        decision.pinned = Some(from.name.clone());
+        if policy.failover == Failover::Repin && decision.source != Source::Stale {
+            match self.store.repin(&decision.user, &from.name, &target).await {
+                Ok(winner) => {
+                    warn!(user = %decision.user, from = %from.name, to = %winner, "backend down: user re-pinned");
+                    self.cache.invalidate(&decision.user);
+                    decision.backend = winner;
+                    decision.source = Source::FailedOver;
+                    return Ok(decision);
+                }
+                Err(e) => {
+                    // The store cannot take the new pin: route for the outage only,
+                    // which needs no write and is the same on every instance.
+                    warn!(error = %e, user = %decision.user, "cannot re-pin; routing temporarily");
+                }
+            }
+        }
+        warn!(user = %decision.user, from = %from.name, to = %target, "backend down: routing temporarily");
+        decision.backend = target;
+        decision.source = Source::Temporary;
+        Ok(decision)
+    }
+
+    /// A draining backend takes no new sessions when the pool can serve the user
+    /// elsewhere: the user is moved with a fenced move, which ends their sessions on
+    /// every instance first, so they never run on two backends at once.
+    async fn drain_move(
+        &self,
+        decision: Decision,
+        from: &BackendEntry,
+        protocol: Protocol,
+    ) -> Result<Decision, RouteError> {
+        let Some(target) = self.failover_target(&decision.user, from, protocol) else {
+            // Nowhere else to go: a draining backend still serves its users.
+            return Ok(decision);
+        };
+        let outcome = crate::moves::move_user(
+            self.store.as_ref(),
+            &decision.user,
+            &from.name,
+            &target,
+            self.options.fence,
+            false,
+        )
+        .await?;
+        match outcome {
+            crate::moves::MoveOutcome::Moved(_) => {
+                tracing::info!(user = %decision.user, from = %from.name, to = %target, "backend draining: user moved");
+                self.cache.invalidate(&decision.user);
+                let mut decision = decision;
+                decision.pinned = Some(from.name.clone());
+                decision.backend = target;
+                decision.source = Source::Moved;
+                Ok(decision)
+            }
+            crate::moves::MoveOutcome::Stalled { .. } => Err(RouteError::Moving),
+        }
     }
 
     /// The cache, then the store; stale routes when the store fails.
@@ -381,7 +596,7 @@ impl Router {
         self.serving(protocol)
             .filter(|b| b.weight > 0)
             .filter(|b| pool.is_none_or(|p| b.pool == p))
-            .filter(|b| self.availability.accepts_new_users(&b.name))
+            .filter(|b| self.availability.state(&b.name, protocol) == BackendState::Up)
             .collect()
     }
 
@@ -415,6 +630,7 @@ impl Router {
                 backend: choice,
                 source,
                 record,
+                pinned: None,
             });
         }
         // Race-safe: if another instance pinned the user first, its pin comes back.
@@ -434,6 +650,7 @@ impl Router {
             backend,
             source: Source::Assigned,
             record,
+            pinned: None,
         })
     }
 

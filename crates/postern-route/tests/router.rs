@@ -15,8 +15,9 @@ use postern_proto::Protocol;
 use postern_route::store::sql::{SqlOptions, SqlStore};
 use postern_route::store::{RouteRecord, StoreFuture};
 use postern_route::{
-    AssignPolicy, BackendEntry, CacheOptions, Normalizer, RouteError, RouteStore, Router,
-    RouterOptions, Source, StoreError, UnknownUsers, UserName,
+    AssignPolicy, Availability, BackendEntry, BackendState, CacheOptions, Failover, Normalizer,
+    PoolMode, PoolPolicy, RouteError, RouteStore, Router, RouterOptions, Source, StoreError,
+    UnknownUsers, UserName,
 };
 
 fn backends(w1: u32, w2: u32) -> Vec<BackendEntry> {
@@ -58,7 +59,7 @@ async fn two_instances_assigning_at_once_agree_on_one_pin() {
     let a = Arc::new(Router::new(
         Normalizer::default(),
         sqlite(&path).await,
-        options,
+        options.clone(),
         backends(100, 1),
     ));
     let b = Arc::new(Router::new(
@@ -142,6 +143,7 @@ async fn cached_routes_survive_an_outage_for_a_bounded_time() {
                 stale_if_error: Duration::from_secs(3600),
                 capacity: 100,
             },
+            ..RouterOptions::default()
         },
         backends(1, 1),
     );
@@ -170,4 +172,140 @@ async fn cached_routes_survive_an_outage_for_a_bounded_time() {
     let stats = router.stats();
     assert_eq!(stats.stale.load(Ordering::Relaxed), 1);
     assert_eq!(stats.errors.load(Ordering::Relaxed), 2);
+}
+
+/// Backend states set by the test.
+#[derive(Debug, Default)]
+struct States(std::sync::Mutex<std::collections::HashMap<String, BackendState>>);
+
+impl States {
+    fn set(&self, b: &str, s: BackendState) {
+        self.0.lock().unwrap().insert(b.into(), s);
+    }
+}
+
+impl Availability for States {
+    fn state(&self, backend: &str, _: Protocol) -> BackendState {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .get(backend)
+            .unwrap_or(&BackendState::Up)
+    }
+}
+
+async fn pool_router(
+    path: &std::path::Path,
+    mode: PoolMode,
+    failover: Failover,
+) -> (Router, Arc<States>, Arc<SqlStore>) {
+    let store = sqlite(path).await;
+    let states = Arc::new(States::default());
+    let mut pools = std::collections::HashMap::new();
+    pools.insert("default".to_owned(), PoolPolicy { mode, failover });
+    let router = Router::new(
+        Normalizer::default(),
+        Arc::clone(&store) as Arc<dyn RouteStore>,
+        RouterOptions {
+            pools,
+            failover_rate: 2,
+            fence: postern_route::moves::FenceOptions {
+                ack_timeout: Duration::from_millis(300),
+                ..Default::default()
+            },
+            ..RouterOptions::default()
+        },
+        backends(1, 1),
+    )
+    .with_availability(Arc::clone(&states) as Arc<dyn Availability>);
+    (router, states, store)
+}
+
+#[tokio::test]
+async fn a_down_backend_in_a_shared_pool_hands_its_users_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, states, store) =
+        pool_router(&dir.path().join("r.db"), PoolMode::Shared, Failover::Repin).await;
+    let n = Normalizer::default();
+    for u in ["alice", "bob", "carol"] {
+        store.pin(&n.normalize(u).unwrap(), "b1").await.unwrap();
+    }
+    states.set("b1", BackendState::Down);
+    let d = router.resolve("alice", Protocol::Imap).await.unwrap();
+    assert_eq!((d.backend.as_str(), d.source), ("b2", Source::FailedOver));
+    assert_eq!(d.pinned.as_deref(), Some("b1"));
+    // The pin moved, compare-and-set: the next login simply follows it.
+    let d = router.resolve("alice", Protocol::Imap).await.unwrap();
+    assert_eq!((d.backend.as_str(), d.source), ("b2", Source::Pinned));
+    // Reconnects are spread: the bucket holds two failovers.
+    router.resolve("bob", Protocol::Imap).await.unwrap();
+    let e = router.resolve("carol", Protocol::Imap).await.unwrap_err();
+    assert!(matches!(e, RouteError::FailoverThrottled));
+    // With every backend down there is nowhere to go.
+    states.set("b2", BackendState::Down);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let e = router.resolve("carol", Protocol::Imap).await.unwrap_err();
+    assert!(matches!(e, RouteError::BackendDown(_)));
+}
+
+#[tokio::test]
+async fn temporary_failover_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, states, store) = pool_router(
+        &dir.path().join("r.db"),
+        PoolMode::Shared,
+        Failover::Temporary,
+    )
+    .await;
+    let alice = Normalizer::default().normalize("alice").unwrap();
+    store.pin(&alice, "b1").await.unwrap();
+    states.set("b1", BackendState::Down);
+    let d = router.resolve("alice", Protocol::Imap).await.unwrap();
+    assert_eq!((d.backend.as_str(), d.source), ("b2", Source::Temporary));
+    assert_eq!(store.list(None).await.unwrap()[0].backend, "b1");
+}
+
+#[tokio::test]
+async fn own_storage_users_wait_for_their_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, states, store) = pool_router(
+        &dir.path().join("r.db"),
+        PoolMode::OwnStorage,
+        Failover::Repin,
+    )
+    .await;
+    let alice = Normalizer::default().normalize("alice").unwrap();
+    store.pin(&alice, "b1").await.unwrap();
+    states.set("b1", BackendState::Down);
+    let e = router.resolve("alice", Protocol::Imap).await.unwrap_err();
+    assert!(matches!(e, RouteError::BackendDown(_)));
+    assert_eq!(e.failure(), postern_proto::Failure::Unavailable);
+    // Draining own storage keeps serving: there is nowhere else.
+    states.set("b1", BackendState::Draining);
+    let d = router.resolve("alice", Protocol::Imap).await.unwrap();
+    assert_eq!(d.backend, "b1");
+}
+
+#[tokio::test]
+async fn a_draining_shared_backend_moves_its_users_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, states, store) =
+        pool_router(&dir.path().join("r.db"), PoolMode::Shared, Failover::Repin).await;
+    let alice = Normalizer::default().normalize("alice").unwrap();
+    store.pin(&alice, "b1").await.unwrap();
+    states.set("b1", BackendState::Draining);
+    let d = router.resolve("alice", Protocol::Imap).await.unwrap();
+    assert_eq!((d.backend.as_str(), d.source), ("b2", Source::Moved));
+    // The move went through the change log (a kick first), like `postern route move`.
+    let events = store.events_since(0, 100).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == postern_route::store::ChangeKind::Kick)
+    );
+    assert_eq!(store.list(None).await.unwrap()[0].backend, "b2");
+    // A draining backend takes no new users either.
+    let n = router.resolve("dave", Protocol::Imap).await;
+    assert!(n.is_err(), "reject policy");
 }

@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use postern_proto::{FrontEnd, Protocol};
 
-use crate::settings::Backend;
+use crate::settings::{Backend, Endpoint};
 
 /// One protocol's plug-in for the session driver.
 pub(crate) trait Driver: Send + Sync + 'static {
     /// The client-facing machine.
     type Front: FrontEnd<Login = Self::Login, LoginOptions = Self::LoginOptions> + Send + Sync;
     /// The backend login machine.
-    type Login: postern_proto::BackendLogin + Send;
+    type Login: postern_proto::BackendLogin + Send + Sized;
     /// Per-backend login settings.
     type LoginOptions: Send + Sync;
 
@@ -23,8 +23,8 @@ pub(crate) trait Driver: Send + Sync + 'static {
     /// unique per connection).
     fn front(&self, tls: bool, session_id: &str) -> Self::Front;
 
-    /// The port and login settings of `backend` for this protocol, if it serves it.
-    fn backend<'a>(&self, backend: &'a Backend) -> Option<(u16, &'a Self::LoginOptions)>;
+    /// How to reach `backend` for this protocol and log in, if it serves it.
+    fn backend<'a>(&self, backend: &'a Backend) -> Option<(&'a Endpoint, &'a Self::LoginOptions)>;
 }
 
 /// IMAP.
@@ -43,8 +43,8 @@ impl Driver for Imap {
         postern_imap::Front::new(Arc::clone(&self.options), tls)
     }
 
-    fn backend<'a>(&self, backend: &'a Backend) -> Option<(u16, &'a Self::LoginOptions)> {
-        backend.imap.as_ref().map(|b| (b.port, &b.login))
+    fn backend<'a>(&self, backend: &'a Backend) -> Option<(&'a Endpoint, &'a Self::LoginOptions)> {
+        backend.imap.as_ref().map(|b| (&b.endpoint, &b.login))
     }
 }
 
@@ -74,7 +74,7 @@ impl Driver for Pop3 {
         postern_pop3::Front::new(Arc::clone(&self.options), tls, timestamp.flatten())
     }
 
-    fn backend<'a>(&self, backend: &'a Backend) -> Option<(u16, &'a Self::LoginOptions)> {
-        backend.pop3.as_ref().map(|b| (b.port, &b.login))
+    fn backend<'a>(&self, backend: &'a Backend) -> Option<(&'a Endpoint, &'a Self::LoginOptions)> {
+        backend.pop3.as_ref().map(|b| (&b.endpoint, &b.login))
     }
 }

@@ -11,10 +11,12 @@ pub mod tls;
 pub mod watch;
 
 mod apop;
+pub mod backend;
 mod driver;
+pub mod health;
 mod session;
 
-pub use server::{Server, ServerError};
+pub use server::{Runtime, Server, ServerError};
 pub use settings::{
     Backend, FrontOptions, ImapBackend, ListenerSettings, Pop3Backend, Settings, Timeouts, TlsMode,
 };

@@ -26,6 +26,9 @@ pub struct SessionInfo {
     pub protocol: Protocol,
     /// The backend, once routed.
     pub backend: Option<String>,
+    /// The backend the user is pinned to, when this session runs elsewhere only while
+    /// that one is down (temporary failover).
+    pub pinned: Option<String>,
     /// The client's address.
     pub client: SocketAddr,
     /// When the session registered.
@@ -108,12 +111,25 @@ impl Registry {
         keys.len()
     }
 
-    /// Ends every session relayed to a backend; returns how many.
-    pub fn kick_backend(&self, backend: &str) -> usize {
+    /// Ends every session relayed to a backend (for one protocol, or all); returns
+    /// how many.
+    pub fn kick_backend(&self, backend: &str, protocol: Option<Protocol>) -> usize {
+        self.kick_where(|i| {
+            i.backend.as_deref() == Some(backend) && protocol.is_none_or(|p| p == i.protocol)
+        })
+    }
+
+    /// Ends the sessions that run elsewhere only while `backend` was down: it is back,
+    /// and their users must return to it before they could be on two backends.
+    pub fn kick_temporary(&self, backend: &str, protocol: Protocol) -> usize {
+        self.kick_where(|i| i.pinned.as_deref() == Some(backend) && i.protocol == protocol)
+    }
+
+    fn kick_where(&self, pred: impl Fn(&SessionInfo) -> bool) -> usize {
         let inner = self.lock();
         let mut n = 0;
         for e in inner.sessions.values() {
-            if e.info.backend.as_deref() == Some(backend) {
+            if pred(&e.info) {
                 e.token.cancel();
                 n += 1;
             }
@@ -158,9 +174,10 @@ impl Registry {
         out
     }
 
-    fn set_backend(&self, key: u64, backend: &str) {
+    fn set_backend(&self, key: u64, backend: &str, pinned: Option<&str>) {
         if let Some(e) = self.lock().sessions.get_mut(&key) {
             e.info.backend = Some(backend.to_owned());
+            e.info.pinned = pinned.map(str::to_owned);
         }
     }
 
@@ -191,9 +208,11 @@ impl SessionGuard {
         &self.token
     }
 
-    /// Records the backend the session was routed to.
-    pub fn set_backend(&self, backend: &str) {
-        self.registry.set_backend(self.key, backend);
+    /// Records the backend the session was routed to, and the one it is pinned to
+    /// when it only stands in for it (temporary failover).
+    pub fn set_backend(&self, backend: &str, pinned_elsewhere: Option<&str>) {
+        self.registry
+            .set_backend(self.key, backend, pinned_elsewhere);
     }
 }
 
@@ -213,6 +232,7 @@ mod tests {
             user: user.into(),
             protocol: Protocol::Imap,
             backend: None,
+            pinned: None,
             client: "127.0.0.1:1".parse().unwrap(),
             since: SystemTime::now(),
         }
@@ -225,7 +245,7 @@ mod tests {
         let a1 = r.register(info("alice"), &root);
         let a2 = r.register(info("alice"), &root);
         let b = r.register(info("bob"), &root);
-        b.set_backend("b2");
+        b.set_backend("b2", None);
         assert_eq!(r.len(), 3);
         assert_eq!(r.kick_user("alice"), 2);
         assert!(a1.token().is_cancelled() && a2.token().is_cancelled());
@@ -235,7 +255,8 @@ mod tests {
         assert_eq!(r.list(Some("alice")).len(), 1);
         drop(a2);
         assert!(r.list(Some("alice")).is_empty());
-        assert_eq!(r.kick_backend("b2"), 1);
+        assert_eq!(r.kick_backend("b2", Some(Protocol::Pop3)), 0);
+        assert_eq!(r.kick_backend("b2", None), 1);
         root.cancel();
         drop(b);
         assert!(r.is_empty());

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::driver::{Driver, Imap, Pop3};
+use crate::health::Health;
 use crate::registry::Registry;
 use crate::session::{self, Ctx};
 use crate::settings::{FrontOptions, ListenerSettings, Settings};
@@ -40,12 +41,36 @@ pub struct Server {
     bound: Vec<(Arc<ListenerSettings>, TcpListener)>,
 }
 
+/// What the server shares with the router and the admin side: live sessions and
+/// backend health.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// Backend health (also the router's availability view).
+    pub health: Arc<Health>,
+}
+
+impl Runtime {
+    /// A registry and a health view for `settings`.
+    pub fn new(settings: &Settings) -> Self {
+        let registry = Registry::new();
+        let health = Health::new(settings, Arc::clone(&registry));
+        Self { registry, health }
+    }
+}
+
 /// How long sessions get to end after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl Server {
-    /// Binds every listener. Nothing is accepted until [`Server::run`].
-    pub async fn bind(settings: Settings, router: Arc<Router>) -> Result<Self, ServerError> {
+    /// Binds every listener. Nothing is accepted until [`Server::run`]. `runtime` holds
+    /// the session registry and the health view the router was built with.
+    pub async fn bind(
+        settings: Arc<Settings>,
+        router: Arc<Router>,
+        runtime: Runtime,
+    ) -> Result<Self, ServerError> {
         let mut bound = Vec::new();
         for l in &settings.listeners {
             let listener = TcpListener::bind(l.bind)
@@ -60,7 +85,8 @@ impl Server {
         let ctx = Arc::new(Ctx {
             settings,
             router,
-            registry: Registry::new(),
+            registry: runtime.registry,
+            health: runtime.health,
             cancel: CancellationToken::new(),
         });
         Ok(Self { ctx, bound })
@@ -87,11 +113,17 @@ impl Server {
             tracker.spawn(crate::watch::run(
                 Arc::clone(&self.ctx.router),
                 Arc::clone(&self.ctx.registry),
+                Arc::clone(&self.ctx.health),
                 watch.instance_id.clone(),
                 watch.interval,
                 self.ctx.cancel.clone(),
             ));
         }
+        tracker.spawn(crate::health::run(
+            Arc::clone(&self.ctx.settings),
+            Arc::clone(&self.ctx.health),
+            self.ctx.cancel.clone(),
+        ));
         for (settings, listener) in self.bound {
             if let Ok(addr) = listener.local_addr() {
                 info!(

@@ -1,15 +1,15 @@
 //! The generic session driver: one task per client connection, for every protocol.
 //!
 //! ```text
-//!  accept ─▶ [implicit TLS handshake] ─▶ pre-auth loop ─────────────▶ relay ─▶ log
-//!                │ front.poll_event():                         ▲
-//!                ├ StartTls      → handshake, handle_tls_ready │
-//!                ├ Authenticate  → route → connect → Login ────┘ (Accepted)
+//!  accept ─▶ [PROXY header] ─▶ [implicit TLS] ─▶ pre-auth loop ──────────▶ relay ─▶ log
+//!                │ front.poll_event():                               ▲
+//!                ├ StartTls      → handshake, handle_tls_ready       │
+//!                ├ Authenticate  → route → connect → Login ──────────┘ (Accepted)
 //!                │                  └ Refused/Failed → handle_verdict, loop
 //!                └ Close         → flush, close
 //! ```
-//! All protocol decisions live in the sans-IO machines; this module only moves bytes,
-//! applies timeouts and writes logs.
+//! All protocol decisions live in the sans-IO machines and routing decisions in the
+//! router; this module moves bytes, applies timeouts, reports backend health and logs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,16 +17,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::{
-    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, LoginEvent, Mechanism, Verdict,
+    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, Mechanism, Verdict,
 };
-use postern_route::Router;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use postern_route::{Availability, BackendState, RouteError, Router, Source, UserName};
+use proxy_header::{ParseConfig, ProxyHeader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
+use crate::backend::{self, BackendError, BackendStream, ClientTls};
 use crate::driver::Driver;
+use crate::health::Health;
 use crate::registry::{Registry, SessionGuard, SessionInfo};
 use crate::relay::{self, Stats};
 use crate::settings::{ListenerSettings, Settings, TlsMode};
@@ -35,9 +38,10 @@ use crate::stream::ClientStream;
 /// Shared by every session of a server.
 #[derive(Debug)]
 pub(crate) struct Ctx {
-    pub(crate) settings: Settings,
+    pub(crate) settings: Arc<Settings>,
     pub(crate) router: Arc<Router>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) health: Arc<Health>,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -51,6 +55,11 @@ enum End {
 
 /// Bytes read from a peer per read during the login phase.
 const READ_CHUNK: usize = 4096;
+/// Largest PROXY header accepted: v1 is at most 107 bytes; v2 headers carry TLVs, and
+/// balancers send a few hundred bytes at most.
+const MAX_PROXY_HEADER: usize = 4096;
+/// The PROXY v2 signature.
+const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// Runs one client connection to its end.
 pub(crate) async fn run<D: Driver>(
@@ -58,7 +67,7 @@ pub(crate) async fn run<D: Driver>(
     driver: Arc<D>,
     listener: Arc<ListenerSettings>,
     tcp: TcpStream,
-    client: SocketAddr,
+    peer: SocketAddr,
     local: SocketAddr,
 ) {
     let id = session_id();
@@ -67,7 +76,8 @@ pub(crate) async fn run<D: Driver>(
         id = %id,
         proto = %D::PROTOCOL,
         listener = %listener.name,
-        client = %client,
+        client = %peer,
+        via = field::Empty,
         user = field::Empty,
         backend = field::Empty,
     );
@@ -76,7 +86,7 @@ pub(crate) async fn run<D: Driver>(
         debug!("connected");
         let cancel = ctx.cancel.clone();
         let end = tokio::select! {
-            end = session::<D>(&ctx, &driver, &listener, tcp, client, local, id) => end,
+            end = session::<D>(&ctx, &driver, &listener, tcp, peer, local, id) => end,
             () = cancel.cancelled() => End::PreAuth("shutdown"),
         };
         let secs = started.elapsed().as_secs_f64();
@@ -95,24 +105,87 @@ pub(crate) async fn run<D: Driver>(
     .await;
 }
 
+/// Reads a PROXY header from a trusted peer: the real client's address, and any bytes
+/// that followed the header.
+async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    deadline: Instant,
+) -> Result<(Option<SocketAddr>, Vec<u8>), &'static str> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        match ProxyHeader::parse(&buf, ParseConfig::default()) {
+            Ok((header, used)) => {
+                let client = header.proxied_address().map(|a| a.source);
+                return Ok((client, buf.get(used..).unwrap_or_default().to_vec()));
+            }
+            Err(proxy_header::Error::BufferTooShort) if buf.len() < MAX_PROXY_HEADER => {}
+            Err(_) => return Err("invalid PROXY header"),
+        }
+        match timeout_at(deadline, tcp.read(&mut chunk)).await {
+            Ok(Ok(0)) => return Err("closed before the PROXY header"),
+            Ok(Ok(n)) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Ok(Err(_)) => return Err("client_error"),
+            Err(_) => return Err("preauth_timeout"),
+        }
+    }
+}
+
+fn looks_like_proxy_header(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PROXY ") || bytes.starts_with(PROXY_V2_SIGNATURE)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn session<D: Driver>(
     ctx: &Ctx,
     driver: &D,
     listener: &ListenerSettings,
-    tcp: TcpStream,
-    client: SocketAddr,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
     local: SocketAddr,
     id: String,
 ) -> End {
     let deadline = Instant::now() + ctx.settings.timeouts.preauth;
+    let mut client = peer;
+    let mut early = Vec::new();
+    // Only a listener that expects PROXY headers checks for one at all; from an
+    // untrusted peer the first bytes are checked instead (below).
+    let trusted_proxy = listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip()));
+    if trusted_proxy {
+        match read_proxy_header(&mut tcp, deadline).await {
+            Ok((announced, rest)) => {
+                if let Some(real) = announced {
+                    client = real;
+                    let span = Span::current();
+                    span.record("client", field::display(real));
+                    span.record("via", field::display(peer));
+                }
+                early = rest;
+            }
+            Err(reason) => {
+                warn!(reason, "refused: no valid PROXY header from a trusted peer");
+                return End::PreAuth("proxy_header");
+            }
+        }
+    }
+    let watch_untrusted_proxy = listener.proxy.is_some() && !trusted_proxy;
     let mut stream = ClientStream::Plain(tcp);
     if listener.tls_mode == TlsMode::Implicit {
+        if !early.is_empty() {
+            // TLS after a PROXY header must start on a clean boundary.
+            return End::PreAuth("proxy_header");
+        }
         stream = match handshake(stream, listener, deadline).await {
             Ok(s) => s,
             Err(end) => return end,
         };
     }
     let mut front = driver.front(stream.is_tls(), &id);
+    if !early.is_empty() {
+        front.handle_input(&early);
+    }
+    drop(early);
+    let mut first_read = watch_untrusted_proxy;
     let mut out = Vec::new();
     let mut buf = [0u8; READ_CHUNK];
     loop {
@@ -145,7 +218,10 @@ async fn session<D: Driver>(
                         tls: stream.is_tls(),
                         session_id: id.clone(),
                     };
-                    match login::<D>(ctx, driver, &front, creds, &info).await {
+                    let client_tls = ClientTls {
+                        version: stream.tls_version(),
+                    };
+                    match login::<D>(ctx, driver, &front, creds, &info, &client_tls).await {
                         Login::Verdict(v) => front.handle_verdict(v),
                         Login::Accepted {
                             backend,
@@ -170,7 +246,17 @@ async fn session<D: Driver>(
         }
         match timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(0)) => return End::PreAuth("client_closed"),
-            Ok(Ok(n)) => front.handle_input(buf.get(..n).unwrap_or_default()),
+            Ok(Ok(n)) => {
+                let bytes = buf.get(..n).unwrap_or_default();
+                if first_read {
+                    first_read = false;
+                    if looks_like_proxy_header(bytes) {
+                        warn!("refused: PROXY header from an untrusted address");
+                        return End::PreAuth("untrusted_proxy_header");
+                    }
+                }
+                front.handle_input(bytes);
+            }
             Ok(Err(_)) => return End::PreAuth("client_error"),
             Err(_) => {
                 info!("pre-auth timeout");
@@ -217,7 +303,7 @@ struct Handoff {
 async fn relay_session(
     ctx: &Ctx,
     mut client: ClientStream,
-    mut backend: TcpStream,
+    mut backend: BackendStream,
     handoff: Handoff,
     guard: SessionGuard,
 ) -> End {
@@ -227,6 +313,7 @@ async fn relay_session(
         client.write_all(&handoff.backend_leftover).await?;
         client.flush().await?;
         backend.write_all(&handoff.to_backend).await?;
+        backend.flush().await?;
         std::io::Result::Ok(())
     };
     if timeout(ctx.settings.timeouts.backend_login, hand_off)
@@ -244,12 +331,16 @@ async fn relay_session(
 enum Login {
     Verdict(Verdict),
     Accepted {
-        backend: TcpStream,
+        backend: BackendStream,
         leftover: Vec<u8>,
         verdict: Verdict,
         guard: SessionGuard,
     },
 }
+
+/// Attempts per login: the pinned backend, then once more when its failure just took
+/// it down and the pool lets another backend take the user.
+const ATTEMPTS: usize = 2;
 
 /// Routes the user and logs in to the chosen backend.
 async fn login<D: Driver>(
@@ -258,6 +349,7 @@ async fn login<D: Driver>(
     front: &D::Front,
     mut creds: Credentials,
     info: &ClientInfo,
+    client_tls: &ClientTls,
 ) -> Login {
     let mechanism = creds.mechanism.as_str();
     let user = match ctx.router.normalizer().normalize(creds.mailbox_user()) {
@@ -274,138 +366,154 @@ async fn login<D: Driver>(
             user: user.as_str().to_owned(),
             protocol: D::PROTOCOL,
             backend: None,
+            pinned: None,
             client: info.client,
             since: SystemTime::now(),
         },
         &ctx.cancel,
     );
-    let decision = match ctx.router.resolve_normalized(user, D::PROTOCOL).await {
-        Ok(d) => d,
-        Err(e) => {
-            let failure = e.failure();
-            if failure == Failure::Unavailable {
-                warn!(error = %e, mechanism, "cannot route user");
-            } else {
-                info!(error = %e, mechanism, "login refused");
-            }
-            return Login::Verdict(Verdict::Failed(failure));
-        }
-    };
-    if creds.mechanism == Mechanism::Apop {
-        // APOP proves knowledge of the password without sending it; the backend can
-        // only be logged in to with the password itself, so Postern checks the digest
-        // against the store's plaintext password and replays that.
-        let stored = decision.record.as_ref().and_then(|r| r.password.as_ref());
-        match crate::apop::open(&creds, stored) {
-            Ok(password) => {
-                creds.password = password;
-                creds.mechanism = Mechanism::Cleartext;
-                creds.challenge = None;
-            }
-            Err(why) => {
-                info!(reason = why, mechanism, "login refused");
-                return Login::Verdict(Verdict::Failed(Failure::AuthFailed));
+    let unavailable = || Login::Verdict(Verdict::Failed(Failure::Unavailable));
+    let mut password_checked = false;
+    for attempt in 0..ATTEMPTS {
+        let decision = match route(ctx, &user, D::PROTOCOL, mechanism).await {
+            Ok(d) => d,
+            Err(failure) => return Login::Verdict(Verdict::Failed(failure)),
+        };
+        if creds.mechanism == Mechanism::Apop && !password_checked {
+            // APOP proves knowledge of the password without sending it; the backend
+            // can only be logged in to with the password itself, so Postern checks
+            // the digest against the store's plaintext password and replays that.
+            let stored = decision.record.as_ref().and_then(|r| r.password.as_ref());
+            match crate::apop::open(&creds, stored) {
+                Ok(password) => {
+                    creds.password = password;
+                    creds.mechanism = Mechanism::Cleartext;
+                    creds.challenge = None;
+                    password_checked = true;
+                }
+                Err(why) => {
+                    info!(reason = why, mechanism, "login refused");
+                    return Login::Verdict(Verdict::Failed(Failure::AuthFailed));
+                }
             }
         }
-    }
-    if ctx.settings.normalized_login {
-        creds.set_mailbox_user(decision.user.as_str());
-    }
-    let span = Span::current();
-    span.record("user", decision.user.as_str());
-    span.record("backend", decision.backend.as_str());
-    guard.set_backend(&decision.backend);
-    let unavailable = Login::Verdict(Verdict::Failed(Failure::Unavailable));
-    let Some((host, port, options)) = ctx.settings.backends.get(&decision.backend).and_then(|b| {
-        driver
-            .backend(b)
-            .map(|(port, o)| (b.host.as_str(), port, o))
-    }) else {
-        warn!("backend is not configured for this protocol");
-        return unavailable;
-    };
-    let timeouts = &ctx.settings.timeouts;
-    let mut stream = match timeout(timeouts.backend_connect, TcpStream::connect((host, port))).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(error = %e, "backend connect failed");
-            return unavailable;
+        if ctx.settings.normalized_login {
+            creds.set_mailbox_user(decision.user.as_str());
         }
-        Err(_) => {
-            warn!("backend connect timed out");
-            return unavailable;
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    let mut machine = front.start_login(creds, options, info);
-    let verdict = match timeout(
-        timeouts.backend_login,
-        drive_login(&mut machine, &mut stream),
-    )
-    .await
-    {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            warn!(error = %e, "backend login failed");
-            return unavailable;
-        }
-        Err(_) => {
-            warn!("backend login timed out");
-            return unavailable;
-        }
-    };
-    if guard.token().is_cancelled() {
-        info!("kicked during login");
-        return unavailable;
-    }
-    match verdict {
-        Verdict::Accepted(_) => {
-            info!(
-                mechanism,
-                route = decision.source.as_str(),
-                tls = info.tls,
-                "login accepted"
-            );
-            Login::Accepted {
-                backend: stream,
-                leftover: machine.into_handoff(),
-                verdict,
-                guard,
+        let span = Span::current();
+        span.record("user", decision.user.as_str());
+        span.record("backend", decision.backend.as_str());
+        let temporary = (decision.source == Source::Temporary)
+            .then_some(decision.pinned.as_deref())
+            .flatten();
+        guard.set_backend(&decision.backend, temporary);
+        let Some(backend) = ctx.settings.backends.get(&decision.backend) else {
+            warn!("backend is not configured");
+            return unavailable();
+        };
+        let Some((endpoint, options)) = driver.backend(backend) else {
+            warn!("backend is not configured for this protocol");
+            return unavailable();
+        };
+        let timeouts = &ctx.settings.timeouts;
+        let connected = backend::connect(
+            &backend.host,
+            endpoint,
+            backend.tls.as_ref(),
+            info,
+            client_tls,
+            timeouts.backend_connect,
+        )
+        .await;
+        let stream = match connected {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "backend connect failed");
+                ctx.health
+                    .report(&backend.name, D::PROTOCOL, Err(e.to_string()));
+                // The failure may just have taken the backend down: route again, and
+                // a shared pool hands the user to another backend.
+                let down = ctx.health.state(&backend.name, D::PROTOCOL) == BackendState::Down;
+                if e.is_connect() && down && attempt + 1 < ATTEMPTS {
+                    continue;
+                }
+                return unavailable();
             }
+        };
+        let mut machine = front.start_login(creds, options, info);
+        let outcome = timeout(
+            timeouts.backend_login,
+            backend::login(&mut machine, stream, backend.tls.as_ref()),
+        )
+        .await;
+        let (verdict, stream) = match outcome {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                warn!(error = %e, "backend login failed");
+                if matches!(e, BackendError::Tls(_)) {
+                    ctx.health
+                        .report(&backend.name, D::PROTOCOL, Err(e.to_string()));
+                }
+                return unavailable();
+            }
+            Err(_) => {
+                warn!("backend login timed out");
+                ctx.health
+                    .report(&backend.name, D::PROTOCOL, Err("login timed out".into()));
+                return unavailable();
+            }
+        };
+        if guard.token().is_cancelled() {
+            info!("kicked during login");
+            return unavailable();
         }
-        Verdict::Refused(_) => {
-            info!(mechanism, "login refused by backend");
-            Login::Verdict(verdict)
-        }
-        Verdict::Failed(f) => {
-            warn!(failure = ?f, "backend login did not complete");
-            Login::Verdict(verdict)
-        }
+        return match verdict {
+            Verdict::Accepted(_) => {
+                info!(
+                    mechanism,
+                    route = decision.source.as_str(),
+                    tls = info.tls,
+                    "login accepted"
+                );
+                Login::Accepted {
+                    backend: stream,
+                    leftover: machine.into_handoff(),
+                    verdict,
+                    guard,
+                }
+            }
+            Verdict::Refused(_) => {
+                info!(mechanism, "login refused by backend");
+                Login::Verdict(verdict)
+            }
+            Verdict::Failed(f) => {
+                warn!(failure = ?f, "backend login did not complete");
+                Login::Verdict(verdict)
+            }
+        };
     }
+    unavailable()
 }
 
-async fn drive_login<L, S>(machine: &mut L, stream: &mut S) -> std::io::Result<Verdict>
-where
-    L: BackendLogin,
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut out = Vec::new();
-    let mut buf = [0u8; READ_CHUNK];
-    loop {
-        machine.poll_transmit(&mut out);
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
+/// Asks the router, and logs a refusal at the level it deserves.
+async fn route(
+    ctx: &Ctx,
+    user: &UserName,
+    protocol: postern_proto::Protocol,
+    mechanism: &str,
+) -> Result<postern_route::Decision, Failure> {
+    match ctx.router.resolve_normalized(user.clone(), protocol).await {
+        Ok(d) => Ok(d),
+        Err(e) => {
+            let failure = e.failure();
+            match e {
+                RouteError::NoRoute | RouteError::Disabled | RouteError::InvalidUser(_) => {
+                    info!(error = %e, mechanism, "login refused");
+                }
+                _ => warn!(error = %e, mechanism, "cannot route user"),
+            }
+            Err(failure)
         }
-        if let Some(LoginEvent::Done(verdict)) = machine.poll_event() {
-            return Ok(verdict);
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        machine.handle_input(buf.get(..n).unwrap_or_default());
     }
 }
 

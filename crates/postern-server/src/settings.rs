@@ -17,6 +17,8 @@ pub struct Settings {
     pub backends: BTreeMap<String, Arc<Backend>>,
     /// Timers.
     pub timeouts: Timeouts,
+    /// Active health checks.
+    pub health: HealthSettings,
     /// Log in to backends with the normalized user name (the name the user is pinned
     /// under) instead of the name as typed.
     pub normalized_login: bool,
@@ -90,6 +92,60 @@ pub struct ListenerSettings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Protocol and its front-end settings.
     pub front: FrontOptions,
+    /// Accept a PROXY protocol header (v1 or v2) from these networks.
+    pub proxy: Option<ProxyIn>,
+}
+
+/// Which peers may announce the real client with a PROXY protocol header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyIn {
+    /// Trusted networks (the L4 balancers). A connection from elsewhere that starts
+    /// with a PROXY header is refused and logged.
+    pub trusted: Vec<ipnet::IpNet>,
+}
+
+impl ProxyIn {
+    /// Whether `ip` may send a PROXY header.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Active health checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Run them at all.
+    pub enabled: bool,
+    /// Time between checks of one backend service.
+    pub interval: Duration,
+    /// Bound on one check.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a service back up.
+    pub rise: u32,
+    /// Consecutive failures (checks or real connections) that take it down.
+    pub fall: u32,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+/// A user the health checks log in as.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// The user name.
+    pub user: String,
+    /// The password.
+    pub password: postern_proto::Secret<String>,
 }
 
 /// A mail server behind Postern.
@@ -103,6 +159,10 @@ pub struct Backend {
     pub weight: u32,
     /// The pool the backend belongs to.
     pub pool: String,
+    /// TLS client settings, for services with `tls` other than `None`.
+    pub tls: Option<TlsClient>,
+    /// Log in as this user in health checks (otherwise the greeting is checked).
+    pub probe: Option<Probe>,
     /// IMAP service, if this backend offers one.
     pub imap: Option<ImapBackend>,
     /// POP3 service, if this backend offers one.
@@ -123,11 +183,56 @@ impl Backend {
     }
 }
 
+/// How Postern reaches one service of a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// TCP port.
+    pub port: u16,
+    /// TLS on the connection to the backend.
+    pub tls: BackendTls,
+    /// A PROXY protocol header announcing the client, before anything else.
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// TLS towards a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendTls {
+    /// Plaintext.
+    #[default]
+    None,
+    /// The protocol's STARTTLS before any credential; a backend that does not offer
+    /// it fails the login.
+    StartTls,
+    /// TLS from the first byte.
+    Implicit,
+}
+
+/// PROXY protocol towards a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// No header.
+    #[default]
+    None,
+    /// Version 1 (text).
+    V1,
+    /// Version 2 (binary, with the client's TLS details).
+    V2,
+}
+
+/// TLS client settings for a backend.
+#[derive(Clone, Debug)]
+pub struct TlsClient {
+    /// Roots and client certificate.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name sent as SNI and required in the backend's certificate.
+    pub name: rustls_pki_types::ServerName<'static>,
+}
+
 /// A backend's IMAP service.
 #[derive(Clone, Debug)]
 pub struct ImapBackend {
-    /// TCP port.
-    pub port: u16,
+    /// How to reach it.
+    pub endpoint: Endpoint,
     /// How to log in.
     pub login: postern_imap::LoginOptions,
 }
@@ -135,8 +240,8 @@ pub struct ImapBackend {
 /// A backend's POP3 service.
 #[derive(Clone, Debug)]
 pub struct Pop3Backend {
-    /// TCP port.
-    pub port: u16,
+    /// How to reach it.
+    pub endpoint: Endpoint,
     /// How to log in.
     pub login: postern_pop3::LoginOptions,
 }

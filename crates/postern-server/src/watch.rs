@@ -11,6 +11,7 @@ use postern_route::store::{ChangeKind, now_secs};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::health::Health;
 use crate::registry::Registry;
 
 /// Entries fetched per poll; a backlog is drained over consecutive polls.
@@ -24,6 +25,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 pub async fn run(
     router: Arc<Router>,
     registry: Arc<Registry>,
+    health: Arc<Health>,
     instance: String,
     interval: Duration,
     cancel: CancellationToken,
@@ -65,6 +67,11 @@ pub async fn run(
                 }
                 if let Err(e) = store.heartbeat(&instance, last).await {
                     warn!(error = %e, "cannot record the heartbeat");
+                }
+                // Operator states (drain, down): a tiny table, read every tick.
+                match store.backend_states().await {
+                    Ok(states) => health.set_admin(&states),
+                    Err(e) => warn!(error = %e, "cannot read backend states"),
                 }
                 if events.len() == BATCH as usize {
                     continue;

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -52,6 +53,47 @@ enum Command {
     Db {
         #[command(subcommand)]
         action: DbAction,
+    },
+    /// Show backends, drain them, take them down, evacuate their users. Acts through
+    /// the database: every instance obeys within its watch interval.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BackendAction {
+    /// Every backend: pool, weight, services, operator state, pinned users.
+    List,
+    /// No new users, and in shared pools no new sessions (users move as they log in).
+    Drain {
+        /// The backend.
+        backend: String,
+    },
+    /// Undo `drain`.
+    Undrain {
+        /// The backend.
+        backend: String,
+    },
+    /// No sessions at all: live ones end, shared-pool users fail over.
+    Down {
+        /// The backend.
+        backend: String,
+    },
+    /// Undo `down` (health checks decide again).
+    Up {
+        /// The backend.
+        backend: String,
+    },
+    /// Drain, then move every user pinned to the backend to the others of its pool,
+    /// in batches of fenced moves.
+    Evacuate {
+        /// The backend.
+        backend: String,
+        /// Users per batch.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
     },
 }
 
@@ -158,6 +200,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             runtime.block_on(db(&config, action))
         }
+        Command::Backend { action } => {
+            let config = Config::load(&cli.config)?;
+            runtime.block_on(backend_cmd(&config, action))
+        }
     }
 }
 
@@ -172,8 +218,11 @@ fn init_tracing(level: &str) {
 }
 
 async fn serve(config: Config) -> Result<()> {
-    let router = config.router().await?;
-    let server = Server::bind(config.settings, router).await?;
+    let runtime = postern_server::Runtime::new(&config.settings);
+    let router = config
+        .router_with(Arc::clone(&runtime.health) as Arc<dyn postern_route::Availability>)
+        .await?;
+    let server = Server::bind(Arc::new(config.settings), router, runtime).await?;
     server.run(shutdown_signal()).await;
     Ok(())
 }
@@ -222,8 +271,8 @@ async fn check(path: &Path) -> Result<ExitCode> {
     for b in config.settings.backends.values() {
         let mut notes = Vec::new();
         let services = [
-            ("imap", b.imap.as_ref().map(|s| s.port)),
-            ("pop3", b.pop3.as_ref().map(|s| s.port)),
+            ("imap", b.imap.as_ref().map(|s| s.endpoint.port)),
+            ("pop3", b.pop3.as_ref().map(|s| s.endpoint.port)),
         ];
         for (name, port) in services {
             let Some(port) = port else { continue };
@@ -376,12 +425,13 @@ async fn show(
                 Source::Proposed => {
                     "no pin yet; would be assigned there at the first login".to_owned()
                 }
+                Source::FailedOver | Source::Temporary | Source::Moved => "failover".to_owned(),
             };
             println!("backend: {} ({why})", d.backend);
             if let Some(b) = config.settings.backends.get(&d.backend) {
                 let port = match protocol {
-                    Protocol::Imap => b.imap.as_ref().map(|s| s.port),
-                    Protocol::Pop3 => b.pop3.as_ref().map(|s| s.port),
+                    Protocol::Imap => b.imap.as_ref().map(|s| s.endpoint.port),
+                    Protocol::Pop3 => b.pop3.as_ref().map(|s| s.endpoint.port),
                     _ => None,
                 };
                 if let Some(port) = port {
@@ -423,6 +473,121 @@ async fn db(config: &Config, action: DbAction) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("{}", file.display()))?;
             println!("loaded {}", file.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backend_cmd(config: &Config, action: BackendAction) -> Result<ExitCode> {
+    let store = config.open_store().await?;
+    let exists = |b: &str| -> Result<()> {
+        if config.settings.backends.contains_key(b) {
+            Ok(())
+        } else {
+            bail!("no backend named {b:?} in the configuration")
+        }
+    };
+    let set = |b: &str, state: Option<&'static str>| {
+        let store = Arc::clone(&store);
+        let b = b.to_owned();
+        async move { store.set_backend_state(&b, state).await }
+    };
+    match action {
+        BackendAction::List => {
+            let states: std::collections::HashMap<String, String> =
+                store.backend_states().await?.into_iter().collect();
+            let counts: std::collections::HashMap<String, u64> =
+                store.counts().await?.into_iter().collect();
+            println!(
+                "{:<16} {:<12} {:>6} {:<8} {:>8}  services",
+                "backend", "pool", "weight", "state", "pinned"
+            );
+            for b in config.settings.backends.values() {
+                let services: Vec<String> = [
+                    b.imap
+                        .as_ref()
+                        .map(|s| format!("imap {}:{}", b.host, s.endpoint.port)),
+                    b.pop3
+                        .as_ref()
+                        .map(|s| format!("pop3 {}:{}", b.host, s.endpoint.port)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                println!(
+                    "{:<16} {:<12} {:>6} {:<8} {:>8}  {}",
+                    b.name,
+                    b.pool,
+                    b.weight,
+                    states.get(&b.name).map_or("normal", String::as_str),
+                    counts.get(&b.name).copied().unwrap_or(0),
+                    services.join(", ")
+                );
+            }
+        }
+        BackendAction::Drain { backend } => {
+            exists(&backend)?;
+            set(&backend, Some("drain")).await?;
+            println!("{backend}: draining (no new users or sessions)");
+        }
+        BackendAction::Down { backend } => {
+            exists(&backend)?;
+            set(&backend, Some("down")).await?;
+            println!("{backend}: down (sessions end; shared-pool users fail over)");
+        }
+        BackendAction::Undrain { backend } | BackendAction::Up { backend } => {
+            exists(&backend)?;
+            set(&backend, None).await?;
+            println!("{backend}: back to normal (health checks decide)");
+        }
+        BackendAction::Evacuate { backend, batch } => {
+            exists(&backend)?;
+            let Some(from) = config.settings.backends.get(&backend) else {
+                bail!("no backend named {backend:?}");
+            };
+            let states: std::collections::HashMap<String, String> =
+                store.backend_states().await?.into_iter().collect();
+            let targets: Vec<postern_route::hash::Weighted<'_>> = config
+                .settings
+                .backends
+                .values()
+                .filter(|b| b.name != backend && b.pool == from.pool && b.weight > 0)
+                .filter(|b| !states.contains_key(&b.name))
+                .map(|b| postern_route::hash::Weighted {
+                    name: &b.name,
+                    weight: b.weight,
+                })
+                .collect();
+            if targets.is_empty() {
+                bail!(
+                    "no other backend in pool {:?} can take the users",
+                    from.pool
+                );
+            }
+            set(&backend, Some("drain")).await?;
+            let report = postern_route::moves::evacuate(
+                store.as_ref(),
+                &backend,
+                &targets,
+                batch,
+                config.fence,
+            )
+            .await?;
+            println!(
+                "{backend}: drained; {} user(s) moved, {} stalled",
+                report.moved.len(),
+                report.stalled.len()
+            );
+            for (user, to) in &report.moved {
+                println!("  {user} -> {to}");
+            }
+            if !report.stalled.is_empty() {
+                eprintln!(
+                    "not moved (an instance did not confirm; retry): {}",
+                    report.stalled.join(", ")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -135,6 +135,32 @@ pub trait RouteStore: Send + Sync + fmt::Debug {
         read_only(self.kind())
     }
 
+    /// Moves a user's pin from `from` to `to` only if it still points to `from`
+    /// (compare-and-set), logging a `Pin` change; returns the pin now in force. Two
+    /// instances failing the same user over at once end with one pin.
+    fn repin<'a>(
+        &'a self,
+        _user: &'a UserName,
+        _from: &'a str,
+        _to: &'a str,
+    ) -> StoreFuture<'a, String> {
+        read_only(self.kind())
+    }
+
+    /// Operator states of backends (`drain`, `down`), as set by `postern backend`.
+    fn backend_states(&self) -> StoreFuture<'_, Vec<(String, String)>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    /// Sets (or with `None` clears) a backend's operator state.
+    fn set_backend_state<'a>(
+        &'a self,
+        _backend: &'a str,
+        _state: Option<&'a str>,
+    ) -> StoreFuture<'a, ()> {
+        read_only(self.kind())
+    }
+
     /// Removes a user's pin; `true` if there was one.
     fn unpin<'a>(&'a self, _user: &'a UserName) -> StoreFuture<'a, bool> {
         read_only(self.kind())

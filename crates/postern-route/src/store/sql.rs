@@ -126,6 +126,10 @@ struct Statements {
     instances: String,
     prune_events: String,
     prune_instances: String,
+    repin: String,
+    backend_states: String,
+    set_backend_state: String,
+    clear_backend_state: String,
 }
 
 impl Statements {
@@ -196,6 +200,18 @@ impl Statements {
                 .to_owned(),
             prune_events: d.sql("DELETE FROM route_events WHERE created_at < ?"),
             prune_instances: d.sql("DELETE FROM instances WHERE heartbeat_at < ?"),
+            repin: d.sql(
+                "UPDATE routes SET backend = ?, updated_at = CURRENT_TIMESTAMP \
+                 WHERE username = ? AND backend = ? AND moving_to IS NULL",
+            ),
+            backend_states: "SELECT backend, state FROM backend_state ORDER BY backend".to_owned(),
+            set_backend_state: d.sql(&upsert(
+                "INSERT INTO backend_state (backend, state, updated_at) VALUES (?, ?, ?)",
+                "backend",
+                "state = VALUES(state), updated_at = VALUES(updated_at)",
+                "UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+            )),
+            clear_backend_state: d.sql("DELETE FROM backend_state WHERE backend = ?"),
         }
     }
 }
@@ -502,6 +518,80 @@ impl RouteStore for SqlStore {
         })
     }
 
+    fn repin<'a>(
+        &'a self,
+        user: &'a UserName,
+        from: &'a str,
+        to: &'a str,
+    ) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            let work = async {
+                let mut tx = self.pool.begin().await?;
+                let done = sqlx::query(sqlx::AssertSqlSafe(self.statements.repin.clone()))
+                    .bind(to)
+                    .bind(user.as_str())
+                    .bind(from)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    // No row of ours (the pin came from the operator's query): ours now
+                    // overrides it, unless another instance wrote one first.
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.assign.clone()))
+                        .bind(user.as_str())
+                        .bind(to)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                self.insert_event(&mut tx, user, ChangeKind::Pin, Some(to))
+                    .await?;
+                tx.commit().await
+            };
+            self.timed(work).await?;
+            // Whoever won, this is the pin in force.
+            match self.own_route(user).await? {
+                Some((winner, _)) => Ok(winner),
+                None => Err(StoreError::Unavailable("pin vanished after repin".into())),
+            }
+        })
+    }
+
+    fn backend_states(&self) -> StoreFuture<'_, Vec<(String, String)>> {
+        Box::pin(async move {
+            let rows = self
+                .timed(
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.backend_states.clone()))
+                        .fetch_all(&self.pool),
+                )
+                .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(unavailable)
+        })
+    }
+
+    fn set_backend_state<'a>(
+        &'a self,
+        backend: &'a str,
+        state: Option<&'a str>,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let q = match state {
+                Some(state) => sqlx::query(sqlx::AssertSqlSafe(
+                    self.statements.set_backend_state.clone(),
+                ))
+                .bind(backend)
+                .bind(state)
+                .bind(now_secs()),
+                None => sqlx::query(sqlx::AssertSqlSafe(
+                    self.statements.clear_backend_state.clone(),
+                ))
+                .bind(backend),
+            };
+            self.timed(q.execute(&self.pool)).await.map(|_| ())
+        })
+    }
+
     fn unpin<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let work = async {
@@ -792,6 +882,16 @@ mod tests {
         store.heartbeat("i1", kick + 1).await.unwrap();
         let inst = store.instances().await.unwrap();
         assert_eq!((inst.len(), inst[0].last_event_id), (1, kick + 1));
+        assert_eq!(store.repin(&alice, "b2", "b3").await.unwrap(), "b1");
+        assert_eq!(store.repin(&alice, "b1", "b3").await.unwrap(), "b3");
+        store.set_backend_state("b1", Some("drain")).await.unwrap();
+        store.set_backend_state("b1", Some("down")).await.unwrap();
+        store.set_backend_state("b2", Some("drain")).await.unwrap();
+        store.set_backend_state("b2", None).await.unwrap();
+        assert_eq!(
+            store.backend_states().await.unwrap(),
+            vec![("b1".to_owned(), "down".to_owned())]
+        );
         assert!(store.unpin(&alice).await.unwrap());
         assert_eq!(store.lookup(&alice).await.unwrap(), None);
         store.prune(now_secs() + 10).await.unwrap();

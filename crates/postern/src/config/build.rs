@@ -13,7 +13,9 @@ use postern_route::{
     AssignPolicy, BackendEntry, CacheOptions, Normalizer, RouteStore, Router, RouterOptions,
     UnknownUsers,
 };
-use postern_server::settings::WatchSettings;
+use postern_server::settings::{
+    BackendTls, Endpoint, HealthSettings, Probe, ProxyIn, ProxyProtocol, TlsClient, WatchSettings,
+};
 use postern_server::{
     Backend, FrontOptions, ImapBackend, ListenerSettings, Pop3Backend, Settings, Timeouts, TlsMode,
     tls,
@@ -99,8 +101,17 @@ impl Config {
         })
     }
 
-    /// Opens the store and builds the router.
+    /// Opens the store and builds the router (every backend considered up: for tools).
     pub async fn router(&self) -> Result<Arc<Router>> {
+        self.router_with(Arc::new(postern_route::router::AlwaysAvailable))
+            .await
+    }
+
+    /// Opens the store and builds the router, asking `availability` for backend states.
+    pub async fn router_with(
+        &self,
+        availability: Arc<dyn postern_route::Availability>,
+    ) -> Result<Arc<Router>> {
         let store = self.open_store().await?;
         let backends = self
             .settings
@@ -114,12 +125,15 @@ impl Config {
                 protocols: b.protocols(),
             })
             .collect();
-        Ok(Arc::new(Router::new(
-            self.normalizer.clone(),
-            store,
-            self.router,
-            backends,
-        )))
+        Ok(Arc::new(
+            Router::new(
+                self.normalizer.clone(),
+                store,
+                self.router.clone(),
+                backends,
+            )
+            .with_availability(availability),
+        ))
     }
 }
 
@@ -183,33 +197,56 @@ fn build(file: File, base: &Path) -> Result<Config> {
             !b.host.is_empty(),
             "backends.{name}.host: must not be empty"
         );
-        let imap = b.imap.as_ref().map(|i| ImapBackend {
-            port: i.port,
-            login: postern_imap::LoginOptions {
-                method: match i.login {
-                    file::ImapLogin::Auto => postern_imap::LoginMethod::Auto,
-                    file::ImapLogin::Login => postern_imap::LoginMethod::Login,
-                    file::ImapLogin::Authenticate => postern_imap::LoginMethod::Plain,
-                },
-                forward_client: i.forward_client == file::ForwardClient::Id,
-            },
+        let imap = match &b.imap {
+            None => None,
+            Some(i) => {
+                let endpoint = endpoint(name, "imap", i.port, i.tls, i.proxy_protocol)?;
+                Some(ImapBackend {
+                    login: postern_imap::LoginOptions {
+                        method: match i.login {
+                            file::ImapLogin::Auto => postern_imap::LoginMethod::Auto,
+                            file::ImapLogin::Login => postern_imap::LoginMethod::Login,
+                            file::ImapLogin::Authenticate => postern_imap::LoginMethod::Plain,
+                        },
+                        forward_client: i.forward_client == file::ForwardClient::Id,
+                        starttls: endpoint.tls == BackendTls::StartTls,
+                    },
+                    endpoint,
+                })
+            }
+        };
+        let pop3 = match &b.pop3 {
+            None => None,
+            Some(p) => {
+                let endpoint = endpoint(name, "pop3", p.port, p.tls, p.proxy_protocol)?;
+                Some(Pop3Backend {
+                    login: postern_pop3::LoginOptions {
+                        method: match p.login {
+                            file::Pop3Login::Plain => postern_pop3::LoginMethod::Plain,
+                            file::Pop3Login::User => postern_pop3::LoginMethod::User,
+                        },
+                        forward_client: p.forward_client == file::Pop3Forward::Xclient,
+                        starttls: endpoint.tls == BackendTls::StartTls,
+                    },
+                    endpoint,
+                })
+            }
+        };
+        let needs_tls = [
+            imap.as_ref().map(|s| &s.endpoint),
+            pop3.as_ref().map(|s| &s.endpoint),
+        ]
+        .into_iter()
+        .flatten()
+        .any(|e| e.tls != BackendTls::None);
+        let tls = match (&b.tls, needs_tls) {
+            (None, false) => None,
+            (t, _) => Some(backend_tls(name, &b.host, t.as_ref(), &resolve)?),
+        };
+        let probe = b.health.as_ref().map(|h| Probe {
+            user: h.probe_user.clone(),
+            password: postern_proto::Secret::new(h.probe_password.clone()),
         });
-        if let Some(i) = &imap {
-            ensure!(i.port != 0, "backends.{name}.imap.port: must not be 0");
-        }
-        let pop3 = b.pop3.as_ref().map(|p| Pop3Backend {
-            port: p.port,
-            login: postern_pop3::LoginOptions {
-                method: match p.login {
-                    file::Pop3Login::Plain => postern_pop3::LoginMethod::Plain,
-                    file::Pop3Login::User => postern_pop3::LoginMethod::User,
-                },
-                forward_client: p.forward_client == file::Pop3Forward::Xclient,
-            },
-        });
-        if let Some(p) = &pop3 {
-            ensure!(p.port != 0, "backends.{name}.pop3.port: must not be 0");
-        }
         ensure!(
             imap.is_some() || pop3.is_some(),
             "backends.{name}: declares no protocol (add [backends.{name}.imap] or .pop3)"
@@ -221,6 +258,8 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 host: b.host.clone(),
                 weight: b.weight,
                 pool: b.pool.clone(),
+                tls,
+                probe,
                 imap,
                 pop3,
             }),
@@ -324,12 +363,27 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 FrontOptions::Pop3(Arc::new(options))
             }
         };
+        let proxy = if l.accept_proxy_from.is_empty() {
+            None
+        } else {
+            let trusted = l
+                .accept_proxy_from
+                .iter()
+                .map(|n| {
+                    n.parse::<ipnet::IpNet>()
+                        .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| anyhow!("{key}.accept_proxy_from: {n:?} is not a network"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(ProxyIn { trusted })
+        };
         listeners.push(Arc::new(ListenerSettings {
             name,
             bind: l.bind,
             tls_mode,
             tls,
             front,
+            proxy,
         }));
     }
 
@@ -428,6 +482,39 @@ fn build(file: File, base: &Path) -> Result<Config> {
         }
         None => system_hostname(),
     };
+    ensure!(
+        !file.health.interval.is_zero(),
+        "health.interval: must be > 0"
+    );
+    ensure!(
+        !file.health.timeout.is_zero(),
+        "health.timeout: must be > 0"
+    );
+    let mut pools = std::collections::HashMap::new();
+    for (name, p) in &file.pools {
+        ensure!(
+            backends.values().any(|b| &b.pool == name),
+            "pools.{name}: no backend belongs to this pool"
+        );
+        pools.insert(
+            name.clone(),
+            postern_route::PoolPolicy {
+                mode: match p.mode {
+                    file::PoolMode::Shared => postern_route::PoolMode::Shared,
+                    file::PoolMode::OwnStorage => postern_route::PoolMode::OwnStorage,
+                },
+                failover: match p.failover {
+                    file::PoolFailover::Repin => postern_route::Failover::Repin,
+                    file::PoolFailover::Temporary => postern_route::Failover::Temporary,
+                },
+            },
+        );
+    }
+    let fence = FenceOptions {
+        hold: r.moves.hold,
+        ack_timeout: r.moves.ack_timeout,
+        live_within: r.moves.live_within,
+    };
     let watch = match r.store {
         file::StoreKind::Sql => Some(WatchSettings {
             instance_id: r.instance_id.clone().unwrap_or_else(default_instance_id),
@@ -443,6 +530,13 @@ fn build(file: File, base: &Path) -> Result<Config> {
             listeners,
             backends,
             timeouts,
+            health: HealthSettings {
+                enabled: file.health.enabled,
+                interval: file.health.interval,
+                timeout: file.health.timeout,
+                rise: file.health.rise.max(1),
+                fall: file.health.fall.max(1),
+            },
             normalized_login: r.normalize.apply_to_backend_login,
             hostname,
             watch,
@@ -457,11 +551,70 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 stale_if_error: r.cache.stale_if_error,
                 capacity: r.cache.capacity,
             },
+            pools,
+            failover_rate: r.failover_rate,
+            fence,
         },
-        fence: FenceOptions {
-            hold: r.moves.hold,
-            ack_timeout: r.moves.ack_timeout,
-            live_within: r.moves.live_within,
+        fence,
+    })
+}
+
+/// TLS client settings of a backend: CA file or system roots, optional client
+/// certificate, the name to verify.
+fn backend_tls(
+    name: &str,
+    host: &str,
+    t: Option<&file::BackendTlsFile>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<TlsClient> {
+    let ca = t.and_then(|t| t.ca.as_deref()).map(resolve);
+    let identity = match (
+        t.and_then(|t| t.cert.as_deref()),
+        t.and_then(|t| t.key.as_deref()),
+    ) {
+        (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+        (None, None) => None,
+        _ => bail!("backends.{name}.tls: cert and key go together"),
+    };
+    let config = postern_server::backend::client_config(
+        ca.as_deref(),
+        identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+    .with_context(|| format!("backends.{name}.tls"))?;
+    let server = t
+        .and_then(|t| t.name.clone())
+        .unwrap_or_else(|| host.to_owned());
+    let verified = postern_server::backend::server_name(&server)
+        .ok_or_else(|| anyhow!("backends.{name}.tls.name: {server:?} is not a valid name"))?;
+    Ok(TlsClient {
+        config,
+        name: verified,
+    })
+}
+
+/// A backend service's endpoint, with the per-protocol TLS and PROXY settings.
+fn endpoint(
+    backend: &str,
+    protocol: &str,
+    port: u16,
+    tls: file::BackendTlsMode,
+    proxy: file::ProxyVersion,
+) -> Result<Endpoint> {
+    ensure!(
+        port != 0,
+        "backends.{backend}.{protocol}.port: must not be 0"
+    );
+    Ok(Endpoint {
+        port,
+        tls: match tls {
+            file::BackendTlsMode::None => BackendTls::None,
+            file::BackendTlsMode::Starttls => BackendTls::StartTls,
+            file::BackendTlsMode::Implicit => BackendTls::Implicit,
+        },
+        proxy_protocol: match proxy {
+            file::ProxyVersion::None => ProxyProtocol::None,
+            file::ProxyVersion::V1 => ProxyProtocol::V1,
+            file::ProxyVersion::V2 => ProxyProtocol::V2,
         },
     })
 }

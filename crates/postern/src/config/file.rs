@@ -32,6 +32,12 @@ pub struct File {
     pub pop3: Pop3,
     /// `[routing]`: where users go.
     pub routing: Routing,
+    /// `[health]`: active health checks.
+    #[serde(default)]
+    pub health: Health,
+    /// `[pools.NAME]`: pool policies.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Pool>,
     /// `[backends.NAME]`: the mail servers.
     pub backends: BTreeMap<String, Backend>,
     /// `[[listeners]]`: the sockets clients connect to.
@@ -44,6 +50,69 @@ pub struct File {
 pub struct Server {
     /// This server's name, as clients see it (APOP timestamps, SMTP greetings).
     pub hostname: Option<String>,
+}
+
+/// `[health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    /// Run active checks.
+    pub enabled: bool,
+    /// Time between checks of one backend service.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Bound on one check.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes to come back up.
+    pub rise: u32,
+    /// Consecutive failures to go down.
+    pub fall: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        let h = postern_server::settings::HealthSettings::default();
+        Self {
+            enabled: h.enabled,
+            interval: h.interval,
+            timeout: h.timeout,
+            rise: h.rise,
+            fall: h.fall,
+        }
+    }
+}
+
+/// `pools.NAME.mode`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// Each backend owns its users' mail.
+    #[default]
+    OwnStorage,
+    /// The backends share one store.
+    Shared,
+}
+
+/// `pools.NAME.failover`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolFailover {
+    /// Re-pin for good.
+    #[default]
+    Repin,
+    /// Only for the outage.
+    Temporary,
+}
+
+/// `[pools.NAME]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Shared store or own storage.
+    pub mode: PoolMode,
+    /// What a failover writes (shared pools).
+    pub failover: PoolFailover,
 }
 
 /// `[log]`.
@@ -222,11 +291,18 @@ pub struct Routing {
     /// `[routing.moves]`.
     #[serde(default)]
     pub moves: Moves,
+    /// Most failovers per second from this instance (0: unlimited).
+    #[serde(default = "fifty")]
+    pub failover_rate: u32,
     /// `[routing.sql]`.
     pub sql: Option<Sql>,
     /// `[routing.static]`: user = backend.
     #[serde(rename = "static")]
     pub static_routes: Option<BTreeMap<String, String>>,
+}
+
+fn fifty() -> u32 {
+    50
 }
 
 fn one_second() -> Duration {
@@ -375,6 +451,60 @@ pub struct Backend {
     pub imap: Option<ImapBackend>,
     /// `[backends.NAME.pop3]`.
     pub pop3: Option<Pop3Backend>,
+    /// `[backends.NAME.tls]`: TLS client settings.
+    pub tls: Option<BackendTlsFile>,
+    /// `[backends.NAME.health]`: probe login.
+    pub health: Option<BackendHealth>,
+}
+
+/// `[backends.NAME.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsFile {
+    /// CA certificates (PEM); default: the system's roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (mTLS).
+    pub cert: Option<PathBuf>,
+    /// Client key (mTLS).
+    pub key: Option<PathBuf>,
+    /// Name sent as SNI and required in the certificate (default: host).
+    pub name: Option<String>,
+}
+
+/// `[backends.NAME.health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendHealth {
+    /// User the checks log in as.
+    pub probe_user: String,
+    /// Its password.
+    pub probe_password: String,
+}
+
+/// `backends.NAME.*.tls`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendTlsMode {
+    /// Plaintext.
+    #[default]
+    None,
+    /// The protocol's STARTTLS.
+    Starttls,
+    /// TLS from the first byte.
+    Implicit,
+}
+
+/// `backends.NAME.*.proxy_protocol`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// No header.
+    #[default]
+    None,
+    /// Version 1.
+    V1,
+    /// Version 2.
+    V2,
 }
 
 /// `backends.NAME.pop3.login`.
@@ -405,6 +535,12 @@ pub enum Pop3Forward {
 pub struct Pop3Backend {
     /// TCP port.
     pub port: u16,
+    /// TLS to this service.
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// PROXY protocol header to this service.
+    #[serde(default)]
+    pub proxy_protocol: ProxyVersion,
     /// How to replay credentials.
     #[serde(default)]
     pub login: Pop3Login,
@@ -443,6 +579,12 @@ pub enum ForwardClient {
 pub struct ImapBackend {
     /// TCP port.
     pub port: u16,
+    /// TLS to this service.
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// PROXY protocol header to this service.
+    #[serde(default)]
+    pub proxy_protocol: ProxyVersion,
     /// How to replay credentials.
     #[serde(default)]
     pub login: ImapLogin,
@@ -488,6 +630,9 @@ pub struct Listener {
     /// Allow authentication before TLS.
     #[serde(default)]
     pub insecure_plaintext_auth: bool,
+    /// Networks allowed to send a PROXY protocol header (enables PROXY in).
+    #[serde(default)]
+    pub accept_proxy_from: Vec<String>,
     /// Certificate overriding `[tls]`.
     pub cert: Option<PathBuf>,
     /// Key overriding `[tls]`.

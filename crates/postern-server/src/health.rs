@@ -1,0 +1,455 @@
+//! Backend health: active checks on an interval with rise/fall thresholds, passive
+//! reports from real logins, and the operator's decisions (`postern backend
+//! drain|down`, read from the database). Together they give the router each backend's
+//! [`BackendState`] per protocol.
+//!
+//! ```text
+//!            fall consecutive failures (checks or failed connects/logins)
+//!     Up ────────────────────────────────────────────────────────────────▶ Down
+//!     ▲      ends the backend's sessions for that protocol                  │
+//!     └──────────────── rise consecutive successful checks ─────────────────┘
+//!            ends the sessions sent elsewhere temporarily while it was down
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use postern_proto::{BackendLogin, ClientInfo, Credentials, Mechanism, Protocol, Secret, Verdict};
+use postern_route::{Availability, BackendState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::backend::{self, BackendStream, ClientTls};
+use crate::registry::Registry;
+use crate::settings::{Backend, Endpoint, HealthSettings, Settings};
+
+/// An operator's decision about a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminState {
+    /// No new users or sessions (where the pool allows elsewhere).
+    Drain,
+    /// No sessions at all.
+    Down,
+}
+
+impl AdminState {
+    /// Parses the value stored in `backend_state.state`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "drain" => Some(AdminState::Drain),
+            "down" => Some(AdminState::Down),
+            _ => None,
+        }
+    }
+
+    /// The stored value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Drain => "drain",
+            AdminState::Down => "down",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Check {
+    up: bool,
+    ok_streak: u32,
+    fail_streak: u32,
+    since: SystemTime,
+    last_error: Option<String>,
+}
+
+/// One backend service's health, for status pages and metrics.
+#[derive(Clone, Debug)]
+pub struct HealthReport {
+    /// Backend name.
+    pub backend: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Whether checks consider it up.
+    pub up: bool,
+    /// The operator's decision, if any.
+    pub admin: Option<AdminState>,
+    /// Since when it is in its current state.
+    pub since: SystemTime,
+    /// The last failure seen.
+    pub last_error: Option<String>,
+}
+
+/// Health of every backend service of this instance.
+#[derive(Debug)]
+pub struct Health {
+    checks: RwLock<HashMap<(String, Protocol), Check>>,
+    admin: RwLock<HashMap<String, AdminState>>,
+    settings: HealthSettings,
+    registry: Arc<Registry>,
+}
+
+impl Health {
+    /// Every configured backend service starts up: a fresh instance serves at once,
+    /// and the checks take services out within `fall` intervals if they are not.
+    pub fn new(settings: &Settings, registry: Arc<Registry>) -> Arc<Self> {
+        let mut checks = HashMap::new();
+        for b in settings.backends.values() {
+            for p in b.protocols() {
+                checks.insert(
+                    (b.name.clone(), p),
+                    Check {
+                        up: true,
+                        ok_streak: 0,
+                        fail_streak: 0,
+                        since: SystemTime::now(),
+                        last_error: None,
+                    },
+                );
+            }
+        }
+        Arc::new(Self {
+            checks: RwLock::new(checks),
+            admin: RwLock::new(HashMap::new()),
+            settings: settings.health.clone(),
+            registry,
+        })
+    }
+
+    /// Records the outcome of a check or of a real connection attempt.
+    pub fn report(&self, backend: &str, protocol: Protocol, result: Result<(), String>) {
+        let transition = {
+            let Ok(mut checks) = self.checks.write() else {
+                return;
+            };
+            let Some(c) = checks.get_mut(&(backend.to_owned(), protocol)) else {
+                return;
+            };
+            match result {
+                Ok(()) => {
+                    c.ok_streak = c.ok_streak.saturating_add(1);
+                    c.fail_streak = 0;
+                    if !c.up && c.ok_streak >= self.settings.rise {
+                        c.up = true;
+                        c.since = SystemTime::now();
+                        Some(true)
+                    } else {
+                        None
+                    }
+                }
+                Err(e) => {
+                    c.fail_streak = c.fail_streak.saturating_add(1);
+                    c.ok_streak = 0;
+                    c.last_error = Some(e);
+                    if c.up && c.fail_streak >= self.settings.fall {
+                        c.up = false;
+                        c.since = SystemTime::now();
+                        Some(false)
+                    } else {
+                        None
+                    }
+                }
+            }
+        };
+        match transition {
+            Some(false) => {
+                let n = self.registry.kick_backend(backend, Some(protocol));
+                warn!(backend, %protocol, sessions_ended = n, "backend DOWN");
+            }
+            Some(true) => {
+                let n = self.registry.kick_temporary(backend, protocol);
+                info!(backend, %protocol, temporary_sessions_ended = n, "backend UP");
+            }
+            None => {}
+        }
+    }
+
+    /// Applies the operator states read from the database.
+    pub fn set_admin(&self, states: &[(String, String)]) {
+        let new: HashMap<String, AdminState> = states
+            .iter()
+            .filter_map(|(b, s)| AdminState::parse(s).map(|s| (b.clone(), s)))
+            .collect();
+        let Ok(mut admin) = self.admin.write() else {
+            return;
+        };
+        for (b, s) in &new {
+            if admin.get(b) != Some(s) {
+                info!(backend = %b, state = s.as_str(), "backend state set by the operator");
+                if *s == AdminState::Down {
+                    let n = self.registry.kick_backend(b, None);
+                    info!(backend = %b, sessions_ended = n, "backend marked down");
+                }
+            }
+        }
+        for b in admin.keys() {
+            if !new.contains_key(b) {
+                info!(backend = %b, "backend state cleared by the operator");
+            }
+        }
+        *admin = new;
+    }
+
+    /// Every service's health.
+    pub fn reports(&self) -> Vec<HealthReport> {
+        let admin = self.admin.read().map(|a| a.clone()).unwrap_or_default();
+        let mut out: Vec<HealthReport> = self
+            .checks
+            .read()
+            .map(|checks| {
+                checks
+                    .iter()
+                    .map(|((b, p), c)| HealthReport {
+                        backend: b.clone(),
+                        protocol: *p,
+                        up: c.up,
+                        admin: admin.get(b).copied(),
+                        since: c.since,
+                        last_error: c.last_error.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| (&a.backend, a.protocol).cmp(&(&b.backend, b.protocol)));
+        out
+    }
+}
+
+impl Availability for Health {
+    fn state(&self, backend: &str, protocol: Protocol) -> BackendState {
+        let admin = self.admin.read().ok().and_then(|a| a.get(backend).copied());
+        if admin == Some(AdminState::Down) {
+            return BackendState::Down;
+        }
+        let up = self
+            .checks
+            .read()
+            .ok()
+            .and_then(|c| c.get(&(backend.to_owned(), protocol)).map(|c| c.up))
+            .unwrap_or(false);
+        match (up, admin) {
+            (false, _) => BackendState::Down,
+            (true, Some(AdminState::Drain)) => BackendState::Draining,
+            (true, _) => BackendState::Up,
+        }
+    }
+}
+
+/// Runs the active checks of every backend service until `cancel` fires.
+pub async fn run(settings: Arc<Settings>, health: Arc<Health>, cancel: CancellationToken) {
+    if !settings.health.enabled {
+        return;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for b in settings.backends.values() {
+        for protocol in b.protocols() {
+            let (settings, health, cancel) =
+                (Arc::clone(&settings), Arc::clone(&health), cancel.clone());
+            let name = b.name.clone();
+            tasks.spawn(async move {
+                let Some(backend) = settings.backends.get(&name) else {
+                    return;
+                };
+                // Spread the first checks so instances and backends do not beat in step.
+                let jitter = Duration::from_millis(fastrand::u64(
+                    0..=settings.health.interval.as_millis() as u64,
+                ));
+                tokio::select! {
+                    () = tokio::time::sleep(jitter) => {}
+                    () = cancel.cancelled() => return,
+                }
+                loop {
+                    let result = check(backend, protocol, &settings.health).await;
+                    health.report(&backend.name, protocol, result);
+                    tokio::select! {
+                        () = tokio::time::sleep(settings.health.interval) => {}
+                        () = cancel.cancelled() => return,
+                    }
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn endpoint(backend: &Backend, protocol: Protocol) -> Option<&Endpoint> {
+    match protocol {
+        Protocol::Imap => backend.imap.as_ref().map(|s| &s.endpoint),
+        Protocol::Pop3 => backend.pop3.as_ref().map(|s| &s.endpoint),
+        _ => None,
+    }
+}
+
+/// One check: connect as a real session would (PROXY header, TLS), read the greeting,
+/// and with a probe user configured, log in and out.
+async fn check(backend: &Backend, protocol: Protocol, s: &HealthSettings) -> Result<(), String> {
+    let Some(endpoint) = endpoint(backend, protocol) else {
+        return Err("protocol not served".into());
+    };
+    let local = "127.0.0.1:0".parse().map_err(|_| "address".to_string())?;
+    let info = ClientInfo {
+        client: local,
+        local,
+        tls: false,
+        session_id: "health-check".into(),
+    };
+    let work = async {
+        let stream = backend::connect(
+            &backend.host,
+            endpoint,
+            backend.tls.as_ref(),
+            &info,
+            &ClientTls { version: None },
+            s.timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        match &backend.probe {
+            None => greeting(stream, protocol).await,
+            Some(probe) => probe_login(backend, protocol, stream, probe, &info).await,
+        }
+    };
+    timeout(s.timeout, work)
+        .await
+        .map_err(|_| format!("no answer within {:?}", s.timeout))?
+}
+
+async fn greeting(mut stream: BackendStream, protocol: Protocol) -> Result<(), String> {
+    let mut buf = [0u8; 512];
+    let mut got = Vec::new();
+    while !got.contains(&b'\n') && got.len() < 4096 {
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before the greeting".into());
+        }
+        got.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    let (want, bye): (&[u8], &[u8]) = match protocol {
+        Protocol::Imap => (b"* OK", b"Z LOGOUT\r\n"),
+        Protocol::Pop3 => (b"+OK", b"QUIT\r\n"),
+        _ => (b"220", b"QUIT\r\n"),
+    };
+    let _ = stream.write_all(bye).await;
+    let _ = stream.shutdown().await;
+    if got.starts_with(want) {
+        Ok(())
+    } else {
+        Err("unexpected greeting".into())
+    }
+}
+
+async fn probe_login(
+    backend: &Backend,
+    protocol: Protocol,
+    stream: BackendStream,
+    probe: &crate::settings::Probe,
+    info: &ClientInfo,
+) -> Result<(), String> {
+    let creds = Credentials {
+        mechanism: Mechanism::Cleartext,
+        authzid: None,
+        user: probe.user.clone(),
+        password: Secret::new(probe.password.expose().as_bytes().to_vec()),
+        challenge: None,
+    };
+    let mut machine: Box<dyn BackendLogin + Send> = match protocol {
+        Protocol::Imap => {
+            let o = backend.imap.as_ref().ok_or("no imap")?;
+            let mut login = o.login.clone();
+            login.forward_client = false;
+            Box::new(postern_imap::Login::new(creds, None, &login, info))
+        }
+        Protocol::Pop3 => {
+            let o = backend.pop3.as_ref().ok_or("no pop3")?;
+            let mut login = o.login.clone();
+            login.forward_client = false;
+            Box::new(postern_pop3::Login::new(creds, &login, info))
+        }
+        _ => return Err("no probe login for this protocol".into()),
+    };
+    let (verdict, mut stream) = backend::login(machine.as_mut(), stream, backend.tls.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    let bye: &[u8] = if protocol == Protocol::Imap {
+        b"Z LOGOUT\r\n"
+    } else {
+        b"QUIT\r\n"
+    };
+    let _ = stream.write_all(bye).await;
+    let _ = stream.shutdown().await;
+    match verdict {
+        Verdict::Accepted(_) => Ok(()),
+        Verdict::Refused(_) => Err("probe login refused".into()),
+        Verdict::Failed(_) => Err("probe login failed".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::SessionInfo;
+
+    fn health(rise: u32, fall: u32) -> (Arc<Health>, Arc<Registry>) {
+        let registry = Registry::new();
+        let mut checks = HashMap::new();
+        checks.insert(
+            ("b1".to_owned(), Protocol::Imap),
+            Check {
+                up: true,
+                ok_streak: 0,
+                fail_streak: 0,
+                since: SystemTime::now(),
+                last_error: None,
+            },
+        );
+        let h = Arc::new(Health {
+            checks: RwLock::new(checks),
+            admin: RwLock::new(HashMap::new()),
+            settings: HealthSettings {
+                rise,
+                fall,
+                ..HealthSettings::default()
+            },
+            registry: Arc::clone(&registry),
+        });
+        (h, registry)
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        let (h, registry) = health(2, 2);
+        let root = CancellationToken::new();
+        let session = registry.register(
+            SessionInfo {
+                id: "s".into(),
+                user: "alice".into(),
+                protocol: Protocol::Imap,
+                backend: None,
+                pinned: None,
+                client: "127.0.0.1:1".parse().unwrap(),
+                since: SystemTime::now(),
+            },
+            &root,
+        );
+        session.set_backend("b1", None);
+        h.report("b1", Protocol::Imap, Err("x".into()));
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Up);
+        h.report("b1", Protocol::Imap, Err("x".into()));
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Down);
+        assert!(
+            session.token().is_cancelled(),
+            "a dead backend's sessions end"
+        );
+        h.report("b1", Protocol::Imap, Ok(()));
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Down);
+        h.report("b1", Protocol::Imap, Ok(()));
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Up);
+        h.set_admin(&[("b1".into(), "drain".into())]);
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Draining);
+        h.set_admin(&[("b1".into(), "down".into())]);
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Down);
+        h.set_admin(&[]);
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Up);
+        assert_eq!(h.state("nope", Protocol::Imap), BackendState::Down);
+    }
+}
