@@ -29,7 +29,8 @@ USERS = {
 def workroot():
     # Not pytest's tmp_path: Dovecot's unprivileged processes must be able to traverse
     # it, and pytest's base directory is private to the test user.
-    root = Path(tempfile.mkdtemp(prefix="postern-tests-"))
+    # Short: Dovecot's unix sockets live below it, and socket paths max out at 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="pt-"))
     root.chmod(0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -73,7 +74,7 @@ def database(request):
 
 @pytest.fixture
 def workdir(workroot, request):
-    d = Path(tempfile.mkdtemp(prefix=request.node.name[:40] + "-", dir=workroot))
+    d = Path(tempfile.mkdtemp(prefix=request.node.name[5:21] + "-", dir=workroot))
     d.chmod(0o755)
     return d
 

@@ -19,13 +19,25 @@ RENDER = REPO / "scripts" / "dovecot-conf.sh"
 
 
 class Dovecot:
-    def __init__(self, name: str, directory: Path, mailroot: Path, users: dict[str, str]):
+    def __init__(
+        self,
+        name: str,
+        directory: Path,
+        mailroot: Path,
+        users: dict[str, str],
+        address: str = "127.0.0.1",
+        extra=None,
+    ):
+        """`extra(dovecot) -> str` adds settings (rendered after the ports are chosen);
+        `haproxy_port` is a spare port for a PROXY-protocol listener."""
         self.name = name
         self.dir = directory
         self.mailroot = mailroot
         self.users = users
+        self.address = address
+        self.extra = extra
         self.proc: subprocess.Popen | None = None
-        self.imap_port = self.pop3_port = self.lmtp_port = 0
+        self.imap_port = self.pop3_port = self.lmtp_port = self.haproxy_port = 0
 
     @property
     def log_path(self) -> Path:
@@ -44,9 +56,10 @@ class Dovecot:
     def _render(self) -> Path:
         out = subprocess.run(
             [str(RENDER), self.name, str(self.dir), str(self.mailroot),
-             str(self.imap_port), str(self.pop3_port), str(self.lmtp_port)],
+             str(self.imap_port), str(self.pop3_port), str(self.lmtp_port), self.address],
             check=True, capture_output=True, text=True,
         )
+        (self.dir / "extra.conf").write_text(self.extra(self) if self.extra else "")
         (self.dir / "users").write_text(
             "".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items())
         )
@@ -55,10 +68,11 @@ class Dovecot:
     def start(self, attempts: int = 5) -> "Dovecot":
         for _ in range(attempts):
             if not self.imap_port:
-                self.imap_port, self.pop3_port, self.lmtp_port = (
-                    free_port(),
-                    free_port(),
-                    free_port(),
+                self.imap_port, self.pop3_port, self.lmtp_port, self.haproxy_port = (
+                    free_port(self.address),
+                    free_port(self.address),
+                    free_port(self.address),
+                    free_port(self.address),
                 )
             conf = self._render()
             self.proc = subprocess.Popen(
@@ -81,7 +95,7 @@ class Dovecot:
             if self.proc is None or self.proc.poll() is not None:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", self.imap_port), timeout=1) as s:
+                with socket.create_connection((self.address, self.imap_port), timeout=1) as s:
                     s.settimeout(2)
                     if s.recv(200).startswith(b"* OK"):
                         return True
@@ -94,35 +108,40 @@ class Dovecot:
         """Stops Dovecot and every process it started."""
         if self.proc is None:
             return
+        pid = self.proc.pid
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.kill()
-        self._reap_group()
+            return
+        self._reap_group(pid)
         self.proc = None
 
     def kill(self) -> None:
         """SIGKILL the whole process group: a backend dying hard."""
         if self.proc is None:
             return
+        pid = self.proc.pid
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=10)
-        self._reap_group()
+        self._reap_group(pid)
+        self.proc = None
 
-    def _reap_group(self) -> None:
+    @staticmethod
+    def _reap_group(pid: int) -> None:
         # Children (login processes) exit when their master goes; wait until they have
         # released the ports, so a restart can bind them again.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                os.killpg(self.proc.pid, 0)
+                os.killpg(pid, 0)
             except ProcessLookupError:
                 return
             time.sleep(0.05)
@@ -131,13 +150,13 @@ class Dovecot:
 class Cluster:
     """Backends b1, b2, ... sharing one mail root, with the same users."""
 
-    def __init__(self, root: Path, users: dict[str, str], count: int = 2):
+    def __init__(self, root: Path, users: dict[str, str], count: int = 2, extra=None):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         self.mailroot = root / "mail"
         self.backends = {
-            f"b{i}": Dovecot(f"b{i}", root / f"b{i}", self.mailroot, users)
+            f"b{i}": Dovecot(f"b{i}", root / f"b{i}", self.mailroot, users, extra=extra)
             for i in range(1, count + 1)
         }
 

@@ -4,7 +4,7 @@ import socket
 import time
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:  # noqa: D401
     """A port that was free a moment ago. Callers retry if someone takes it first."""
     with socket.socket() as s:
         s.bind((host, 0))

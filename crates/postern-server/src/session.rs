@@ -359,19 +359,22 @@ async fn login<D: Driver>(
             return Login::Verdict(Verdict::Failed(Failure::AuthFailed));
         }
     };
+    let register = || {
+        ctx.registry.register(
+            SessionInfo {
+                id: info.session_id.clone(),
+                user: user.as_str().to_owned(),
+                protocol: D::PROTOCOL,
+                backend: None,
+                pinned: None,
+                client: info.client,
+                since: SystemTime::now(),
+            },
+            &ctx.cancel,
+        )
+    };
     // Registered before the route is looked up: a kick from here on reaches us.
-    let guard = ctx.registry.register(
-        SessionInfo {
-            id: info.session_id.clone(),
-            user: user.as_str().to_owned(),
-            protocol: D::PROTOCOL,
-            backend: None,
-            pinned: None,
-            client: info.client,
-            since: SystemTime::now(),
-        },
-        &ctx.cancel,
-    );
+    let mut guard = register();
     let unavailable = || Login::Verdict(Verdict::Failed(Failure::Unavailable));
     let mut password_checked = false;
     for attempt in 0..ATTEMPTS {
@@ -379,6 +382,12 @@ async fn login<D: Driver>(
             Ok(d) => d,
             Err(failure) => return Login::Verdict(Verdict::Failed(failure)),
         };
+        if decision.source == Source::Moved {
+            // This login moved the user off a draining backend, and the move's kick
+            // ended every session of the user, this one included: it starts afresh
+            // on the new backend.
+            guard = register();
+        }
         if creds.mechanism == Mechanism::Apop && !password_checked {
             // APOP proves knowledge of the password without sending it; the backend
             // can only be logged in to with the password itself, so Postern checks
