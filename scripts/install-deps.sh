@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 # The routing tests start their own MariaDB and PostgreSQL servers (never the
 # machine's): only the server binaries are needed.
-apt_install "${MAIL_PACKAGES[@]}" mariadb-server mariadb-client postgresql postgresql-client \
+apt_install "${MAIL_PACKAGES[@]}" postfix swaks mariadb-server mariadb-client postgresql postgresql-client \
     python3 python3-venv
 
 VENV=.venv

@@ -10,6 +10,7 @@ import pytest
 from harness import certs as certs_mod
 from harness.databases import MariaDB, Postgres
 from harness.dovecot import Cluster
+from harness.postfix import Postfix
 from harness.postern import Postern, base_config
 
 # Distinctive passwords, so a test can prove none of them ever reaches a log.
@@ -46,6 +47,25 @@ def cluster(workroot):
     c = Cluster(workroot / "cluster", USERS).start()
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="session")
+def postfixes(cluster, workroot):
+    """A Postfix next to each Dovecot of the cluster (same backend name), delivering to
+    that Dovecot over LMTP and authenticating submission clients against it."""
+    started = {}
+    try:
+        for name, d in cluster.backends.items():
+            started[name] = Postfix(
+                name,
+                workroot / f"pf-{name}",
+                lmtp_target=f"inet:127.0.0.1:{d.lmtp_port}",
+                sasl_target=f"inet:127.0.0.1:{d.auth_port}",
+            ).start()
+        yield started
+    finally:
+        for p in started.values():
+            p.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ state=${POSTERN_QUICKSTART_DIR:-$PWD/var/quickstart}
 stop_pid() {
     local pidfile=$1 pid i
     [ -s "$pidfile" ] || return 0
-    pid=$(cat "$pidfile")
+    pid=$(tr -dc '0-9' < "$pidfile")
+    [ -n "$pid" ] || return 0
     if kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
         for i in $(seq 1 100); do
@@ -20,6 +21,9 @@ stop_pid() {
     rm -f "$pidfile"
 }
 
+for b in b1 b2; do
+    stop_pid "$state/pf-$b/queue/pid/master.pid"
+done
 stop_pid "$state/postern.pid"
 for b in b1 b2; do
     stop_pid "$state/$b/run/master.pid"

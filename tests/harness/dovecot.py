@@ -38,6 +38,7 @@ class Dovecot:
         self.extra = extra
         self.proc: subprocess.Popen | None = None
         self.imap_port = self.pop3_port = self.lmtp_port = self.haproxy_port = 0
+        self.auth_port = 0
 
     @property
     def log_path(self) -> Path:
@@ -56,7 +57,8 @@ class Dovecot:
     def _render(self) -> Path:
         out = subprocess.run(
             [str(RENDER), self.name, str(self.dir), str(self.mailroot),
-             str(self.imap_port), str(self.pop3_port), str(self.lmtp_port), self.address],
+             str(self.imap_port), str(self.pop3_port), str(self.lmtp_port),
+             str(self.auth_port), self.address],
             check=True, capture_output=True, text=True,
         )
         (self.dir / "extra.conf").write_text(self.extra(self) if self.extra else "")
@@ -68,12 +70,12 @@ class Dovecot:
     def start(self, attempts: int = 5) -> "Dovecot":
         for _ in range(attempts):
             if not self.imap_port:
-                self.imap_port, self.pop3_port, self.lmtp_port, self.haproxy_port = (
-                    free_port(self.address),
+                self.imap_port, self.pop3_port, self.lmtp_port = (
                     free_port(self.address),
                     free_port(self.address),
                     free_port(self.address),
                 )
+                self.haproxy_port, self.auth_port = free_port(self.address), free_port(self.address)
             conf = self._render()
             self.proc = subprocess.Popen(
                 ["dovecot", "-F", "-c", str(conf)],

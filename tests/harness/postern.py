@@ -144,3 +144,23 @@ class Postern:
         code = self.proc.returncode
         self.proc = None
         return code
+
+
+def smtp_config(cluster: Cluster, postfixes: dict, certs: Certs, workdir: Path) -> dict:
+    """`base_config` plus the SMTP family: each backend's Postfix for submission (XCLIENT
+    login) and MX, its Dovecot for LMTP; listeners for submission (STARTTLS), submission
+    over implicit TLS (465-style), MX and LMTP."""
+    config = base_config(cluster, certs, workdir)
+    for name, pf in postfixes.items():
+        b = config["backends"][name]
+        b["submission"] = {"port": pf.submission_port, "login": "xclient"}
+        b["smtp"] = {"port": pf.smtp_port}
+        b["lmtp"] = {"port": cluster[name].lmtp_port}
+    config["server"] = {"hostname": "postern.example.test"}
+    config["listeners"] += [
+        {"name": "submission", "protocol": "submission", "bind": "127.0.0.1:0", "tls": "starttls"},
+        {"name": "submissions", "protocol": "submission", "bind": "127.0.0.1:0", "tls": "implicit"},
+        {"name": "mx", "protocol": "smtp", "bind": "127.0.0.1:0", "tls": "starttls"},
+        {"name": "lmtp", "protocol": "lmtp", "bind": "127.0.0.1:0", "tls": "none"},
+    ]
+    return config

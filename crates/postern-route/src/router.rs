@@ -246,6 +246,11 @@ enum Mode {
     DryRun,
     /// `route move`: writes nothing and looks through a hold.
     IgnoreHold,
+    /// Mail delivery to a recipient (MX, LMTP): a pinned user's backend, with the same
+    /// failover rules as a login; an unpinned recipient goes to a backend by hash,
+    /// never assigned (every random address would get a pin) nor refused (the backend
+    /// decides whether the mailbox exists).
+    Delivery,
 }
 
 /// How long pinned-user counts are reused for least-loaded assignment: counting is a
@@ -384,6 +389,18 @@ impl Router {
         self.decide(user, protocol, Mode::DryRun).await
     }
 
+    /// Where mail for `address` goes (MX relay, LMTP): see the delivery rules on
+    /// `Mode::Delivery`. A user being moved gets a temporary failure, so the sender
+    /// retries after the move instead of writing to the old backend.
+    pub async fn resolve_recipient(
+        &self,
+        address: &str,
+        protocol: Protocol,
+    ) -> Result<Decision, RouteError> {
+        let user = self.normalizer.normalize(address)?;
+        self.decide(user, protocol, Mode::Delivery).await
+    }
+
     /// Where the user is pinned now, even while a move holds their logins: the
     /// starting point of `postern route move`, which may resume or force a stalled move.
     pub async fn current(
@@ -404,15 +421,19 @@ impl Router {
         let write = mode == Mode::Login;
         let (record, stale) = self.lookup(&user).await?;
         let Some(record) = record else {
+            if mode == Mode::Delivery {
+                return self.hashed(user, protocol, None);
+            }
             return self.unknown(user, protocol, None, write).await;
         };
-        if record.disabled {
+        if record.disabled && mode != Mode::Delivery {
             return Err(RouteError::Disabled);
         }
         if record.moving && mode != Mode::IgnoreHold {
             return Err(RouteError::Moving);
         }
         let backend = match &record.backend {
+            None if mode == Mode::Delivery => return self.hashed(user, protocol, Some(record)),
             None => return self.unknown(user, protocol, Some(record), write).await,
             Some(BackendRef::Name(name)) => self
                 .serving(protocol)
@@ -430,19 +451,44 @@ impl Router {
             record: Some(record),
             pinned: None,
         };
-        if mode != Mode::Login {
+        if !matches!(mode, Mode::Login | Mode::Delivery) {
             return Ok(decision);
         }
         let policy = self.pool_policy(&backend.pool);
         match self.availability.state(&backend.name, protocol) {
             BackendState::Up => Ok(decision),
-            BackendState::Draining if policy.mode == PoolMode::OwnStorage => Ok(decision),
+            // Mail for a user still goes where their sessions are: a delivery never
+            // triggers the fenced move that logins do.
+            BackendState::Draining
+                if policy.mode == PoolMode::OwnStorage || mode == Mode::Delivery =>
+            {
+                Ok(decision)
+            }
             BackendState::Draining => self.drain_move(decision, backend, protocol).await,
             BackendState::Down if policy.mode == PoolMode::OwnStorage => {
                 Err(RouteError::BackendDown(backend.name.clone()))
             }
             BackendState::Down => self.fail_over(decision, backend, protocol, policy).await,
         }
+    }
+
+    /// A backend by rendezvous hash among those that take new users; nothing written.
+    fn hashed(
+        &self,
+        user: UserName,
+        protocol: Protocol,
+        record: Option<Arc<RouteRecord>>,
+    ) -> Result<Decision, RouteError> {
+        let pool = record.as_ref().and_then(|r| r.pool.clone());
+        let candidates = self.candidates(protocol, pool.as_deref());
+        let backend = hash_pick(&user, &candidates).ok_or(RouteError::NoBackend)?;
+        Ok(Decision {
+            user,
+            backend,
+            source: Source::Hashed,
+            record,
+            pinned: None,
+        })
     }
 
     fn pool_policy(&self, pool: &str) -> PoolPolicy {

@@ -78,3 +78,63 @@ impl Driver for Pop3 {
         backend.pop3.as_ref().map(|b| (&b.endpoint, &b.login))
     }
 }
+
+/// Message submission (587, 465).
+pub(crate) struct Submission {
+    /// The listener's settings; the extensions are replaced by what the backends'
+    /// EHLO says once the health checks have probed them.
+    pub(crate) options: Arc<postern_smtp::Options>,
+    pub(crate) health: Arc<crate::health::Health>,
+    pub(crate) current: std::sync::RwLock<Arc<postern_smtp::Options>>,
+}
+
+impl Submission {
+    pub(crate) fn new(
+        options: Arc<postern_smtp::Options>,
+        health: Arc<crate::health::Health>,
+    ) -> Self {
+        Self {
+            current: std::sync::RwLock::new(Arc::clone(&options)),
+            options,
+            health,
+        }
+    }
+
+    /// The options with the probed extensions, rebuilt only when they change.
+    fn options(&self) -> Arc<postern_smtp::Options> {
+        let current = self
+            .current
+            .read()
+            .map(|c| Arc::clone(&c))
+            .unwrap_or_else(|_| Arc::clone(&self.options));
+        match self.health.extensions(Protocol::Submission) {
+            Some(ext) if ext != current.extensions => {
+                let fresh = Arc::new(postern_smtp::Options {
+                    extensions: ext,
+                    ..(*self.options).clone()
+                });
+                if let Ok(mut c) = self.current.write() {
+                    *c = Arc::clone(&fresh);
+                }
+                fresh
+            }
+            _ => current,
+        }
+    }
+}
+
+impl Driver for Submission {
+    type Front = postern_smtp::Front;
+    type Login = postern_smtp::Login;
+    type LoginOptions = postern_smtp::LoginOptions;
+
+    const PROTOCOL: Protocol = Protocol::Submission;
+
+    fn front(&self, tls: bool, _session_id: &str) -> Self::Front {
+        postern_smtp::Front::new(self.options(), tls)
+    }
+
+    fn backend<'a>(&self, backend: &'a Backend) -> Option<(&'a Endpoint, &'a Self::LoginOptions)> {
+        backend.submission.as_ref().map(|b| (&b.endpoint, &b.login))
+    }
+}

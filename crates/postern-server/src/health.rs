@@ -85,6 +85,9 @@ pub struct HealthReport {
 pub struct Health {
     checks: RwLock<HashMap<(String, Protocol), Check>>,
     admin: RwLock<HashMap<String, AdminState>>,
+    /// SMTP-family services: the extension lines each backend's EHLO/LHLO allows
+    /// Postern to advertise, learned by the checks.
+    ehlo: RwLock<HashMap<(String, Protocol), Vec<String>>>,
     settings: HealthSettings,
     registry: Arc<Registry>,
 }
@@ -111,6 +114,7 @@ impl Health {
         Arc::new(Self {
             checks: RwLock::new(checks),
             admin: RwLock::new(HashMap::new()),
+            ehlo: RwLock::new(HashMap::new()),
             settings: settings.health.clone(),
             registry,
         })
@@ -190,6 +194,52 @@ impl Health {
         *admin = new;
     }
 
+    /// Records what a backend's EHLO/LHLO allows Postern to advertise.
+    pub fn record_extensions(&self, backend: &str, protocol: Protocol, lines: Vec<String>) {
+        if let Ok(mut ehlo) = self.ehlo.write() {
+            ehlo.insert((backend.to_owned(), protocol), lines);
+        }
+    }
+
+    /// The extensions every probed backend of `protocol` supports, so that whichever
+    /// backend a client ends up on honours what it was told; `None` before any probe.
+    /// SIZE is advertised with the smallest limit.
+    pub fn extensions(&self, protocol: Protocol) -> Option<Vec<String>> {
+        let ehlo = self.ehlo.read().ok()?;
+        // By backend name, so every instance advertises the same lines in one order.
+        let mut entries: Vec<_> = ehlo.iter().filter(|((_, p), _)| *p == protocol).collect();
+        entries.sort_by(|a, b| a.0.0.cmp(&b.0.0));
+        let mut lists = entries.into_iter().map(|(_, lines)| lines);
+        let first = lists.next()?;
+        let rest: Vec<&Vec<String>> = lists.collect();
+        let keyword = |l: &str| l.split(' ').next().unwrap_or_default().to_ascii_uppercase();
+        let mut out = Vec::new();
+        for line in first {
+            let kw = keyword(line);
+            let mut chosen = line.clone();
+            let mut everywhere = true;
+            for other in &rest {
+                match other.iter().find(|l| keyword(l) == kw) {
+                    None => everywhere = false,
+                    Some(l) if kw == "SIZE" => {
+                        let size =
+                            |l: &str| l.split(' ').nth(1).and_then(|n| n.parse::<u64>().ok());
+                        if let (Some(a), Some(b)) = (size(&chosen), size(l))
+                            && b < a
+                        {
+                            chosen = l.clone();
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            if everywhere {
+                out.push(chosen);
+            }
+        }
+        Some(out)
+    }
+
     /// Every service's health.
     pub fn reports(&self) -> Vec<HealthReport> {
         let admin = self.admin.read().map(|a| a.clone()).unwrap_or_default();
@@ -259,7 +309,13 @@ pub async fn run(settings: Arc<Settings>, health: Arc<Health>, cancel: Cancellat
                     () = cancel.cancelled() => return,
                 }
                 loop {
-                    let result = check(backend, protocol, &settings.health).await;
+                    let result =
+                        check(backend, protocol, &settings.health, &settings.hostname).await;
+                    let result = result.map(|ehlo| {
+                        if let Some(lines) = ehlo {
+                            health.record_extensions(&backend.name, protocol, lines);
+                        }
+                    });
                     health.report(&backend.name, protocol, result);
                     tokio::select! {
                         () = tokio::time::sleep(settings.health.interval) => {}
@@ -273,16 +329,18 @@ pub async fn run(settings: Arc<Settings>, health: Arc<Health>, cancel: Cancellat
 }
 
 fn endpoint(backend: &Backend, protocol: Protocol) -> Option<&Endpoint> {
-    match protocol {
-        Protocol::Imap => backend.imap.as_ref().map(|s| &s.endpoint),
-        Protocol::Pop3 => backend.pop3.as_ref().map(|s| &s.endpoint),
-        _ => None,
-    }
+    backend.endpoint(protocol)
 }
 
 /// One check: connect as a real session would (PROXY header, TLS), read the greeting,
-/// and with a probe user configured, log in and out.
-async fn check(backend: &Backend, protocol: Protocol, s: &HealthSettings) -> Result<(), String> {
+/// and with a probe user configured, log in and out. SMTP-family services are asked
+/// for their EHLO/LHLO instead, and the extensions come back.
+async fn check(
+    backend: &Backend,
+    protocol: Protocol,
+    s: &HealthSettings,
+    hostname: &str,
+) -> Result<Option<Vec<String>>, String> {
     let Some(endpoint) = endpoint(backend, protocol) else {
         return Err("protocol not served".into());
     };
@@ -304,14 +362,51 @@ async fn check(backend: &Backend, protocol: Protocol, s: &HealthSettings) -> Res
         )
         .await
         .map_err(|e| e.to_string())?;
+        if matches!(
+            protocol,
+            Protocol::Submission | Protocol::Smtp | Protocol::Lmtp
+        ) {
+            return ehlo(stream, protocol, hostname).await.map(Some);
+        }
         match &backend.probe {
-            None => greeting(stream, protocol).await,
-            Some(probe) => probe_login(backend, protocol, stream, probe, &info).await,
+            None => greeting(stream, protocol).await.map(|()| None),
+            Some(probe) => probe_login(backend, protocol, stream, probe, &info)
+                .await
+                .map(|()| None),
         }
     };
     timeout(s.timeout, work)
         .await
         .map_err(|_| format!("no answer within {:?}", s.timeout))?
+}
+
+/// EHLO (LHLO) and QUIT: the backend is up, and this is what it supports.
+async fn ehlo(
+    mut stream: BackendStream,
+    protocol: Protocol,
+    hostname: &str,
+) -> Result<Vec<String>, String> {
+    let mut probe = postern_smtp::Probe::new(hostname, protocol == Protocol::Lmtp);
+    let mut buf = [0u8; 1024];
+    let mut out = Vec::new();
+    loop {
+        probe.poll_transmit(&mut out);
+        if !out.is_empty() {
+            stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            out.clear();
+        }
+        if let Some(result) = probe.poll_result() {
+            let _ = stream.shutdown().await;
+            return result
+                .map(|ext| ext.advertise(protocol))
+                .map_err(str::to_owned);
+        }
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed during EHLO".into());
+        }
+        probe.handle_input(buf.get(..n).unwrap_or_default());
+    }
 }
 
 async fn greeting(mut stream: BackendStream, protocol: Protocol) -> Result<(), String> {
@@ -405,6 +500,7 @@ mod tests {
         let h = Arc::new(Health {
             checks: RwLock::new(checks),
             admin: RwLock::new(HashMap::new()),
+            ehlo: RwLock::new(HashMap::new()),
             settings: HealthSettings {
                 rise,
                 fall,
@@ -451,5 +547,27 @@ mod tests {
         h.set_admin(&[]);
         assert_eq!(h.state("b1", Protocol::Imap), BackendState::Up);
         assert_eq!(h.state("nope", Protocol::Imap), BackendState::Down);
+    }
+
+    #[test]
+    fn advertised_extensions_are_what_every_backend_supports() {
+        let (h, _) = health(1, 1);
+        assert_eq!(h.extensions(Protocol::Submission), None);
+        let lines = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+        h.record_extensions(
+            "b1",
+            Protocol::Submission,
+            lines(&["PIPELINING", "SIZE 1000", "CHUNKING"]),
+        );
+        h.record_extensions(
+            "b2",
+            Protocol::Submission,
+            lines(&["size 500", "PIPELINING", "DSN"]),
+        );
+        assert_eq!(
+            h.extensions(Protocol::Submission).unwrap(),
+            vec!["PIPELINING".to_string(), "size 500".to_string()]
+        );
+        assert_eq!(h.extensions(Protocol::Smtp), None);
     }
 }

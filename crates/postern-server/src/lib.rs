@@ -15,6 +15,7 @@ pub mod backend;
 mod driver;
 pub mod health;
 mod session;
+mod smtp_relay;
 
 pub use server::{Runtime, Server, ServerError};
 pub use settings::{

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::driver::{Driver, Imap, Pop3};
+use crate::driver::{Driver, Imap, Pop3, Submission};
 use crate::health::Health;
 use crate::registry::Registry;
 use crate::session::{self, Ctx};
@@ -148,6 +148,15 @@ impl Server {
                     });
                     tracker.spawn(accept_loop(ctx, driver, settings, listener, sessions));
                 }
+                FrontOptions::Submission(options) => {
+                    let driver = Arc::new(Submission::new(options, Arc::clone(&ctx.health)));
+                    tracker.spawn(accept_loop(ctx, driver, settings, listener, sessions));
+                }
+                FrontOptions::Relay(options) => {
+                    tracker.spawn(relay_accept_loop(
+                        ctx, options, settings, listener, sessions,
+                    ));
+                }
             }
         }
         shutdown.await;
@@ -193,6 +202,45 @@ async fn accept_loop<D: Driver>(
             Err(e) => {
                 // Out of file descriptors or memory: back off instead of spinning, and
                 // keep serving the sessions we have.
+                warn!(listener = %settings.name, error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// The accept loop of an MX or LMTP listener (its sessions use their own driver).
+async fn relay_accept_loop(
+    ctx: Arc<Ctx>,
+    options: Arc<postern_smtp::RelayOptions>,
+    settings: Arc<ListenerSettings>,
+    listener: TcpListener,
+    sessions: TaskTracker,
+) {
+    let protocol = settings.front.protocol();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = ctx.cancel.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                backoff = Duration::from_millis(5);
+                let local = tcp.local_addr().unwrap_or(settings.bind);
+                tune(&tcp);
+                sessions.spawn(crate::smtp_relay::run(
+                    Arc::clone(&ctx),
+                    Arc::clone(&options),
+                    protocol,
+                    Arc::clone(&settings),
+                    tcp,
+                    client,
+                    local,
+                ));
+            }
+            Err(e) => {
                 warn!(listener = %settings.name, error = %e, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -107,7 +107,7 @@ pub(crate) async fn run<D: Driver>(
 
 /// Reads a PROXY header from a trusted peer: the real client's address, and any bytes
 /// that followed the header.
-async fn read_proxy_header(
+pub(crate) async fn read_proxy_header(
     tcp: &mut TcpStream,
     deadline: Instant,
 ) -> Result<(Option<SocketAddr>, Vec<u8>), &'static str> {
@@ -528,7 +528,7 @@ async fn route(
 
 /// A session id, unique across restarts and (with overwhelming probability) across
 /// instances: a hash of the process start, the pid and a counter.
-fn session_id() -> String {
+pub(crate) fn session_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let seed = *SEED.get_or_init(|| {

@@ -67,6 +67,11 @@ pub enum FrontOptions {
     Imap(Arc<postern_imap::Options>),
     /// POP3.
     Pop3(Arc<postern_pop3::Options>),
+    /// Message submission with AUTH (587, 465). The extensions advertised are replaced
+    /// at run time by what the backends' EHLO says.
+    Submission(Arc<postern_smtp::Options>),
+    /// MX relay (25) or LMTP, routed per recipient.
+    Relay(Arc<postern_smtp::RelayOptions>),
 }
 
 impl FrontOptions {
@@ -75,6 +80,11 @@ impl FrontOptions {
         match self {
             FrontOptions::Imap(_) => Protocol::Imap,
             FrontOptions::Pop3(_) => Protocol::Pop3,
+            FrontOptions::Submission(_) => Protocol::Submission,
+            FrontOptions::Relay(o) => match o.mode {
+                postern_smtp::RelayMode::Mx => Protocol::Smtp,
+                postern_smtp::RelayMode::Lmtp => Protocol::Lmtp,
+            },
         }
     }
 }
@@ -167,6 +177,12 @@ pub struct Backend {
     pub imap: Option<ImapBackend>,
     /// POP3 service, if this backend offers one.
     pub pop3: Option<Pop3Backend>,
+    /// Submission service (AUTH), if this backend offers one.
+    pub submission: Option<SubmissionBackend>,
+    /// SMTP service for mail from other MTAs (MX relay target).
+    pub smtp: Option<Endpoint>,
+    /// LMTP service (local delivery).
+    pub lmtp: Option<Endpoint>,
 }
 
 impl Backend {
@@ -179,7 +195,28 @@ impl Backend {
         if self.pop3.is_some() {
             p.push(Protocol::Pop3);
         }
+        if self.submission.is_some() {
+            p.push(Protocol::Submission);
+        }
+        if self.smtp.is_some() {
+            p.push(Protocol::Smtp);
+        }
+        if self.lmtp.is_some() {
+            p.push(Protocol::Lmtp);
+        }
         p
+    }
+
+    /// How to reach this backend for `protocol`.
+    pub fn endpoint(&self, protocol: Protocol) -> Option<&Endpoint> {
+        match protocol {
+            Protocol::Imap => self.imap.as_ref().map(|s| &s.endpoint),
+            Protocol::Pop3 => self.pop3.as_ref().map(|s| &s.endpoint),
+            Protocol::Submission => self.submission.as_ref().map(|s| &s.endpoint),
+            Protocol::Smtp => self.smtp.as_ref(),
+            Protocol::Lmtp => self.lmtp.as_ref(),
+            _ => None,
+        }
     }
 }
 
@@ -244,6 +281,15 @@ pub struct Pop3Backend {
     pub endpoint: Endpoint,
     /// How to log in.
     pub login: postern_pop3::LoginOptions,
+}
+
+/// A backend's submission service.
+#[derive(Clone, Debug)]
+pub struct SubmissionBackend {
+    /// How to reach it.
+    pub endpoint: Endpoint,
+    /// How to open the session (XCLIENT or AUTH replay).
+    pub login: postern_smtp::LoginOptions,
 }
 
 /// Timers. Each bounds one wait so a silent peer cannot hold a session forever.

@@ -1,1 +1,61 @@
-//! Sans-IO SMTP, submission and LMTP for Postern (in progress).
+//! Sans-IO SMTP for Postern: the submission front end ([`Front`]) and its backend login
+//! ([`Login`]), the transaction-aware relay for MX and LMTP ([`Relay`]), and the EHLO
+//! probe and rules that decide what Postern advertises ([`Probe`],
+//! [`advertised_extensions`]). No sockets, no clock, no async runtime: the driver in
+//! `postern-server` feeds bytes in and sends what comes out.
+//!
+//! | service | RFC | machine | after the login / first RCPT |
+//! |---|---|---|---|
+//! | submission (587, 465) | 6409, 4954, 3207 | [`Front`] + [`Login`] | blind relay (the user is known) |
+//! | MX (25) | 5321 | [`Relay`] ([`RelayMode::Mx`]) | stays in the middle: routes every RCPT |
+//! | LMTP | 2033 | [`Relay`] ([`RelayMode::Lmtp`]) | same, per-recipient replies |
+//!
+//! Client commands are parsed with smtp-proto (`command.rs`); backend replies are framed
+//! by hand (`reply.rs`), because a proxy must relay them byte for byte and needs the raw
+//! EHLO lines (smtp-proto's EHLO parser drops XCLIENT). XCLIENT and xtext are in
+//! `xclient.rs`, the shared backend handshake in `handshake.rs`.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
+
+mod body;
+mod command;
+pub mod ehlo;
+pub mod front;
+mod handshake;
+pub mod login;
+pub mod probe;
+pub mod relay;
+mod reply;
+pub mod xclient;
+
+pub use ehlo::{Extensions, advertised_extensions};
+pub use front::{Front, Options};
+pub use login::{AuthMethod, Login, LoginMethod, LoginOptions, SessionInfo};
+pub use probe::Probe;
+pub use relay::{BackendId, Relay, RelayEvent, RelayMode, RelayOptions, Route};
+
+/// Why the driver ends a session on its own (see `Front::shutdown`, `Relay::shutdown`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Shutdown {
+    /// The client (or the backend) said nothing for too long: `421 4.4.2`.
+    IdleTimeout,
+    /// Postern is stopping: `421 4.3.2`.
+    ServerShutdown,
+}
+
+impl Shutdown {
+    fn reply(self, hostname: &str) -> String {
+        match self {
+            Shutdown::IdleTimeout => format!("421 4.4.2 {hostname} Error: timeout exceeded"),
+            Shutdown::ServerShutdown => format!("421 4.3.2 {hostname} Service shutting down"),
+        }
+    }
+}

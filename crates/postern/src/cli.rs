@@ -270,12 +270,11 @@ async fn check(path: &Path) -> Result<ExitCode> {
     }
     for b in config.settings.backends.values() {
         let mut notes = Vec::new();
-        let services = [
-            ("imap", b.imap.as_ref().map(|s| s.endpoint.port)),
-            ("pop3", b.pop3.as_ref().map(|s| s.endpoint.port)),
-        ];
-        for (name, port) in services {
-            let Some(port) = port else { continue };
+        for protocol in b.protocols() {
+            let Some(port) = b.endpoint(protocol).map(|e| e.port) else {
+                continue;
+            };
+            let name = protocol.as_str();
             let addr = format!("{}:{port}", b.host);
             let reachable = tokio::time::timeout(
                 Duration::from_secs(2),
@@ -297,7 +296,12 @@ fn parse_protocol(s: &str) -> Result<Protocol> {
     match s {
         "imap" => Ok(Protocol::Imap),
         "pop3" => Ok(Protocol::Pop3),
-        other => bail!("unknown protocol {other:?} (expected imap or pop3)"),
+        "submission" => Ok(Protocol::Submission),
+        "smtp" => Ok(Protocol::Smtp),
+        "lmtp" => Ok(Protocol::Lmtp),
+        other => {
+            bail!("unknown protocol {other:?} (expected imap, pop3, submission, smtp or lmtp)")
+        }
     }
 }
 
@@ -428,15 +432,10 @@ async fn show(
                 Source::FailedOver | Source::Temporary | Source::Moved => "failover".to_owned(),
             };
             println!("backend: {} ({why})", d.backend);
-            if let Some(b) = config.settings.backends.get(&d.backend) {
-                let port = match protocol {
-                    Protocol::Imap => b.imap.as_ref().map(|s| s.endpoint.port),
-                    Protocol::Pop3 => b.pop3.as_ref().map(|s| s.endpoint.port),
-                    _ => None,
-                };
-                if let Some(port) = port {
-                    println!("{protocol}:    {}:{port}", b.host);
-                }
+            if let Some(b) = config.settings.backends.get(&d.backend)
+                && let Some(port) = b.endpoint(protocol).map(|e| e.port)
+            {
+                println!("{protocol}:    {}:{port}", b.host);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -232,9 +232,53 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 })
             }
         };
+        let submission = match &b.submission {
+            None => None,
+            Some(s) => {
+                let endpoint = endpoint(name, "submission", s.port, s.tls, s.proxy_protocol)?;
+                Some(postern_server::settings::SubmissionBackend {
+                    endpoint,
+                    login: postern_smtp::LoginOptions {
+                        method: match s.login {
+                            file::SubmissionLogin::Auth => postern_smtp::LoginMethod::Auth,
+                            file::SubmissionLogin::Xclient => postern_smtp::LoginMethod::Xclient,
+                        },
+                        auth: match s.auth {
+                            file::SubmissionAuth::Auto => postern_smtp::AuthMethod::Auto,
+                            file::SubmissionAuth::Plain => postern_smtp::AuthMethod::Plain,
+                            file::SubmissionAuth::Login => postern_smtp::AuthMethod::Login,
+                        },
+                        proxy_verified: false,
+                    },
+                })
+            }
+        };
+        let smtp = b
+            .smtp
+            .as_ref()
+            .map(|e| endpoint(name, "smtp", e.port, e.tls, e.proxy_protocol))
+            .transpose()?;
+        let lmtp = b
+            .lmtp
+            .as_ref()
+            .map(|e| endpoint(name, "lmtp", e.port, e.tls, e.proxy_protocol))
+            .transpose()?;
+        for (service, e) in [
+            ("submission", submission.as_ref().map(|s| &s.endpoint)),
+            ("smtp", smtp.as_ref()),
+            ("lmtp", lmtp.as_ref()),
+        ] {
+            ensure!(
+                e.is_none_or(|e| e.tls != BackendTls::StartTls),
+                "backends.{name}.{service}.tls: \"starttls\" is not supported for SMTP-family backends yet (use \"implicit\" or \"none\")"
+            );
+        }
         let needs_tls = [
             imap.as_ref().map(|s| &s.endpoint),
             pop3.as_ref().map(|s| &s.endpoint),
+            submission.as_ref().map(|s| &s.endpoint),
+            smtp.as_ref(),
+            lmtp.as_ref(),
         ]
         .into_iter()
         .flatten()
@@ -248,8 +292,12 @@ fn build(file: File, base: &Path) -> Result<Config> {
             password: postern_proto::Secret::new(h.probe_password.clone()),
         });
         ensure!(
-            imap.is_some() || pop3.is_some(),
-            "backends.{name}: declares no protocol (add [backends.{name}.imap] or .pop3)"
+            imap.is_some()
+                || pop3.is_some()
+                || submission.is_some()
+                || smtp.is_some()
+                || lmtp.is_some(),
+            "backends.{name}: declares no service (add [backends.{name}.imap], .pop3, .submission, .smtp or .lmtp)"
         );
         backends.insert(
             name.clone(),
@@ -262,10 +310,25 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 probe,
                 imap,
                 pop3,
+                submission,
+                smtp,
+                lmtp,
             }),
         );
     }
 
+    let hostname = match &file.server.hostname {
+        Some(h) => {
+            ensure!(
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)),
+                "server.hostname: {h:?} is not a host name"
+            );
+            h.clone()
+        }
+        None => system_hostname(),
+    };
     let default_tls = file
         .tls
         .as_ref()
@@ -283,6 +346,9 @@ fn build(file: File, base: &Path) -> Result<Config> {
         let protocol = match l.protocol {
             file::Protocol::Imap => "imap",
             file::Protocol::Pop3 => "pop3",
+            file::Protocol::Submission => "submission",
+            file::Protocol::Smtp => "smtp",
+            file::Protocol::Lmtp => "lmtp",
         };
         let name = l
             .name
@@ -361,6 +427,55 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 };
                 options.validate().map_err(|e| anyhow!("pop3: {e}"))?;
                 FrontOptions::Pop3(Arc::new(options))
+            }
+            file::Protocol::Submission => {
+                ensure!(
+                    backends.values().any(|b| b.submission.is_some()),
+                    "{key}: no backend serves {protocol}"
+                );
+                let sub = &file.submission;
+                FrontOptions::Submission(Arc::new(postern_smtp::Options {
+                    hostname: hostname.clone(),
+                    greeting: sub.greeting.clone(),
+                    starttls,
+                    insecure_plaintext_auth: l.insecure_plaintext_auth,
+                    max_line: sub.max_line_length,
+                    max_auth_line: sub.max_auth_line_length,
+                    max_bad_commands: sub.max_bad_commands,
+                    max_auth_failures: sub.max_auth_failures.max(1),
+                    ..postern_smtp::Options::default()
+                }))
+            }
+            file::Protocol::Smtp | file::Protocol::Lmtp => {
+                let lmtp = l.protocol == file::Protocol::Lmtp;
+                ensure!(
+                    backends.values().any(|b| if lmtp {
+                        b.lmtp.is_some()
+                    } else {
+                        b.smtp.is_some()
+                    }),
+                    "{key}: no backend serves {protocol}"
+                );
+                ensure!(
+                    !(lmtp && tls_mode != TlsMode::None),
+                    "{key}.tls: LMTP listeners are plaintext (keep them on a trusted network)"
+                );
+                let r = if lmtp { &file.lmtp } else { &file.smtp };
+                let base = if lmtp {
+                    postern_smtp::RelayOptions::lmtp()
+                } else {
+                    postern_smtp::RelayOptions::mx()
+                };
+                FrontOptions::Relay(Arc::new(postern_smtp::RelayOptions {
+                    hostname: hostname.clone(),
+                    greeting: r.greeting.clone(),
+                    starttls,
+                    xclient: r.xclient,
+                    max_line: r.max_line_length,
+                    max_recipients: r.max_recipients.max(1),
+                    max_bad_commands: r.max_bad_commands,
+                    ..base
+                }))
             }
         };
         let proxy = if l.accept_proxy_from.is_empty() {
@@ -470,18 +585,6 @@ fn build(file: File, base: &Path) -> Result<Config> {
             "pop3.apop: APOP needs plaintext passwords, from a routing.sql.lookup_query that returns a password column"
         );
     }
-    let hostname = match &file.server.hostname {
-        Some(h) => {
-            ensure!(
-                !h.is_empty()
-                    && h.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c)),
-                "server.hostname: {h:?} is not a host name"
-            );
-            h.clone()
-        }
-        None => system_hostname(),
-    };
     ensure!(
         !file.health.interval.is_zero(),
         "health.interval: must be > 0"

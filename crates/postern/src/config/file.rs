@@ -30,6 +30,15 @@ pub struct File {
     /// `[pop3]`: POP3 front-end limits and texts.
     #[serde(default)]
     pub pop3: Pop3,
+    /// `[submission]`: the submission front end (587, 465).
+    #[serde(default)]
+    pub submission: Submission,
+    /// `[smtp]`: the MX relay front end (25).
+    #[serde(default)]
+    pub smtp: Relay,
+    /// `[lmtp]`: the LMTP front end.
+    #[serde(default = "Relay::lmtp")]
+    pub lmtp: Relay,
     /// `[routing]`: where users go.
     pub routing: Routing,
     /// `[health]`: active health checks.
@@ -225,6 +234,75 @@ impl Default for Pop3 {
             max_bad_commands: o.max_bad_commands,
             max_auth_failures: o.max_auth_failures,
             apop: o.apop,
+        }
+    }
+}
+
+/// `[submission]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Submission {
+    /// Text after `220 <hostname> ESMTP `.
+    pub greeting: String,
+    /// Longest command line, CRLF included.
+    pub max_line_length: usize,
+    /// Longest AUTH line or SASL response, CRLF included.
+    pub max_auth_line_length: usize,
+    /// Invalid commands before the connection is closed.
+    pub max_bad_commands: u32,
+    /// Failed authentications per connection before it is closed.
+    pub max_auth_failures: u32,
+}
+
+impl Default for Submission {
+    fn default() -> Self {
+        let o = postern_smtp::Options::default();
+        Self {
+            greeting: o.greeting,
+            max_line_length: o.max_line,
+            max_auth_line_length: o.max_auth_line,
+            max_bad_commands: o.max_bad_commands,
+            max_auth_failures: o.max_auth_failures,
+        }
+    }
+}
+
+/// `[smtp]` and `[lmtp]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    /// Text after `220 <hostname> ESMTP ` (or `LMTP `).
+    pub greeting: String,
+    /// Send XCLIENT with the real client to the backend (and refuse backends without it).
+    pub xclient: bool,
+    /// Longest command line, CRLF included.
+    pub max_line_length: usize,
+    /// Recipients per transaction.
+    pub max_recipients: usize,
+    /// Invalid commands before the connection is closed.
+    pub max_bad_commands: u32,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self::from(postern_smtp::RelayOptions::mx())
+    }
+}
+
+impl Relay {
+    fn lmtp() -> Self {
+        Self::from(postern_smtp::RelayOptions::lmtp())
+    }
+}
+
+impl From<postern_smtp::RelayOptions> for Relay {
+    fn from(o: postern_smtp::RelayOptions) -> Self {
+        Self {
+            greeting: o.greeting,
+            xclient: o.xclient,
+            max_line_length: o.max_line,
+            max_recipients: o.max_recipients,
+            max_bad_commands: o.max_bad_commands,
         }
     }
 }
@@ -451,10 +529,74 @@ pub struct Backend {
     pub imap: Option<ImapBackend>,
     /// `[backends.NAME.pop3]`.
     pub pop3: Option<Pop3Backend>,
+    /// `[backends.NAME.submission]`.
+    pub submission: Option<SubmissionBackend>,
+    /// `[backends.NAME.smtp]`: where MX mail goes.
+    pub smtp: Option<PlainEndpoint>,
+    /// `[backends.NAME.lmtp]`: where LMTP deliveries go.
+    pub lmtp: Option<PlainEndpoint>,
     /// `[backends.NAME.tls]`: TLS client settings.
     pub tls: Option<BackendTlsFile>,
     /// `[backends.NAME.health]`: probe login.
     pub health: Option<BackendHealth>,
+}
+
+/// `backends.NAME.submission.login`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SubmissionLogin {
+    /// Replay AUTH.
+    #[default]
+    Auth,
+    /// Postfix XCLIENT.
+    Xclient,
+}
+
+/// `backends.NAME.submission.auth`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SubmissionAuth {
+    /// PLAIN if offered (or needed), else LOGIN.
+    #[default]
+    Auto,
+    /// AUTH PLAIN.
+    Plain,
+    /// AUTH LOGIN.
+    Login,
+}
+
+/// `[backends.NAME.submission]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmissionBackend {
+    /// TCP port.
+    pub port: u16,
+    /// How the session is opened.
+    #[serde(default)]
+    pub login: SubmissionLogin,
+    /// Which SASL mechanism replays credentials.
+    #[serde(default)]
+    pub auth: SubmissionAuth,
+    /// TLS to this service.
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// PROXY protocol header to this service.
+    #[serde(default)]
+    pub proxy_protocol: ProxyVersion,
+}
+
+/// `[backends.NAME.smtp]`, `[backends.NAME.lmtp]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlainEndpoint {
+    /// TCP port.
+    pub port: u16,
+    /// TLS to this service.
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// PROXY protocol header to this service.
+    #[serde(default)]
+    pub proxy_protocol: ProxyVersion,
 }
 
 /// `[backends.NAME.tls]`.
@@ -601,6 +743,12 @@ pub enum Protocol {
     Imap,
     /// POP3.
     Pop3,
+    /// Message submission with AUTH.
+    Submission,
+    /// MX relay.
+    Smtp,
+    /// LMTP delivery.
+    Lmtp,
 }
 
 /// `listeners[].tls`.

@@ -1,0 +1,278 @@
+//! The driver of the MX relay (25) and LMTP front: two live connections, the client's
+//! and (once the first recipient is routed) one backend's, driven by
+//! `postern_smtp::Relay`, which stays in the middle for the whole session so that every
+//! recipient reaches the backend it is pinned to. See the driver contract in
+//! `postern_smtp::relay`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postern_proto::{ClientInfo, Protocol};
+use postern_route::RouteError;
+use postern_smtp::{BackendId, Relay, RelayEvent, RelayOptions, Route, Shutdown};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+use tracing::{Instrument, debug, field, info, info_span, warn};
+
+use crate::backend::{self, BackendStream, ClientTls};
+use crate::session::{Ctx, read_proxy_header, session_id};
+use crate::settings::{ListenerSettings, TlsMode};
+use crate::stream::ClientStream;
+
+/// RFC 5321 §4.5.3.2: a server waits at least 5 minutes for a command, and a client
+/// at least 5 minutes for most replies; one bound for both sides here.
+const SMTP_TIMEOUT: Duration = Duration::from_secs(300);
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Runs one MX or LMTP connection to its end.
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    options: Arc<RelayOptions>,
+    protocol: Protocol,
+    listener: Arc<ListenerSettings>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let id = session_id();
+    let span = info_span!(
+        "session",
+        id = %id,
+        proto = %protocol,
+        listener = %listener.name,
+        client = %peer,
+        via = field::Empty,
+        backend = field::Empty,
+    );
+    async move {
+        let started = Instant::now();
+        let cancel = ctx.cancel.clone();
+        let reason = tokio::select! {
+            r = session(&ctx, options, protocol, &listener, tcp, peer, local, id) => r,
+            () = cancel.cancelled() => "shutdown",
+        };
+        info!(
+            reason,
+            secs = started.elapsed().as_secs_f64(),
+            "session ended"
+        );
+    }
+    .instrument(span)
+    .await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    ctx: &Ctx,
+    options: Arc<RelayOptions>,
+    protocol: Protocol,
+    listener: &ListenerSettings,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    id: String,
+) -> &'static str {
+    let mut deadline = Instant::now() + ctx.settings.timeouts.preauth;
+    let mut client_addr = peer;
+    let mut early = Vec::new();
+    if listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip())) {
+        match read_proxy_header(&mut tcp, deadline).await {
+            Ok((announced, rest)) => {
+                if let Some(real) = announced {
+                    client_addr = real;
+                    let span = tracing::Span::current();
+                    span.record("client", field::display(real));
+                    span.record("via", field::display(peer));
+                }
+                early = rest;
+            }
+            Err(reason) => {
+                warn!(reason, "refused: no valid PROXY header from a trusted peer");
+                return "proxy_header";
+            }
+        }
+    }
+    let mut client = ClientStream::Plain(tcp);
+    if listener.tls_mode == TlsMode::Implicit {
+        let Some(tls) = listener.tls.clone() else {
+            return "listener has no certificate";
+        };
+        client = match timeout_at(deadline, client.upgrade(tls)).await {
+            Ok(Ok(s)) => s,
+            _ => return "tls_error",
+        };
+    }
+    let info = ClientInfo {
+        client: client_addr,
+        local,
+        tls: client.is_tls(),
+        session_id: id,
+    };
+    let options = with_probed_extensions(ctx, options, protocol);
+    let mut relay = Relay::new(options, info.clone());
+    if !early.is_empty() {
+        relay.handle_client_input(&early);
+    }
+    drop(early);
+    let mut backend: Option<(String, BackendStream)> = None;
+    let mut out = Vec::new();
+    let mut cbuf = vec![0u8; READ_CHUNK];
+    let mut bbuf = vec![0u8; READ_CHUNK];
+    loop {
+        // Client output, then backend output, then events (the driver contract).
+        relay.poll_transmit_client(&mut out);
+        if !out.is_empty() {
+            if client.write_all(&out).await.is_err() {
+                return "client_error";
+            }
+            out.clear();
+        }
+        relay.poll_transmit_backend(&mut out);
+        if !out.is_empty() {
+            if let Some((_, b)) = backend.as_mut()
+                && (b.write_all(&out).await.is_err() || b.flush().await.is_err())
+            {
+                relay.handle_backend_closed();
+                backend = None;
+            }
+            out.clear();
+        }
+        if let Some(event) = relay.poll_event() {
+            match event {
+                RelayEvent::Rejected(reason) => info!(reason, "client input rejected"),
+                RelayEvent::StartTls => {
+                    let Some(tls) = listener.tls.clone() else {
+                        return "listener has no certificate";
+                    };
+                    client = match timeout_at(deadline, client.upgrade(tls)).await {
+                        Ok(Ok(s)) => s,
+                        _ => return "tls_error",
+                    };
+                    relay.handle_tls_ready();
+                }
+                RelayEvent::RouteRecipient(address) => {
+                    let route = route(ctx, &address, protocol).await;
+                    relay.handle_route(route);
+                }
+                RelayEvent::Connect(BackendId(name)) => {
+                    match connect(ctx, &name, protocol, &info).await {
+                        Some(stream) => {
+                            tracing::Span::current().record("backend", name.as_str());
+                            backend = Some((name, stream));
+                            relay.handle_backend_connected();
+                        }
+                        None => relay.handle_backend_closed(),
+                    }
+                }
+                RelayEvent::CloseBackend(reason) => {
+                    debug!(reason, "closing the backend connection");
+                    if let Some((_, mut b)) = backend.take() {
+                        let _ = b.shutdown().await;
+                    }
+                }
+                RelayEvent::Close(reason) => {
+                    let _ = client.shutdown().await;
+                    if let Some((_, mut b)) = backend.take() {
+                        let _ = b.shutdown().await;
+                    }
+                    return reason.as_str();
+                }
+            }
+            continue;
+        }
+        // Wait for either side. The deadline is per wait: a command, a reply, a chunk.
+        deadline = Instant::now() + SMTP_TIMEOUT;
+        let want_client = relay.wants_client_input();
+        tokio::select! {
+            r = client.read(&mut cbuf), if want_client => match r {
+                Ok(0) | Err(_) => {
+                    // A message cut short never gets its final "." at the backend,
+                    // which discards it: close both without another byte.
+                    if let Some((_, mut b)) = backend.take() {
+                        let _ = b.shutdown().await;
+                    }
+                    return "client_closed";
+                }
+                Ok(n) => relay.handle_client_input(cbuf.get(..n).unwrap_or_default()),
+            },
+            r = read_backend(&mut backend, &mut bbuf) => match r {
+                Some(n) if n > 0 => relay.handle_backend_input(bbuf.get(..n).unwrap_or_default()),
+                _ => {
+                    backend = None;
+                    relay.handle_backend_closed();
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => relay.shutdown(Shutdown::IdleTimeout),
+        }
+    }
+}
+
+/// Reads from the backend, or never completes when there is none.
+async fn read_backend(
+    backend: &mut Option<(String, BackendStream)>,
+    buf: &mut [u8],
+) -> Option<usize> {
+    match backend {
+        Some((_, b)) => b.read(buf).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The listener's options with the extensions the backends' EHLO allows.
+fn with_probed_extensions(
+    ctx: &Ctx,
+    options: Arc<RelayOptions>,
+    protocol: Protocol,
+) -> Arc<RelayOptions> {
+    match ctx.health.extensions(protocol) {
+        Some(ext) if ext != options.extensions => Arc::new(RelayOptions {
+            extensions: ext,
+            ..(*options).clone()
+        }),
+        _ => options,
+    }
+}
+
+async fn route(ctx: &Ctx, address: &str, protocol: Protocol) -> Route {
+    match ctx.router.resolve_recipient(address, protocol).await {
+        Ok(d) => {
+            debug!(recipient = %d.user, backend = %d.backend, route = d.source.as_str(), "recipient routed");
+            Route::Backend(BackendId(d.backend))
+        }
+        Err(RouteError::InvalidUser(_)) => Route::Reject,
+        Err(e) => {
+            warn!(error = %e, "cannot route recipient");
+            Route::TempFail
+        }
+    }
+}
+
+async fn connect(
+    ctx: &Ctx,
+    name: &str,
+    protocol: Protocol,
+    info: &ClientInfo,
+) -> Option<BackendStream> {
+    let backend = ctx.settings.backends.get(name)?;
+    let endpoint = backend.endpoint(protocol)?;
+    let tls = ClientTls { version: None };
+    match backend::connect(
+        &backend.host,
+        endpoint,
+        backend.tls.as_ref(),
+        info,
+        &tls,
+        ctx.settings.timeouts.backend_connect,
+    )
+    .await
+    {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(backend = name, error = %e, "backend connect failed");
+            ctx.health.report(name, protocol, Err(e.to_string()));
+            None
+        }
+    }
+}
