@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         max_line: 1024,
         max_literal: 256,
         insecure_plaintext_auth: control & 1 == 1,
+        oauth: true,
         ..Options::default()
     };
     let mut front = Front::new(Arc::new(opts), control & 2 == 2);

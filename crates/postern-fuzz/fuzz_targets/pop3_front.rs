@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
         max_line: MAX_LINE,
         insecure_plaintext_auth: insecure,
         apop: control & 4 == 4,
+        oauth: true,
         ..Options::default()
     };
     let mut front = Front::new(Arc::new(opts), tls, Some("<1.2@fuzz>".into()));

@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         max_line: 512,
         max_auth_line: 1024,
         insecure_plaintext_auth: control & 1 == 1,
+        oauth: true,
         extensions: vec!["PIPELINING".into(), "XCLIENT ADDR".into(), "SIZE 10".into()],
         ..Options::default()
     };

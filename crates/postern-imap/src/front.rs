@@ -50,6 +50,11 @@ pub struct Options {
     pub max_bad_commands: u32,
     /// Failed logins tolerated on one connection before it is closed.
     pub max_auth_failures: u32,
+    /// Offer and accept XOAUTH2 and OAUTHBEARER: the user comes from the message, the
+    /// token goes to the backend unchanged.
+    pub oauth: bool,
+    /// Commands accepted before authentication, all kinds together; then `* BYE`.
+    pub max_commands: u32,
 }
 
 impl Default for Options {
@@ -64,6 +69,10 @@ impl Default for Options {
             max_literal: 8 * 1024,
             max_bad_commands: 10,
             max_auth_failures: 3,
+            oauth: false,
+            // A real client needs a handful (CAPABILITY, ID, STARTTLS, LOGIN, retries);
+            // this bounds what a connection can make Postern do before it logs in.
+            max_commands: 50,
         }
     }
 }
@@ -74,6 +83,7 @@ enum State {
     AuthPlain { tag: String },
     AuthLoginUser { tag: String },
     AuthLoginPass { tag: String, user: String },
+    AuthOAuth { tag: String, mechanism: Mechanism },
     WaitTls,
     WaitVerdict { tag: String },
     Done,
@@ -91,6 +101,7 @@ pub struct Front {
     tls: bool,
     bad_commands: u32,
     auth_failures: u32,
+    commands: u32,
     client_id: Option<ClientId>,
 }
 
@@ -107,6 +118,7 @@ impl Front {
             tls,
             bad_commands: 0,
             auth_failures: 0,
+            commands: 0,
             client_id: None,
         };
         let greeting = format!(
@@ -137,6 +149,9 @@ impl Front {
         }
         if self.auth_allowed() {
             caps.push_str(" AUTH=PLAIN AUTH=LOGIN");
+            if self.opts.oauth {
+                caps.push_str(" AUTH=XOAUTH2 AUTH=OAUTHBEARER");
+            }
         } else {
             caps.push_str(" LOGINDISABLED");
         }
@@ -168,7 +183,8 @@ impl Front {
                 State::Ready => Mode::Command,
                 State::AuthPlain { .. }
                 | State::AuthLoginUser { .. }
-                | State::AuthLoginPass { .. } => Mode::Line,
+                | State::AuthLoginPass { .. }
+                | State::AuthOAuth { .. } => Mode::Line,
                 State::WaitTls | State::WaitVerdict { .. } | State::Done | State::Closed => {
                     return;
                 }
@@ -215,6 +231,13 @@ impl Front {
     }
 
     fn command(&mut self, message: &[u8]) {
+        self.commands = self.commands.saturating_add(1);
+        if self.commands > self.opts.max_commands {
+            self.send("* BYE Too many commands before login.");
+            self.events
+                .push_back(Event::Rejected("too many commands before login"));
+            return self.close(CloseReason::TooManyErrors);
+        }
         let command = match CommandCodec::default().decode(message) {
             Ok((b"", command)) => command,
             _ => {
@@ -290,6 +313,20 @@ impl Front {
                             self.state = State::AuthLoginUser { tag };
                         }
                     },
+                    AuthMechanism::XOAuth2 | AuthMechanism::OAuthBearer if self.opts.oauth => {
+                        let mechanism = if mechanism == AuthMechanism::XOAuth2 {
+                            Mechanism::XOAuth2
+                        } else {
+                            Mechanism::OAuthBearer
+                        };
+                        match ir {
+                            Some(message) => self.oauth(tag, mechanism, &message),
+                            None => {
+                                self.send("+ ");
+                                self.state = State::AuthOAuth { tag, mechanism };
+                            }
+                        }
+                    }
                     _ => self.send(&format!("{tag} NO Unsupported authentication mechanism.")),
                 }
             }
@@ -320,7 +357,8 @@ impl Front {
         let tag = match &state {
             State::AuthPlain { tag }
             | State::AuthLoginUser { tag }
-            | State::AuthLoginPass { tag, .. } => tag.clone(),
+            | State::AuthLoginPass { tag, .. }
+            | State::AuthOAuth { tag, .. } => tag.clone(),
             _ => {
                 self.state = state;
                 return;
@@ -336,7 +374,20 @@ impl Front {
         match state {
             State::AuthLoginUser { .. } => self.login_user(tag, &data),
             State::AuthLoginPass { user, .. } => self.login_password(tag, user, data),
+            State::AuthOAuth { mechanism, .. } => self.oauth(tag, mechanism, &data),
             _ => self.plain(tag, &data),
+        }
+    }
+
+    fn oauth(&mut self, tag: String, mechanism: Mechanism, message: &[u8]) {
+        let creds = if mechanism == Mechanism::XOAuth2 {
+            sasl::decode_xoauth2(message)
+        } else {
+            sasl::decode_oauthbearer(message)
+        };
+        match creds {
+            Ok(creds) => self.authenticate(tag, creds),
+            Err(_) => self.auth_failed(&tag),
         }
     }
 

@@ -238,7 +238,30 @@ impl Login {
             }
         };
         let mut chunks = VecDeque::new();
-        if use_plain {
+        let mechanism = self.creds.mechanism;
+        if mechanism.is_oauth() {
+            // Bearer tokens are replayed with their own mechanism, message unchanged.
+            let b64 = sasl::encode(self.creds.password.expose());
+            let name = mechanism.as_str();
+            if self.caps.sasl_ir {
+                chunks.push_back(Secret::new(
+                    format!("{TAG_LOGIN} AUTHENTICATE {name} {b64}\r\n").into_bytes(),
+                ));
+            } else {
+                chunks.push_back(Secret::new(
+                    format!("{TAG_LOGIN} AUTHENTICATE {name}\r\n").into_bytes(),
+                ));
+                chunks.push_back(Secret::new(format!("{b64}\r\n").into_bytes()));
+            }
+            // RFC 7628 §3.2.2: after a failure challenge the client sends %x01 and the
+            // server then answers NO; XOAUTH2 servers want an empty line.
+            let dummy = if mechanism == postern_proto::Mechanism::OAuthBearer {
+                "AQ==\r\n"
+            } else {
+                "\r\n"
+            };
+            chunks.push_back(Secret::new(dummy.as_bytes().to_vec()));
+        } else if use_plain {
             let b64 = sasl::encode(sasl::encode_plain(&self.creds).expose());
             if self.caps.sasl_ir {
                 chunks.push_back(Secret::new(

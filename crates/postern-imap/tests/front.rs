@@ -362,3 +362,61 @@ fn byte_at_a_time_equals_one_read() {
     assert_eq!(all, pieces);
     assert_eq!(whole.take_auth(), split.take_auth());
 }
+
+#[test]
+fn oauth_mechanisms_when_enabled() {
+    let (mut t, g) = T::with(
+        Options {
+            oauth: true,
+            ..opts()
+        },
+        true,
+    );
+    assert!(g.contains("AUTH=XOAUTH2 AUTH=OAUTHBEARER"), "{g}");
+    let msg = b"user=alice@x\x01auth=Bearer tok\x01\x01";
+    let b64 = postern_proto::sasl::encode(msg);
+    assert_eq!(
+        t.send(format!("a AUTHENTICATE XOAUTH2 {b64}\r\n").as_bytes()),
+        ""
+    );
+    let c = t.take_auth();
+    assert_eq!(
+        (c.user.as_str(), c.mechanism),
+        ("alice@x", Mechanism::XOAuth2)
+    );
+    assert_eq!(c.password.expose(), msg);
+    // Without an initial response, and a message with no user: refused.
+    let (mut t, _) = T::with(
+        Options {
+            oauth: true,
+            ..opts()
+        },
+        true,
+    );
+    assert_eq!(t.send(b"b AUTHENTICATE OAUTHBEARER\r\n"), "+ \r\n");
+    let bad = postern_proto::sasl::encode(b"n,,\x01auth=Bearer t\x01\x01");
+    let out = t.send(format!("{bad}\r\n").as_bytes());
+    assert!(out.starts_with("b NO [AUTHENTICATIONFAILED]"), "{out}");
+    // Off by default: not offered, not accepted.
+    let (mut t, g) = T::new(true);
+    assert!(!g.contains("XOAUTH2"));
+    let out = t.send(format!("c AUTHENTICATE XOAUTH2 {b64}\r\n").as_bytes());
+    assert!(out.starts_with("c NO Unsupported"), "{out}");
+}
+
+#[test]
+fn commands_before_login_are_bounded() {
+    let (mut t, _) = T::with(
+        Options {
+            max_commands: 3,
+            ..opts()
+        },
+        true,
+    );
+    let out = t.send(b"a NOOP\r\nb NOOP\r\nc NOOP\r\nd NOOP\r\ne NOOP\r\n");
+    assert!(
+        out.ends_with("c OK NOOP completed.\r\n* BYE Too many commands before login.\r\n"),
+        "{out}"
+    );
+    assert_eq!(t.closed(), Some(CloseReason::TooManyErrors));
+}

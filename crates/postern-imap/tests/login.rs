@@ -195,3 +195,30 @@ fn a_backend_without_starttls_is_not_logged_in_to_in_plaintext() {
     assert_eq!(out, "");
     assert_eq!(v, Some(Verdict::Failed(Failure::Unavailable)));
 }
+
+#[test]
+fn bearer_tokens_are_replayed_unchanged() {
+    let msg = b"user=alice@example.test\x01auth=Bearer tok\x01\x01".to_vec();
+    let creds = Credentials {
+        mechanism: Mechanism::XOAuth2,
+        authzid: None,
+        user: "alice@example.test".into(),
+        password: Secret::new(msg.clone()),
+        challenge: None,
+    };
+    let opts = LoginOptions::default();
+    let mut l = Login::new(creds, None, &opts, &client());
+    let (out, _) = feed(&mut l, DOVECOT);
+    assert_eq!(
+        out,
+        format!(
+            "L AUTHENTICATE XOAUTH2 {}\r\n",
+            postern_proto::sasl::encode(&msg)
+        )
+    );
+    // A failure challenge gets the dummy response, then the NO is passed on.
+    let (out, _) = feed(&mut l, b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n");
+    assert_eq!(out, "\r\n");
+    let (_, v) = feed(&mut l, b"L NO [AUTHENTICATIONFAILED] bad token\r\n");
+    assert!(matches!(v, Some(Verdict::Refused(_))));
+}

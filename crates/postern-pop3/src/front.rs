@@ -52,6 +52,10 @@ pub struct Options {
     pub max_bad_commands: u32,
     /// Failed logins tolerated on one connection before it is closed.
     pub max_auth_failures: u32,
+    /// Offer and accept XOAUTH2 and OAUTHBEARER (the token is replayed unchanged).
+    pub oauth: bool,
+    /// Commands accepted before authentication, all kinds together; then close.
+    pub max_commands: u32,
 }
 
 impl Default for Options {
@@ -66,6 +70,8 @@ impl Default for Options {
             max_line: 16 * 1024,
             max_bad_commands: 10,
             max_auth_failures: 3,
+            oauth: false,
+            max_commands: 50,
         }
     }
 }
@@ -123,6 +129,7 @@ pub fn apop_timestamp(unique: &str, host: &str) -> Option<String> {
 enum State {
     Ready,
     AuthPlain,
+    AuthOAuth(Mechanism),
     AuthLoginUser,
     AuthLoginPass { user: String },
     WaitTls,
@@ -146,6 +153,7 @@ pub struct Front {
     user: Option<String>,
     bad_commands: u32,
     auth_failures: u32,
+    commands: u32,
 }
 
 impl Front {
@@ -182,6 +190,7 @@ impl Front {
             user: None,
             bad_commands: 0,
             auth_failures: 0,
+            commands: 0,
         }
     }
 
@@ -212,7 +221,10 @@ impl Front {
         loop {
             let command = match self.state {
                 State::Ready => true,
-                State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. } => false,
+                State::AuthPlain
+                | State::AuthOAuth(_)
+                | State::AuthLoginUser
+                | State::AuthLoginPass { .. } => false,
                 State::WaitTls | State::WaitVerdict | State::Done | State::Closed => return,
             };
             match self.lines.poll(self.opts.max_line) {
@@ -237,6 +249,13 @@ impl Front {
     }
 
     fn command(&mut self, line: &[u8]) {
+        self.commands = self.commands.saturating_add(1);
+        if self.commands > self.opts.max_commands {
+            self.send("-ERR Too many commands before login, closing connection.");
+            self.events
+                .push_back(Event::Rejected("too many commands before login"));
+            return self.close(CloseReason::TooManyErrors);
+        }
         let (verb, arg) = match line.iter().position(|&b| b == b' ') {
             Some(i) => (line.get(..i).unwrap_or_default(), line.get(i + 1..)),
             None => (line, None),
@@ -285,7 +304,11 @@ impl Front {
             caps.push_str("STLS\r\n");
         }
         if self.plaintext_allowed() {
-            caps.push_str("USER\r\nSASL PLAIN LOGIN\r\n");
+            caps.push_str("USER\r\nSASL PLAIN LOGIN");
+            if self.opts.oauth {
+                caps.push_str(" XOAUTH2 OAUTHBEARER");
+            }
+            caps.push_str("\r\n");
         }
         caps.push_str(".\r\n");
         self.out.extend_from_slice(caps.as_bytes());
@@ -355,10 +378,10 @@ impl Front {
         let Some(arg) = arg.filter(|a| !a.iter().all(|&b| b == b' ')) else {
             // The mechanism list form (not in RFC 5034 but sent by Outlook and others;
             // Dovecot and nginx answer it). Only what can be used right now.
-            let mechs = if self.plaintext_allowed() {
-                "PLAIN\r\nLOGIN\r\n"
-            } else {
-                ""
+            let mechs = match (self.plaintext_allowed(), self.opts.oauth) {
+                (true, true) => "PLAIN\r\nLOGIN\r\nXOAUTH2\r\nOAUTHBEARER\r\n",
+                (true, false) => "PLAIN\r\nLOGIN\r\n",
+                (false, _) => "",
             };
             let list = format!("+OK Methods supported:\r\n{mechs}.\r\n");
             return self.out.extend_from_slice(list.as_bytes());
@@ -372,7 +395,16 @@ impl Front {
             None => (arg, None),
         };
         let plain = mechanism.eq_ignore_ascii_case(b"PLAIN");
-        if !plain && !mechanism.eq_ignore_ascii_case(b"LOGIN") {
+        let oauth = if !self.opts.oauth {
+            None
+        } else if mechanism.eq_ignore_ascii_case(b"XOAUTH2") {
+            Some(Mechanism::XOAuth2)
+        } else if mechanism.eq_ignore_ascii_case(b"OAUTHBEARER") {
+            Some(Mechanism::OAuthBearer)
+        } else {
+            None
+        };
+        if !plain && oauth.is_none() && !mechanism.eq_ignore_ascii_case(b"LOGIN") {
             return self.send("-ERR Unsupported authentication mechanism.");
         }
         let ir = match ir.map(sasl::decode_response) {
@@ -383,6 +415,15 @@ impl Front {
             }
             Some(Err(_)) => return self.bad("bad base64", "Invalid base64 data."),
         };
+        if let Some(mechanism) = oauth {
+            return match ir {
+                Some(message) => self.oauth(mechanism, &message),
+                None => {
+                    self.send("+ ");
+                    self.state = State::AuthOAuth(mechanism);
+                }
+            };
+        }
         match (plain, ir) {
             (true, Some(message)) => self.plain(&message),
             (true, None) => {
@@ -440,7 +481,20 @@ impl Front {
         match state {
             State::AuthLoginUser => self.login_user(&data),
             State::AuthLoginPass { user } => self.login_password(user, data),
+            State::AuthOAuth(mechanism) => self.oauth(mechanism, &data),
             _ => self.plain(&data),
+        }
+    }
+
+    fn oauth(&mut self, mechanism: Mechanism, message: &[u8]) {
+        let creds = if mechanism == Mechanism::XOAuth2 {
+            sasl::decode_xoauth2(message)
+        } else {
+            sasl::decode_oauthbearer(message)
+        };
+        match creds {
+            Ok(creds) => self.authenticate(creds),
+            Err(_) => self.auth_failed(),
         }
     }
 

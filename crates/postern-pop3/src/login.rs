@@ -105,7 +105,10 @@ impl Login {
     /// verify the digest and substitute the password first; not doing so is Postern's
     /// fault, not the client's).
     pub fn new(creds: Credentials, options: &LoginOptions, client: &ClientInfo) -> Self {
-        let plain = options.method == LoginMethod::Plain || creds.authzid.is_some();
+        // Bearer tokens go the SASL way too, with their own mechanism.
+        let plain = options.method == LoginMethod::Plain
+            || creds.authzid.is_some()
+            || creds.mechanism.is_oauth();
         let xclient = options.forward_client.then(|| xclient(client));
         let mut login = Self {
             state: State::Greeting,
@@ -188,13 +191,19 @@ impl Login {
 
     fn send_login(&mut self) {
         if self.plain {
-            let b64 = sasl::encode(sasl::encode_plain(&self.creds).expose());
-            let line = Secret::new(format!("AUTH PLAIN {b64}\r\n").into_bytes());
+            let (name, message) = if self.creds.mechanism.is_oauth() {
+                (self.creds.mechanism.as_str(), self.creds.password.clone())
+            } else {
+                ("PLAIN", sasl::encode_plain(&self.creds))
+            };
+            let b64 = sasl::encode(message.expose());
+            let line = Secret::new(format!("AUTH {name} {b64}\r\n").into_bytes());
             if line.expose().len() <= MAX_AUTH_LINE {
                 self.out.extend_from_slice(line.expose());
                 self.state = State::Auth;
             } else {
-                self.out.extend_from_slice(b"AUTH PLAIN\r\n");
+                self.out
+                    .extend_from_slice(format!("AUTH {name}\r\n").as_bytes());
                 self.pending = Some(Secret::new(format!("{b64}\r\n").into_bytes()));
                 self.state = State::AuthContinue;
             }
@@ -241,6 +250,16 @@ impl Login {
             }
             (State::User, Status::Ok) => self.send_pending(State::Pass),
             (State::AuthContinue, Status::Continue) => self.send_pending(State::Auth),
+            // A bearer token refused with an error challenge (RFC 7628 §3.2.2): answer
+            // it as a client must, and the final -ERR follows.
+            (State::Auth, Status::Continue) if self.creds.mechanism.is_oauth() => {
+                let dummy: &[u8] = if self.creds.mechanism == Mechanism::OAuthBearer {
+                    b"AQ==\r\n"
+                } else {
+                    b"\r\n"
+                };
+                self.out.extend_from_slice(dummy);
+            }
             (State::Pass | State::Auth, Status::Ok) => self.finish(Verdict::Accepted(reply())),
             (State::User | State::Pass | State::AuthContinue | State::Auth, Status::Err) => {
                 self.finish(Verdict::Refused(reply()));

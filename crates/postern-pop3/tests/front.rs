@@ -764,3 +764,56 @@ fn machines_can_move_between_threads() {
     send_sync::<Front>();
     send_sync::<postern_pop3::Login>();
 }
+
+#[test]
+fn oauth_mechanisms_when_enabled() {
+    let oauth = || Options {
+        oauth: true,
+        ..opts()
+    };
+    let (mut t, _) = T::with(oauth(), true, None);
+    let capa = t.send(b"CAPA\r\n");
+    assert!(
+        capa.contains("SASL PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n"),
+        "{capa}"
+    );
+    let msg = b"user=alice@x\x01auth=Bearer tok\x01\x01";
+    let b64 = postern_proto::sasl::encode(msg);
+    assert_eq!(t.send(format!("AUTH XOAUTH2 {b64}\r\n").as_bytes()), "");
+    let c = t.take_auth();
+    assert_eq!(
+        (c.user.as_str(), c.mechanism),
+        ("alice@x", Mechanism::XOAuth2)
+    );
+    assert_eq!(c.password.expose(), msg);
+    let (mut t, _) = T::with(oauth(), true, None);
+    assert_eq!(t.send(b"AUTH OAUTHBEARER\r\n"), "+ \r\n");
+    let bad = postern_proto::sasl::encode(b"n,,\x01auth=Bearer t\x01\x01");
+    let out = t.send(format!("{bad}\r\n").as_bytes());
+    assert!(out.starts_with("-ERR"), "{out}");
+    assert_eq!(t.auths(), 0);
+    // Off by default.
+    let (mut t, _) = T::new(true);
+    assert!(!t.send(b"CAPA\r\n").contains("XOAUTH2"));
+    let out = t.send(format!("AUTH XOAUTH2 {b64}\r\n").as_bytes());
+    assert!(out.starts_with("-ERR"), "{out}");
+    assert_eq!(t.auths(), 0);
+}
+
+#[test]
+fn commands_before_login_are_bounded() {
+    let (mut t, _) = T::with(
+        Options {
+            max_commands: 3,
+            ..opts()
+        },
+        true,
+        None,
+    );
+    let out = t.send(b"NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n");
+    assert!(
+        out.ends_with("-ERR Too many commands before login, closing connection.\r\n"),
+        "{out}"
+    );
+    assert_eq!(t.closed(), Some(CloseReason::TooManyErrors));
+}

@@ -437,3 +437,20 @@ fn a_backend_refusing_stls_is_not_logged_in_to() {
     assert_eq!(out, "");
     assert_eq!(v, UNAVAILABLE);
 }
+
+#[test]
+fn bearer_tokens_replayed_with_their_mechanism() {
+    let msg = b"n,a=alice@x,\x01auth=Bearer t\x01\x01";
+    let mut c = creds("alice@x", msg, None);
+    c.mechanism = Mechanism::OAuthBearer;
+    let mut l = login(c, LoginMethod::User, false);
+    let (out, _) = feed(&mut l, DOVECOT);
+    assert_eq!(
+        out,
+        format!("AUTH OAUTHBEARER {}\r\n", postern_proto::sasl::encode(msg))
+    );
+    let (out, v) = feed(&mut l, b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n");
+    assert_eq!((out.as_str(), v), ("AQ==\r\n", None));
+    let (_, v) = feed(&mut l, b"-ERR [AUTH] Authentication failed.\r\n");
+    assert!(matches!(v, Some(Verdict::Refused(_))), "{v:?}");
+}

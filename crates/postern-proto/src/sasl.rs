@@ -32,6 +32,11 @@ pub enum Mechanism {
     /// POP3 APOP (RFC 1939 §7): the "password" is the MD5 digest of the greeting's
     /// timestamp and the secret, and [`Credentials::challenge`] holds that timestamp.
     Apop,
+    /// Google's XOAUTH2: [`Credentials::password`] holds the whole client message, which
+    /// is replayed to the backend unchanged (Postern does not validate tokens).
+    XOAuth2,
+    /// RFC 7628 OAUTHBEARER; like [`Mechanism::XOAuth2`], replayed unchanged.
+    OAuthBearer,
 }
 
 impl Mechanism {
@@ -42,7 +47,14 @@ impl Mechanism {
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",
             Mechanism::Apop => "APOP",
+            Mechanism::XOAuth2 => "XOAUTH2",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
         }
+    }
+
+    /// Whether the credentials are a bearer token message to replay as is.
+    pub fn is_oauth(self) -> bool {
+        matches!(self, Mechanism::XOAuth2 | Mechanism::OAuthBearer)
     }
 }
 
@@ -133,6 +145,85 @@ pub fn decode_plain(message: &[u8]) -> Result<Credentials, SaslError> {
     })
 }
 
+/// Decodes an XOAUTH2 message: `user=<user>\x01auth=Bearer <token>\x01\x01`. The user
+/// routes the login; the whole message is kept to replay.
+pub fn decode_xoauth2(message: &[u8]) -> Result<Credentials, SaslError> {
+    let body = message
+        .strip_suffix(b"\x01\x01")
+        .ok_or(SaslError::Malformed)?;
+    let mut user = None;
+    let mut auth = false;
+    for field in body.split(|&b| b == 1) {
+        if let Some(u) = field.strip_prefix(b"user=") {
+            user = Some(identity(u)?);
+        } else if field.starts_with(b"auth=") {
+            auth = true;
+        }
+    }
+    match (user, auth) {
+        (Some(user), true) => Ok(oauth(Mechanism::XOAuth2, user, message)),
+        _ => Err(SaslError::Malformed),
+    }
+}
+
+/// Decodes an OAUTHBEARER message (RFC 7628 §3.1): a GS2 header `n,a=<authzid>,` then
+/// `\x01`-separated `key=value` pairs with `auth=Bearer <token>`, ending in `\x01\x01`.
+/// The authorization identity in the header is the user: without it there is nothing
+/// to route by, and the login is refused.
+pub fn decode_oauthbearer(message: &[u8]) -> Result<Credentials, SaslError> {
+    let (header, rest) = split_once(message, 1).ok_or(SaslError::Malformed)?;
+    let body = rest.strip_suffix(b"\x01\x01").ok_or(SaslError::Malformed)?;
+    if !body.split(|&b| b == 1).any(|kv| kv.starts_with(b"auth=")) {
+        return Err(SaslError::Malformed);
+    }
+    // gs2-header: flag "," [ "a=" saslname ] ","
+    let mut parts = header.splitn(3, |&b| b == b',');
+    let (Some(flag), Some(authzid), Some(b"")) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(SaslError::Malformed);
+    };
+    if !matches!(flag, b"n" | b"y") && !flag.starts_with(b"p=") {
+        return Err(SaslError::Malformed);
+    }
+    let name = authzid.strip_prefix(b"a=").ok_or(SaslError::Malformed)?;
+    let user = identity(&unescape_saslname(name)?)?;
+    Ok(oauth(Mechanism::OAuthBearer, user, message))
+}
+
+fn oauth(mechanism: Mechanism, user: String, message: &[u8]) -> Credentials {
+    Credentials {
+        mechanism,
+        authzid: None,
+        user,
+        password: Secret::new(message.to_vec()),
+        challenge: None,
+    }
+}
+
+fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
+    let i = s.iter().position(|&b| b == sep)?;
+    Some((s.get(..i)?, s.get(i + 1..)?))
+}
+
+/// RFC 5801 saslname: `=2C` is `,` and `=3D` is `=`; any other `=` is an error.
+fn unescape_saslname(raw: &[u8]) -> Result<Vec<u8>, SaslError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(&b) = raw.get(i) {
+        if b == b'=' {
+            match raw.get(i + 1..i + 3) {
+                Some(b"2C") => out.push(b','),
+                Some(b"3D") => out.push(b'='),
+                _ => return Err(SaslError::Malformed),
+            }
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Builds the PLAIN message that replays `creds` to a backend.
 pub fn encode_plain(creds: &Credentials) -> Secret<Vec<u8>> {
     let authzid = creds.authzid.as_deref().unwrap_or("");
@@ -197,6 +288,38 @@ mod tests {
             b"\0\xff\0pw",
         ] {
             assert_eq!(decode_plain(bad), Err(SaslError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn oauth_messages() {
+        let x = decode_xoauth2(b"user=alice@x\x01auth=Bearer tok\x01\x01").unwrap();
+        assert_eq!(
+            (x.user.as_str(), x.mechanism),
+            ("alice@x", Mechanism::XOAuth2)
+        );
+        assert_eq!(
+            x.password.expose(),
+            b"user=alice@x\x01auth=Bearer tok\x01\x01"
+        );
+        assert!(decode_xoauth2(b"user=alice@x\x01\x01").is_err());
+        assert!(decode_xoauth2(b"auth=Bearer t\x01\x01").is_err());
+        let o = decode_oauthbearer(
+            b"n,a=bob=2Cjr@x,\x01host=imap.x\x01port=993\x01auth=Bearer t\x01\x01",
+        )
+        .unwrap();
+        assert_eq!(
+            (o.user.as_str(), o.mechanism),
+            ("bob,jr@x", Mechanism::OAuthBearer)
+        );
+        for bad in [
+            &b"n,,\x01auth=Bearer t\x01\x01"[..],
+            b"n,a=bob,\x01host=x\x01\x01",
+            b"n,a=b=ZZ,\x01auth=Bearer t\x01\x01",
+            b"x,a=bob,\x01auth=Bearer t\x01\x01",
+            b"n,a=bob,\x01auth=Bearer t",
+        ] {
+            assert!(decode_oauthbearer(bad).is_err(), "{bad:?}");
         }
     }
 

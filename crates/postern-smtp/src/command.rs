@@ -8,13 +8,19 @@
 
 use std::borrow::Cow;
 
-use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, Error as ParseError, Request};
+use smtp_proto::{
+    AUTH_LOGIN, AUTH_OAUTHBEARER, AUTH_PLAIN, AUTH_XOAUTH2, Error as ParseError, Request,
+};
 
 /// SASL mechanisms, as far as a proxy cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AuthMech {
     Plain,
     Login,
+    /// Bearer tokens (Google/Microsoft XOAUTH2, RFC 7628 OAUTHBEARER); accepted only
+    /// where the listener enables OAuth.
+    XOAuth2,
+    OAuthBearer,
     /// Anything else: refused with 504.
     Other,
 }
@@ -100,6 +106,8 @@ pub(crate) fn parse(raw: &[u8]) -> Result<Command, Bad> {
             mechanism: match mechanism {
                 AUTH_PLAIN => AuthMech::Plain,
                 AUTH_LOGIN => AuthMech::Login,
+                AUTH_XOAUTH2 => AuthMech::XOAuth2,
+                AUTH_OAUTHBEARER => AuthMech::OAuthBearer,
                 _ => AuthMech::Other,
             },
             initial: (!initial_response.is_empty()).then(|| initial_response.into_owned()),

@@ -69,6 +69,11 @@ pub struct Options {
     pub max_bad_commands: u32,
     /// Failed authentications tolerated on one connection before it is closed.
     pub max_auth_failures: u32,
+    /// Offer and accept XOAUTH2 and OAUTHBEARER: the user comes from the message, the
+    /// token goes to the backend unchanged.
+    pub oauth: bool,
+    /// Commands accepted before authentication, all kinds together; then 421.
+    pub max_commands: u32,
 }
 
 impl Default for Options {
@@ -92,6 +97,10 @@ impl Default for Options {
             max_auth_line: 16 * 1024,
             max_bad_commands: 10,
             max_auth_failures: 3,
+            oauth: false,
+            // A real client needs a handful (EHLO twice, STARTTLS, AUTH, retries); this
+            // bounds what a connection can make Postern do before it authenticates.
+            max_commands: 50,
         }
     }
 }
@@ -107,6 +116,9 @@ enum State {
     AuthLoginUser,
     AuthLoginPass {
         user: String,
+    },
+    AuthOAuth {
+        mechanism: Mechanism,
     },
     /// Discarding the data of a BDAT refused before authentication.
     SkipChunk {
@@ -132,6 +144,7 @@ pub struct Front {
     client_name: Option<String>,
     bad_commands: u32,
     auth_failures: u32,
+    commands: u32,
 }
 
 impl Front {
@@ -149,6 +162,7 @@ impl Front {
             client_name: None,
             bad_commands: 0,
             auth_failures: 0,
+            commands: 0,
         };
         let greeting = format!("220 {} ESMTP {}", front.opts.hostname, front.opts.greeting);
         front.send(&greeting);
@@ -201,7 +215,8 @@ impl Front {
                 State::Ready
                 | State::AuthPlain
                 | State::AuthLoginUser
-                | State::AuthLoginPass { .. } => {}
+                | State::AuthLoginPass { .. }
+                | State::AuthOAuth { .. } => {}
                 State::SkipChunk { remaining } => {
                     let n = (*remaining).min(self.input.len());
                     *remaining -= n;
@@ -243,6 +258,17 @@ impl Front {
     }
 
     fn command(&mut self, raw: &[u8]) {
+        self.commands = self.commands.saturating_add(1);
+        if self.commands > self.opts.max_commands {
+            let line = format!(
+                "421 4.7.0 {} Error: too many commands before authentication",
+                self.opts.hostname
+            );
+            self.send(&line);
+            self.events
+                .push_back(Event::Rejected("too many commands before authentication"));
+            return self.close(CloseReason::TooManyErrors);
+        }
         let cmd = match command::parse(raw) {
             Ok(cmd) => cmd,
             Err(bad) => return self.bad(bad.reply, bad.reason),
@@ -297,7 +323,11 @@ impl Front {
                 lines.push("STARTTLS".into());
             }
             if self.auth_allowed() {
-                lines.push("AUTH PLAIN LOGIN".into());
+                lines.push(if self.opts.oauth {
+                    "AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER".into()
+                } else {
+                    "AUTH PLAIN LOGIN".into()
+                });
             }
             let reply = multi_line(250, &self.opts.hostname, &lines);
             self.out.extend_from_slice(reply.as_bytes());
@@ -336,7 +366,8 @@ impl Front {
                 .push_back(Event::Rejected("plaintext authentication before TLS"));
             return self.count_bad();
         }
-        if mechanism == AuthMech::Other {
+        let oauth = matches!(mechanism, AuthMech::XOAuth2 | AuthMech::OAuthBearer);
+        if mechanism == AuthMech::Other || (oauth && !self.opts.oauth) {
             return self.send("504 5.5.4 Unrecognized authentication type");
         }
         let initial = match initial
@@ -361,6 +392,20 @@ impl Front {
                 self.send(&format!("334 {}", sasl::LOGIN_USER_PROMPT));
                 self.state = State::AuthLoginUser;
             }
+            (AuthMech::XOAuth2, Some(message)) => self.oauth(Mechanism::XOAuth2, &message),
+            (AuthMech::OAuthBearer, Some(message)) => self.oauth(Mechanism::OAuthBearer, &message),
+            (AuthMech::XOAuth2, None) => {
+                self.send("334 ");
+                self.state = State::AuthOAuth {
+                    mechanism: Mechanism::XOAuth2,
+                };
+            }
+            (AuthMech::OAuthBearer, None) => {
+                self.send("334 ");
+                self.state = State::AuthOAuth {
+                    mechanism: Mechanism::OAuthBearer,
+                };
+            }
             (AuthMech::Other, _) => {}
         }
     }
@@ -376,7 +421,20 @@ impl Front {
             State::AuthPlain => self.plain(&data),
             State::AuthLoginUser => self.login_user(&data),
             State::AuthLoginPass { user } => self.login_password(user, data),
+            State::AuthOAuth { mechanism } => self.oauth(mechanism, &data),
             other => self.state = other,
+        }
+    }
+
+    fn oauth(&mut self, mechanism: Mechanism, message: &[u8]) {
+        let creds = if mechanism == Mechanism::XOAuth2 {
+            sasl::decode_xoauth2(message)
+        } else {
+            sasl::decode_oauthbearer(message)
+        };
+        match creds {
+            Ok(creds) => self.authenticate(creds),
+            Err(_) => self.auth_failed(),
         }
     }
 

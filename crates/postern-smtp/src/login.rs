@@ -18,13 +18,17 @@
 
 use postern_proto::sasl;
 use postern_proto::{
-    BackendLogin, ClientInfo, Credentials, Failure, LoginEvent, Reply, Secret, Verdict,
+    BackendLogin, ClientInfo, Credentials, Failure, LoginEvent, Mechanism, Reply, Secret, Verdict,
 };
 
 use crate::ehlo::Extensions;
 use crate::handshake::{Handshake, Plan, Step, Verb};
 use crate::reply::{BackendReply, Read, ReplyReader};
 use crate::xclient::ClientAttrs;
+
+/// Longest `AUTH` line sent with an initial response. Postfix reads commands up to
+/// `line_length_limit` (2048 by default), below RFC 4954's 12 288.
+const MAX_INITIAL_RESPONSE_LINE: usize = 2048;
 
 /// How Postern opens the backend session.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,6 +90,13 @@ enum State {
     AuthLoginUser,
     /// User sent; waiting for the password prompt.
     AuthLoginPass,
+    /// `AUTH <bearer mechanism>` sent without the (long) token; waiting for `334`.
+    AuthTokenPrompt,
+    /// Token sent; a `334` now is an error challenge (RFC 7628 §3.2.2) that a client
+    /// must answer before the final reply.
+    AuthToken {
+        answered: bool,
+    },
     Done,
 }
 
@@ -176,7 +187,24 @@ impl Login {
                 self.send_b64(self.creds.password.expose().clone());
                 self.state = State::AuthFinal;
             }
-            State::AuthFinal | State::AuthLoginUser | State::AuthLoginPass => {
+            State::AuthTokenPrompt if reply.code == 334 => {
+                self.send_b64(self.creds.password.expose().clone());
+                self.state = State::AuthToken { answered: false };
+            }
+            State::AuthToken { answered: false } if reply.code == 334 => {
+                let dummy: &[u8] = if self.creds.mechanism == Mechanism::OAuthBearer {
+                    b"AQ==\r\n"
+                } else {
+                    b"\r\n"
+                };
+                self.out.extend_from_slice(dummy);
+                self.state = State::AuthToken { answered: true };
+            }
+            State::AuthFinal
+            | State::AuthLoginUser
+            | State::AuthLoginPass
+            | State::AuthTokenPrompt
+            | State::AuthToken { .. } => {
                 let verdict = verdict(reply);
                 self.finish(verdict);
             }
@@ -188,6 +216,9 @@ impl Login {
         if !ext.has("AUTH") {
             // e.g. Postfix with smtpd_tls_auth_only on a plaintext backend port.
             return self.unavailable();
+        }
+        if self.creds.mechanism.is_oauth() {
+            return self.start_token_auth();
         }
         let plain = match self.options.auth {
             AuthMethod::Plain => true,
@@ -205,6 +236,25 @@ impl Login {
         } else {
             self.out.extend_from_slice(b"AUTH LOGIN\r\n");
             self.state = State::AuthLoginUser;
+        }
+    }
+
+    /// Replays a bearer token with the client's own mechanism: there is no password
+    /// to turn into PLAIN. Short tokens go as an initial response; long ones (Azure AD
+    /// tokens run to several KiB) after the `334`, which every server accepts.
+    fn start_token_auth(&mut self) {
+        let name = self.creds.mechanism.as_str();
+        let b64 = Secret::new(sasl::encode(self.creds.password.expose()));
+        if b64.expose().len() + name.len() + 7 <= MAX_INITIAL_RESPONSE_LINE {
+            self.out
+                .extend_from_slice(format!("AUTH {name} ").as_bytes());
+            self.out.extend_from_slice(b64.expose().as_bytes());
+            self.out.extend_from_slice(b"\r\n");
+            self.state = State::AuthToken { answered: false };
+        } else {
+            self.out
+                .extend_from_slice(format!("AUTH {name}\r\n").as_bytes());
+            self.state = State::AuthTokenPrompt;
         }
     }
 

@@ -402,3 +402,61 @@ fn shutdown_and_login_construction() {
     assert_eq!(t.out(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
     assert_eq!(t.closed(), Some(CloseReason::Internal));
 }
+
+#[test]
+fn oauth_mechanisms_when_enabled() {
+    let oauth = || Options {
+        oauth: true,
+        ..opts()
+    };
+    let (mut t, _) = T::with(oauth(), true);
+    let ehlo = t.send(b"EHLO c\r\n");
+    assert!(
+        ehlo.contains("250 AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n"),
+        "{ehlo}"
+    );
+    let msg = b"n,a=alice@x,\x01auth=Bearer tok\x01\x01";
+    let b64 = postern_proto::sasl::encode(msg);
+    assert_eq!(t.send(format!("AUTH OAUTHBEARER {b64}\r\n").as_bytes()), "");
+    let c = t.take_auth();
+    assert_eq!(
+        (c.user.as_str(), c.mechanism),
+        ("alice@x", Mechanism::OAuthBearer)
+    );
+    assert_eq!(c.password.expose(), msg);
+    // Without an initial response; a message without a user is a failed login.
+    let (mut t, _) = T::with(oauth(), true);
+    t.send(b"EHLO c\r\n");
+    assert_eq!(t.send(b"AUTH XOAUTH2\r\n"), "334 \r\n");
+    let bad = postern_proto::sasl::encode(b"auth=Bearer t\x01\x01");
+    assert_eq!(
+        t.send(format!("{bad}\r\n").as_bytes()),
+        "535 5.7.8 Authentication credentials invalid\r\n"
+    );
+    assert!(!t.has_auth());
+    // Off by default: neither offered nor accepted.
+    let (mut t, _) = T::new(true);
+    assert!(!t.send(b"EHLO c\r\n").contains("XOAUTH2"));
+    assert_eq!(
+        t.send(format!("AUTH XOAUTH2 {b64}\r\n").as_bytes()),
+        "504 5.5.4 Unrecognized authentication type\r\n"
+    );
+}
+
+#[test]
+fn commands_before_auth_are_bounded() {
+    let (mut t, _) = T::with(
+        Options {
+            max_commands: 3,
+            ..opts()
+        },
+        true,
+    );
+    let out = t.send(b"NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n");
+    assert_eq!(
+        out,
+        "250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n\
+         421 4.7.0 mx.test Error: too many commands before authentication\r\n"
+    );
+    assert_eq!(t.closed(), Some(CloseReason::TooManyErrors));
+}

@@ -212,3 +212,57 @@ fn backend_failures_are_unavailable() {
     let mut l = login(LoginOptions::default(), None, "198.51.100.7:1");
     assert_eq!(feed(&mut l, &vec![b'2'; 5000]).1, unavailable);
 }
+
+fn token_login(mechanism: Mechanism, token: &[u8]) -> Login {
+    let session = SessionInfo {
+        hostname: "postern.test".into(),
+        helo: "laptop.example".into(),
+        client_name: None,
+    };
+    let creds = Credentials {
+        mechanism,
+        authzid: None,
+        user: "alice@example.test".into(),
+        password: Secret::new(token.to_vec()),
+        challenge: None,
+    };
+    Login::new(
+        creds,
+        session,
+        &LoginOptions::default(),
+        &client("127.0.0.2:1"),
+    )
+}
+
+#[test]
+fn bearer_tokens_replayed_with_their_mechanism() {
+    let msg = b"user=alice@example.test\x01auth=Bearer t\x01\x01";
+    let mut l = token_login(Mechanism::XOAuth2, msg);
+    feed(&mut l, b"220 b ESMTP\r\n");
+    let (out, _) = feed(&mut l, POSTFIX_EHLO);
+    assert_eq!(
+        out,
+        format!("AUTH XOAUTH2 {}\r\n", postern_proto::sasl::encode(msg))
+    );
+    // An error challenge is answered with an empty response, then the 535 is final.
+    let (out, v) = feed(&mut l, b"334 eyJzdGF0dXMiOiI0MDEifQ==\r\n");
+    assert_eq!((out.as_str(), v), ("\r\n", None));
+    let (_, v) = feed(&mut l, b"535 5.7.8 Authentication failed\r\n");
+    assert!(matches!(v, Some(Verdict::Refused(_))), "{v:?}");
+
+    // A token too long for an initial response waits for the 334; OAUTHBEARER's
+    // error challenge is answered with %x01.
+    let long = vec![b'a'; 4000];
+    let mut l = token_login(Mechanism::OAuthBearer, &long);
+    feed(&mut l, b"220 b ESMTP\r\n");
+    let (out, _) = feed(&mut l, POSTFIX_EHLO);
+    assert_eq!(out, "AUTH OAUTHBEARER\r\n");
+    let (out, _) = feed(&mut l, b"334 \r\n");
+    assert_eq!(out, format!("{}\r\n", postern_proto::sasl::encode(&long)));
+    let (out, _) = feed(&mut l, b"334 e30=\r\n");
+    assert_eq!(out, "AQ==\r\n");
+    // A second challenge is not answered again: the backend is not following RFC 7628.
+    let (out, v) = feed(&mut l, b"334 e30=\r\n");
+    assert_eq!(out, "");
+    assert_eq!(v, Some(Verdict::Failed(Failure::Unavailable)));
+}

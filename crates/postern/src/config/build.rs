@@ -408,6 +408,8 @@ fn build(file: File, base: &Path) -> Result<Config> {
                     max_literal: imap.max_literal_size,
                     max_bad_commands: imap.max_bad_commands,
                     max_auth_failures: imap.max_auth_failures,
+                    max_commands: imap.max_commands.max(1),
+                    oauth: imap.oauth,
                 }))
             }
             file::Protocol::Pop3 => {
@@ -424,6 +426,8 @@ fn build(file: File, base: &Path) -> Result<Config> {
                     max_line: p.max_line_length,
                     max_bad_commands: p.max_bad_commands,
                     max_auth_failures: p.max_auth_failures,
+                    max_commands: p.max_commands.max(1),
+                    oauth: p.oauth,
                 };
                 options.validate().map_err(|e| anyhow!("pop3: {e}"))?;
                 FrontOptions::Pop3(Arc::new(options))
@@ -443,6 +447,8 @@ fn build(file: File, base: &Path) -> Result<Config> {
                     max_auth_line: sub.max_auth_line_length,
                     max_bad_commands: sub.max_bad_commands,
                     max_auth_failures: sub.max_auth_failures.max(1),
+                    max_commands: sub.max_commands.max(1),
+                    oauth: sub.oauth,
                     ..postern_smtp::Options::default()
                 }))
             }

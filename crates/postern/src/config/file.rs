@@ -194,6 +194,10 @@ pub struct Imap {
     pub max_bad_commands: u32,
     /// Failed logins per connection before it is closed.
     pub max_auth_failures: u32,
+    /// Commands of any kind accepted before authentication.
+    pub max_commands: u32,
+    /// Offer XOAUTH2 and OAUTHBEARER; tokens are passed to the backend to check.
+    pub oauth: bool,
 }
 
 impl Default for Imap {
@@ -205,6 +209,8 @@ impl Default for Imap {
             max_literal_size: o.max_literal,
             max_bad_commands: o.max_bad_commands,
             max_auth_failures: o.max_auth_failures,
+            max_commands: o.max_commands,
+            oauth: o.oauth,
         }
     }
 }
@@ -221,6 +227,10 @@ pub struct Pop3 {
     pub max_bad_commands: u32,
     /// Failed logins per connection before it is closed.
     pub max_auth_failures: u32,
+    /// Commands of any kind accepted before authentication.
+    pub max_commands: u32,
+    /// Offer XOAUTH2 and OAUTHBEARER; tokens are passed to the backend to check.
+    pub oauth: bool,
     /// Accept APOP (needs plaintext passwords from the route store's lookup query).
     pub apop: bool,
 }
@@ -233,6 +243,8 @@ impl Default for Pop3 {
             max_line_length: o.max_line,
             max_bad_commands: o.max_bad_commands,
             max_auth_failures: o.max_auth_failures,
+            max_commands: o.max_commands,
+            oauth: o.oauth,
             apop: o.apop,
         }
     }
@@ -252,6 +264,10 @@ pub struct Submission {
     pub max_bad_commands: u32,
     /// Failed authentications per connection before it is closed.
     pub max_auth_failures: u32,
+    /// Commands of any kind accepted before authentication.
+    pub max_commands: u32,
+    /// Offer XOAUTH2 and OAUTHBEARER; tokens are passed to the backend to check.
+    pub oauth: bool,
 }
 
 impl Default for Submission {
@@ -263,6 +279,8 @@ impl Default for Submission {
             max_auth_line_length: o.max_auth_line,
             max_bad_commands: o.max_bad_commands,
             max_auth_failures: o.max_auth_failures,
+            max_commands: o.max_commands,
+            oauth: o.oauth,
         }
     }
 }
