@@ -24,8 +24,8 @@ use imap_codec::imap_types::auth::AuthMechanism;
 use imap_codec::imap_types::command::CommandBody;
 use postern_proto::sasl::{self, SaslError};
 use postern_proto::{
-    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Mechanism, Reply, Secret,
-    Verdict,
+    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Reply,
+    Secret, Verdict,
 };
 
 use crate::framing::{self, Frame, Framer, Limits, Mode};
@@ -516,11 +516,34 @@ impl FrontEnd for Front {
                 self.count_auth_failure();
             }
             Verdict::Failed(Failure::AuthFailed) => self.auth_failed(&tag),
+            Verdict::Failed(Failure::Limited(Limit::UserSessions)) => {
+                self.send(&format!(
+                    "{tag} NO [LIMIT] Too many sessions for this user."
+                ));
+            }
+            Verdict::Failed(Failure::Limited(_)) => {
+                self.send(&format!(
+                    "{tag} NO [LIMIT] Too many failed logins, try again later."
+                ));
+                self.count_auth_failure();
+            }
             Verdict::Failed(_) => self.send(&format!(
                 "{tag} NO [UNAVAILABLE] Service temporarily unavailable, try again later."
             )),
         }
         self.process();
+    }
+
+    fn refuse(&mut self, limit: Limit) {
+        self.out.clear();
+        self.events.clear();
+        let text = match limit {
+            Limit::ConnectionRate => "Connecting too fast, try again later.",
+            Limit::AuthFailures => "Too many failed logins, try again later.",
+            _ => "Too many connections from your address.",
+        };
+        self.send(&format!("* BYE [LIMIT] {text}"));
+        self.close(CloseReason::Limited);
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {

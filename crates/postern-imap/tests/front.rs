@@ -420,3 +420,31 @@ fn commands_before_login_are_bounded() {
     );
     assert_eq!(t.closed(), Some(CloseReason::TooManyErrors));
 }
+
+#[test]
+fn abuse_control_refusals() {
+    use postern_proto::Limit;
+    let (mut t, _) = T::new(true);
+    t.front.refuse(Limit::IpConnections);
+    assert_eq!(
+        t.out(),
+        "* BYE [LIMIT] Too many connections from your address.\r\n"
+    );
+    assert_eq!(t.closed(), Some(CloseReason::Limited));
+
+    let (mut t, _) = T::new(true);
+    t.send(b"a LOGIN alice pw\r\n");
+    t.take_auth();
+    t.front
+        .handle_verdict(Verdict::Failed(Failure::Limited(Limit::UserSessions)));
+    assert_eq!(t.out(), "a NO [LIMIT] Too many sessions for this user.\r\n");
+    t.send(b"b LOGIN alice pw\r\n");
+    t.take_auth();
+    t.front
+        .handle_verdict(Verdict::Failed(Failure::Limited(Limit::AuthFailures)));
+    assert_eq!(
+        t.out(),
+        "b NO [LIMIT] Too many failed logins, try again later.\r\n"
+    );
+    assert_eq!(t.closed(), None);
+}

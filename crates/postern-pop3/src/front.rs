@@ -27,8 +27,8 @@ use std::sync::Arc;
 use postern_proto::lines::{Line, LineBuf};
 use postern_proto::sasl::{self, SaslError};
 use postern_proto::{
-    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Mechanism, Reply, Secret,
-    Verdict,
+    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Reply,
+    Secret, Verdict,
 };
 
 use crate::login::{Login, LoginOptions};
@@ -640,11 +640,31 @@ impl FrontEnd for Front {
                 self.count_auth_failure();
             }
             Verdict::Failed(Failure::AuthFailed) => self.auth_failed(),
+            Verdict::Failed(Failure::Limited(Limit::UserSessions)) => {
+                self.send("-ERR [IN-USE] Too many sessions for this user.");
+            }
+            Verdict::Failed(Failure::Limited(_)) => {
+                // RFC 2449 §8.1.1: the client should not retry at once.
+                self.send("-ERR [LOGIN-DELAY] Too many failed logins, try again later.");
+                self.count_auth_failure();
+            }
             Verdict::Failed(_) => {
                 self.send("-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
             }
         }
         self.process();
+    }
+
+    fn refuse(&mut self, limit: Limit) {
+        self.out.clear();
+        self.events.clear();
+        let text = match limit {
+            Limit::ConnectionRate => "Connecting too fast, try again later.",
+            Limit::AuthFailures => "Too many failed logins, try again later.",
+            _ => "Too many connections from your address.",
+        };
+        self.send(&format!("-ERR [SYS/TEMP] {text}"));
+        self.close(CloseReason::Limited);
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {

@@ -817,3 +817,29 @@ fn commands_before_login_are_bounded() {
     );
     assert_eq!(t.closed(), Some(CloseReason::TooManyErrors));
 }
+
+#[test]
+fn abuse_control_refusals() {
+    use postern_proto::Limit;
+    let (mut t, _) = T::new(true);
+    t.front.refuse(Limit::ConnectionRate);
+    assert_eq!(
+        t.out(),
+        "-ERR [SYS/TEMP] Connecting too fast, try again later.\r\n"
+    );
+    assert_eq!(t.closed(), Some(CloseReason::Limited));
+
+    let (mut t, _) = T::new(true);
+    t.send(b"USER alice\r\nPASS pw\r\n");
+    t.take_auth();
+    assert_eq!(
+        t.verdict(Verdict::Failed(Failure::Limited(Limit::AuthFailures))),
+        "-ERR [LOGIN-DELAY] Too many failed logins, try again later.\r\n"
+    );
+    t.send(b"USER alice\r\nPASS pw\r\n");
+    t.take_auth();
+    assert_eq!(
+        t.verdict(Verdict::Failed(Failure::Limited(Limit::UserSessions))),
+        "-ERR [IN-USE] Too many sessions for this user.\r\n"
+    );
+}

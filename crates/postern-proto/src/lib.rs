@@ -30,7 +30,8 @@ pub mod sasl;
 pub mod secret;
 
 pub use machine::{
-    BackendLogin, ClientInfo, CloseReason, Event, Failure, FrontEnd, LoginEvent, Reply, Verdict,
+    BackendLogin, ClientInfo, CloseReason, Event, Failure, FrontEnd, Limit, LoginEvent, Reply,
+    Verdict,
 };
 pub use protocol::Protocol;
 pub use sasl::{Credentials, Mechanism};

@@ -57,6 +57,8 @@ pub enum CloseReason {
     /// The session cannot go on (e.g. the backend failed in a way the protocol
     /// cannot report per command).
     Internal,
+    /// Refused by abuse control ([`FrontEnd::refuse`] or a limited login).
+    Limited,
 }
 
 impl CloseReason {
@@ -68,6 +70,7 @@ impl CloseReason {
             CloseReason::TooManyAuthFailures => "too_many_auth_failures",
             CloseReason::InputTooLong => "input_too_long",
             CloseReason::Internal => "internal",
+            CloseReason::Limited => "limited",
         }
     }
 }
@@ -105,6 +108,36 @@ pub enum Failure {
     /// A temporary failure: the route store or the backend is unavailable. The client
     /// should retry later.
     Unavailable,
+    /// Postern's abuse control refused the attempt before checking it.
+    Limited(Limit),
+}
+
+/// Which abuse-control limit refused a connection or a login. Each protocol answers
+/// with its own code: IMAP `[LIMIT]`, POP3 `[LOGIN-DELAY]`/`[IN-USE]`/`[SYS/TEMP]`
+/// (RFC 2449, RFC 3206), SMTP `421 4.7.0`/`454 4.7.0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// Too many failed logins recently, from this address or for this user.
+    AuthFailures,
+    /// Too many concurrent connections from this address.
+    IpConnections,
+    /// Connections opened too fast from this address.
+    ConnectionRate,
+    /// Too many concurrent sessions of this user.
+    UserSessions,
+}
+
+impl Limit {
+    /// A stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::AuthFailures => "auth_failures",
+            Limit::IpConnections => "ip_connections",
+            Limit::ConnectionRate => "connection_rate",
+            Limit::UserSessions => "user_sessions",
+        }
+    }
 }
 
 /// A client-facing, pre-authentication protocol machine.
@@ -120,6 +153,10 @@ pub trait FrontEnd {
     fn handle_tls_ready(&mut self);
     /// Answers the pending [`Event::Authenticate`].
     fn handle_verdict(&mut self, verdict: Verdict);
+    /// Refuses the connection before anything else happens: the greeting is replaced
+    /// by the protocol's refusal and an [`Event::Close`] follows. Call it right after
+    /// creating the machine, instead of feeding it input.
+    fn refuse(&mut self, limit: Limit);
     /// Appends bytes to send to the client.
     fn poll_transmit(&mut self, out: &mut Vec<u8>);
     /// Returns the next action for the driver.

@@ -8,7 +8,10 @@
 //!
 //! End of stream on one side is passed on as a write shutdown of the other (half-close);
 //! the relay ends when both directions have ended, on the first I/O error, when no byte
-//! has moved in either direction for the idle timeout, or when cancelled.
+//! has moved in either direction for the idle timeout, or when cancelled. Once the
+//! backend has closed (after LOGOUT, QUIT, or a kick on its side) the mail session is
+//! over: the client gets [`LINGER`] to close too, then the relay ends, so a client that
+//! never closes does not hold its session slot until the idle timeout.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -17,6 +20,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, sleep_until};
+
+/// How long a client may keep its side open after the backend closed.
+pub const LINGER: Duration = Duration::from_secs(2);
 
 /// Bytes moved per read. On the stack, not in the session.
 const CHUNK: usize = 16 * 1024;
@@ -185,6 +191,7 @@ where
     let timer = sleep_until(last_activity + idle);
     tokio::pin!(timer);
     tokio::pin!(cancel);
+    let mut linger: Option<Pin<Box<tokio::time::Sleep>>> = None;
 
     let end = poll_fn(|cx| {
         if cancel.as_mut().poll(cx).is_ready() {
@@ -211,6 +218,12 @@ where
                 return Poll::Ready(End::BackendError);
             }
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(End::Closed),
+            (Poll::Pending, Poll::Ready(Ok(()))) => {
+                let t = linger.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+                if t.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(End::Closed);
+                }
+            }
             _ => {}
         }
         if moved {
@@ -277,6 +290,33 @@ mod tests {
         assert_eq!(stats.end, End::Closed);
         assert_eq!(stats.client_to_backend, 100_000);
         assert_eq!(stats.backend_to_client, 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_that_never_closes_is_let_go_after_the_backend_closed() {
+        let (mut client, mut proxy_client) = duplex(64);
+        let (mut proxy_backend, mut backend) = duplex(64);
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            relay(
+                &mut proxy_client,
+                &mut proxy_backend,
+                Duration::from_secs(1800),
+                pending(),
+            )
+            .await
+        });
+        backend.write_all(b"* BYE\r\n").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut bye = [0u8; 7];
+        client.read_exact(&mut bye).await.unwrap();
+        assert_eq!(&bye, b"* BYE\r\n");
+        // The client keeps its side open and says nothing.
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, End::Closed);
+        let took = started.elapsed();
+        assert!(took >= LINGER && took < LINGER * 2, "{took:?}");
+        drop(client);
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use postern_limits::Limiter;
 use postern_route::Router;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,6 +50,8 @@ pub struct Runtime {
     pub registry: Arc<Registry>,
     /// Backend health (also the router's availability view).
     pub health: Arc<Health>,
+    /// Abuse-control state.
+    pub limiter: Arc<Limiter>,
 }
 
 impl Runtime {
@@ -56,7 +59,12 @@ impl Runtime {
     pub fn new(settings: &Settings) -> Self {
         let registry = Registry::new();
         let health = Health::new(settings, Arc::clone(&registry));
-        Self { registry, health }
+        let limiter = Limiter::new(settings.limits.clone());
+        Self {
+            registry,
+            health,
+            limiter,
+        }
     }
 }
 
@@ -87,6 +95,7 @@ impl Server {
             router,
             registry: runtime.registry,
             health: runtime.health,
+            limiter: runtime.limiter,
             cancel: CancellationToken::new(),
         });
         Ok(Self { ctx, bound })
@@ -119,6 +128,10 @@ impl Server {
                 self.ctx.cancel.clone(),
             ));
         }
+        tracker.spawn(sweep_limits(
+            Arc::clone(&self.ctx.limiter),
+            self.ctx.cancel.clone(),
+        ));
         tracker.spawn(crate::health::run(
             Arc::clone(&self.ctx.settings),
             Arc::clone(&self.ctx.health),
@@ -246,6 +259,24 @@ async fn relay_accept_loop(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// Drops idle abuse-control entries now and then, so the tables hold only live counts.
+async fn sweep_limits(limiter: Arc<Limiter>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        let limiter = Arc::clone(&limiter);
+        // Sweeping locks each shard in turn; not on a worker that serves sessions.
+        let _ = tokio::task::spawn_blocking(move || {
+            limiter.sweep(std::time::Instant::now());
+        })
+        .await;
     }
 }
 

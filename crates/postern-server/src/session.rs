@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::{
-    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, Mechanism, Verdict,
+    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Verdict,
 };
 use postern_route::{Availability, BackendState, RouteError, Router, Source, UserName};
 use proxy_header::{ParseConfig, ProxyHeader};
@@ -42,6 +42,7 @@ pub(crate) struct Ctx {
     pub(crate) router: Arc<Router>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) health: Arc<Health>,
+    pub(crate) limiter: Arc<postern_limits::Limiter>,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -169,6 +170,11 @@ async fn session<D: Driver>(
         }
     }
     let watch_untrusted_proxy = listener.proxy.is_some() && !trusted_proxy;
+    // Counted by the real client's address, known only after the PROXY header.
+    let _slot = match ctx.limiter.connect(client.ip(), std::time::Instant::now()) {
+        Ok(slot) => slot,
+        Err(limit) => return refuse(driver, listener, tcp, &id, limit).await,
+    };
     let mut stream = ClientStream::Plain(tcp);
     if listener.tls_mode == TlsMode::Implicit {
         if !early.is_empty() {
@@ -228,6 +234,7 @@ async fn session<D: Driver>(
                             leftover,
                             verdict,
                             guard,
+                            slot: _slot_of_user,
                         } => {
                             front.handle_verdict(verdict);
                             front.poll_transmit(&mut out);
@@ -265,6 +272,37 @@ async fn session<D: Driver>(
         }
     }
 }
+
+/// Answers a connection over an abuse-control limit with the protocol's refusal and
+/// closes it. An implicit-TLS listener closes without a word: a handshake is exactly the
+/// work a flood should not get out of Postern.
+async fn refuse<D: Driver>(
+    driver: &D,
+    listener: &ListenerSettings,
+    mut tcp: TcpStream,
+    id: &str,
+    limit: Limit,
+) -> End {
+    warn!(
+        limit = limit.as_str(),
+        "connection refused by abuse control"
+    );
+    if listener.tls_mode != TlsMode::Implicit {
+        let mut front = driver.front(false, id);
+        front.refuse(limit);
+        let mut out = Vec::new();
+        front.poll_transmit(&mut out);
+        let _ = timeout(REFUSAL_WRITE, async {
+            tcp.write_all(&out).await?;
+            tcp.shutdown().await
+        })
+        .await;
+    }
+    End::PreAuth("limited")
+}
+
+/// How long a refusal may take to write: the client gets one chance to read it.
+const REFUSAL_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the TLS server handshake (implicit TLS or after STARTTLS) within the pre-auth
 /// deadline.
@@ -335,6 +373,8 @@ enum Login {
         leftover: Vec<u8>,
         verdict: Verdict,
         guard: SessionGuard,
+        /// The user's session slot (abuse control), held while the session lasts.
+        slot: postern_limits::SessionGuard,
     },
 }
 
@@ -352,11 +392,35 @@ async fn login<D: Driver>(
     client_tls: &ClientTls,
 ) -> Login {
     let mechanism = creds.mechanism.as_str();
+    let ip = info.client.ip();
+    let limiter = &ctx.limiter;
     let user = match ctx.router.normalizer().normalize(creds.mailbox_user()) {
         Ok(u) => u,
         Err(e) => {
             info!(error = %e, mechanism, "login refused");
-            return Login::Verdict(Verdict::Failed(Failure::AuthFailed));
+            return failed(limiter, ip, None, Failure::AuthFailed).await;
+        }
+    };
+    if let Err(limit) = limiter.check_login(ip, user.as_str(), std::time::Instant::now()) {
+        warn!(
+            limit = limit.as_str(),
+            user = user.as_str(),
+            mechanism,
+            "login refused by abuse control"
+        );
+        tokio::time::sleep(limiter.penalty(ip, std::time::Instant::now())).await;
+        return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
+    }
+    let slot = match limiter.session(user.as_str(), std::time::Instant::now()) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            warn!(
+                limit = limit.as_str(),
+                user = user.as_str(),
+                mechanism,
+                "login refused by abuse control"
+            );
+            return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
         }
     };
     let register = || {
@@ -380,6 +444,9 @@ async fn login<D: Driver>(
     for attempt in 0..ATTEMPTS {
         let decision = match route(ctx, &user, D::PROTOCOL, mechanism).await {
             Ok(d) => d,
+            Err(Failure::AuthFailed) => {
+                return failed(limiter, ip, Some(user.as_str()), Failure::AuthFailed).await;
+            }
             Err(failure) => return Login::Verdict(Verdict::Failed(failure)),
         };
         if decision.source == Source::Moved {
@@ -402,7 +469,7 @@ async fn login<D: Driver>(
                 }
                 Err(why) => {
                     info!(reason = why, mechanism, "login refused");
-                    return Login::Verdict(Verdict::Failed(Failure::AuthFailed));
+                    return failed(limiter, ip, Some(user.as_str()), Failure::AuthFailed).await;
                 }
             }
         }
@@ -478,6 +545,7 @@ async fn login<D: Driver>(
         }
         return match verdict {
             Verdict::Accepted(_) => {
+                limiter.succeeded(user.as_str(), std::time::Instant::now());
                 info!(
                     mechanism,
                     route = decision.source.as_str(),
@@ -489,10 +557,13 @@ async fn login<D: Driver>(
                     leftover: machine.into_handoff(),
                     verdict,
                     guard,
+                    slot,
                 }
             }
             Verdict::Refused(_) => {
                 info!(mechanism, "login refused by backend");
+                let delay = limiter.failed(ip, Some(user.as_str()), std::time::Instant::now());
+                tokio::time::sleep(delay).await;
                 Login::Verdict(verdict)
             }
             Verdict::Failed(f) => {
@@ -502,6 +573,21 @@ async fn login<D: Driver>(
         };
     }
     unavailable()
+}
+
+/// Counts a failed login and answers it once the address's penalty delay has passed.
+async fn failed(
+    limiter: &postern_limits::Limiter,
+    ip: std::net::IpAddr,
+    user: Option<&str>,
+    failure: Failure,
+) -> Login {
+    let delay = limiter.failed(ip, user, std::time::Instant::now());
+    if !delay.is_zero() {
+        debug!(delay_ms = delay.as_millis() as u64, "penalty delay");
+        tokio::time::sleep(delay).await;
+    }
+    Login::Verdict(Verdict::Failed(failure))
 }
 
 /// Asks the router, and logs a refusal at the level it deserves.

@@ -27,6 +27,8 @@ pub struct Settings {
     /// Following the route store's change log (moves, kicks); `None` for stores that
     /// have none (static routes).
     pub watch: Option<WatchSettings>,
+    /// Abuse control.
+    pub limits: postern_limits::Settings,
 }
 
 /// How this instance follows the route store's change log.

@@ -94,6 +94,33 @@ async fn session(
             }
         }
     }
+    // LMTP comes from the operator's own MTAs: no per-address limits there.
+    let _slot = if protocol == Protocol::Lmtp {
+        None
+    } else {
+        match ctx
+            .limiter
+            .connect(client_addr.ip(), std::time::Instant::now())
+        {
+            Ok(slot) => Some(slot),
+            Err(limit) => {
+                warn!(
+                    limit = limit.as_str(),
+                    "connection refused by abuse control"
+                );
+                if listener.tls_mode != TlsMode::Implicit {
+                    let line =
+                        postern_smtp::connection_refused(&ctx.settings.hostname, limit) + "\r\n";
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        tcp.write_all(line.as_bytes()).await?;
+                        tcp.shutdown().await
+                    })
+                    .await;
+                }
+                return "limited";
+            }
+        }
+    };
     let mut client = ClientStream::Plain(tcp);
     if listener.tls_mode == TlsMode::Implicit {
         let Some(tls) = listener.tls.clone() else {

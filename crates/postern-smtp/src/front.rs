@@ -35,7 +35,8 @@ use std::sync::Arc;
 use postern_proto::lines::{Line, LineBuf};
 use postern_proto::sasl::{self, SaslError};
 use postern_proto::{
-    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Mechanism, Secret, Verdict,
+    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Secret,
+    Verdict,
 };
 
 use crate::Shutdown;
@@ -611,9 +612,25 @@ impl FrontEnd for Front {
                 }
             }
             Verdict::Failed(Failure::AuthFailed) => self.auth_failed(),
+            Verdict::Failed(Failure::Limited(Limit::UserSessions)) => {
+                self.send("454 4.7.0 Too many sessions for this user, try again later");
+            }
+            Verdict::Failed(Failure::Limited(limit)) => {
+                let line = crate::connection_refused(&self.opts.hostname, limit);
+                self.send(&line);
+                return self.close(CloseReason::Limited);
+            }
             Verdict::Failed(_) => self.send("454 4.7.0 Temporary authentication failure"),
         }
         self.process();
+    }
+
+    fn refuse(&mut self, limit: Limit) {
+        self.out.clear();
+        self.events.clear();
+        let line = crate::connection_refused(&self.opts.hostname, limit);
+        self.send(&line);
+        self.close(CloseReason::Limited);
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {

@@ -460,3 +460,39 @@ fn commands_before_auth_are_bounded() {
     );
     assert_eq!(t.closed(), Some(CloseReason::TooManyErrors));
 }
+
+#[test]
+fn abuse_control_refusals() {
+    use postern_proto::Limit;
+    let (mut t, _) = T::new(true);
+    t.front.refuse(Limit::IpConnections);
+    assert_eq!(
+        t.out(),
+        "421 4.7.0 mx.test Error: too many connections from your address\r\n"
+    );
+    assert_eq!(t.closed(), Some(CloseReason::Limited));
+
+    let limited = |limit| {
+        let (mut t, _) = T::new(true);
+        t.send(b"EHLO c\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        t.take_auth();
+        t.front
+            .handle_verdict(Verdict::Failed(Failure::Limited(limit)));
+        (t.out(), t.closed())
+    };
+    assert_eq!(
+        limited(Limit::AuthFailures),
+        (
+            "421 4.7.0 mx.test Error: too many failed authentications, try again later\r\n"
+                .to_string(),
+            Some(CloseReason::Limited)
+        )
+    );
+    assert_eq!(
+        limited(Limit::UserSessions),
+        (
+            "454 4.7.0 Too many sessions for this user, try again later\r\n".to_string(),
+            None
+        )
+    );
+}

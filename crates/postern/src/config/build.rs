@@ -649,6 +649,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
             normalized_login: r.normalize.apply_to_backend_login,
             hostname,
             watch,
+            limits: limits(&file.limits)?,
         },
         store,
         normalizer,
@@ -796,4 +797,45 @@ fn default_instance_id() -> String {
         std::process::id(),
         postern_route::store::now_secs()
     )
+}
+
+/// `[limits]`.
+fn limits(l: &file::Limits) -> Result<postern_limits::Settings> {
+    let trusted_networks = l
+        .trusted_networks
+        .iter()
+        .map(|n| {
+            parse_net(n).ok_or_else(|| anyhow!("limits.trusted_networks: {n:?} is not a network"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(l.ipv6_prefix <= 128, "limits.ipv6_prefix: at most 128");
+    ensure!(
+        !l.failure_window.is_zero(),
+        "limits.failure_window: must be longer than zero"
+    );
+    ensure!(
+        l.failure_delay <= l.max_failure_delay,
+        "limits.failure_delay: longer than limits.max_failure_delay"
+    );
+    ensure!(l.max_tracked >= 16, "limits.max_tracked: at least 16");
+    Ok(postern_limits::Settings {
+        trusted_networks,
+        ipv6_prefix: l.ipv6_prefix,
+        failure_window: l.failure_window,
+        max_failures_per_ip: l.max_failures_per_ip,
+        max_failures_per_user: l.max_failures_per_user,
+        failure_delay: l.failure_delay,
+        max_failure_delay: l.max_failure_delay,
+        max_connections_per_ip: l.max_connections_per_ip,
+        connection_rate_per_ip: l.connection_rate_per_ip,
+        max_sessions_per_user: l.max_sessions_per_user,
+        max_tracked: l.max_tracked,
+    })
+}
+
+/// A network (`10.0.0.0/8`) or a single address.
+fn parse_net(n: &str) -> Option<ipnet::IpNet> {
+    n.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| n.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }

@@ -44,6 +44,9 @@ pub struct File {
     /// `[health]`: active health checks.
     #[serde(default)]
     pub health: Health,
+    /// `[limits]`: abuse control.
+    #[serde(default)]
+    pub limits: Limits,
     /// `[pools.NAME]`: pool policies.
     #[serde(default)]
     pub pools: BTreeMap<String, Pool>,
@@ -176,6 +179,56 @@ impl Default for Timeouts {
             backend_connect: t.backend_connect,
             backend_login: t.backend_login,
             idle: t.idle,
+        }
+    }
+}
+
+/// `[limits]`: abuse control (see `postern_limits::Settings`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Networks (or addresses) exempt from per-address limits and the delay.
+    pub trusted_networks: Vec<String>,
+    /// IPv6 clients are counted per prefix of this length.
+    pub ipv6_prefix: u8,
+    /// Sliding window of failed logins.
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+    /// Failed logins per address per window.
+    pub max_failures_per_ip: u32,
+    /// Failed logins per user per window.
+    pub max_failures_per_user: u32,
+    /// Delay before answering the first failure; doubles per failure.
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
+    /// Longest delay.
+    #[serde(with = "humantime_serde")]
+    pub max_failure_delay: Duration,
+    /// Concurrent connections per address.
+    pub max_connections_per_ip: u32,
+    /// New connections per address per minute.
+    pub connection_rate_per_ip: u32,
+    /// Concurrent sessions per user.
+    pub max_sessions_per_user: u32,
+    /// Addresses and users tracked at most.
+    pub max_tracked: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let l = postern_limits::Settings::default();
+        Self {
+            trusted_networks: Vec::new(),
+            ipv6_prefix: l.ipv6_prefix,
+            failure_window: l.failure_window,
+            max_failures_per_ip: l.max_failures_per_ip,
+            max_failures_per_user: l.max_failures_per_user,
+            failure_delay: l.failure_delay,
+            max_failure_delay: l.max_failure_delay,
+            max_connections_per_ip: l.max_connections_per_ip,
+            connection_rate_per_ip: l.connection_rate_per_ip,
+            max_sessions_per_user: l.max_sessions_per_user,
+            max_tracked: l.max_tracked,
         }
     }
 }

@@ -1,0 +1,88 @@
+//! An approximate sliding-window counter: two fixed buckets, the previous one weighted
+//! by how much of it still lies inside the window. Constant memory per key (what a map
+//! keyed by every client address needs), and within a few percent of an exact log of
+//! timestamps for the counts that matter here.
+
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Window {
+    start: Instant,
+    previous: u32,
+    current: u32,
+}
+
+impl Window {
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            start: now,
+            previous: 0,
+            current: 0,
+        }
+    }
+
+    /// Moves the buckets forward to `now`.
+    fn roll(&mut self, now: Instant, len: Duration) {
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= len.saturating_mul(2) {
+            self.previous = 0;
+            self.current = 0;
+            self.start = now;
+        } else if elapsed >= len {
+            self.previous = self.current;
+            self.current = 0;
+            self.start += len;
+        }
+    }
+
+    /// Events in the `len` before `now`, estimated.
+    pub(crate) fn count(&mut self, now: Instant, len: Duration) -> u32 {
+        self.roll(now, len);
+        let len_ns = len.as_nanos().max(1);
+        let into = now
+            .saturating_duration_since(self.start)
+            .as_nanos()
+            .min(len_ns);
+        let weighted = u128::from(self.previous) * (len_ns - into) / len_ns;
+        u32::try_from(weighted)
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.current)
+    }
+
+    pub(crate) fn add(&mut self, now: Instant, len: Duration) {
+        self.roll(now, len);
+        self.current = self.current.saturating_add(1);
+    }
+
+    pub(crate) fn clear(&mut self, now: Instant) {
+        *self = Self::new(now);
+    }
+
+    /// Nothing counted any more: the entry can go.
+    pub(crate) fn is_empty(&mut self, now: Instant, len: Duration) -> bool {
+        self.count(now, len) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_slide_out_of_the_window() {
+        let t0 = Instant::now();
+        let len = Duration::from_secs(60);
+        let mut w = Window::new(t0);
+        for _ in 0..10 {
+            w.add(t0, len);
+        }
+        assert_eq!(w.count(t0 + Duration::from_secs(30), len), 10);
+        // Half a window after the bucket ended, half of it is still counted.
+        assert_eq!(w.count(t0 + Duration::from_secs(90), len), 5);
+        w.add(t0 + Duration::from_secs(90), len);
+        assert_eq!(w.count(t0 + Duration::from_secs(90), len), 6);
+        assert_eq!(w.count(t0 + Duration::from_secs(119), len), 1);
+        assert_eq!(w.count(t0 + Duration::from_secs(181), len), 0);
+        assert!(w.is_empty(t0 + Duration::from_secs(500), len));
+    }
+}
