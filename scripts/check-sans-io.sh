@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
-for crate in postern-proto postern-imap postern-pop3 postern-smtp postern-limits; do
+for crate in postern-proto postern-imap postern-pop3 postern-smtp postern-limits postern-auth; do
     if cargo tree -e normal -p "$crate" --prefix none 2>/dev/null \
         | grep -qE '^(tokio|sqlx|mio|socket2|rustls) '; then
         echo "error: $crate depends on an I/O crate:" >&2

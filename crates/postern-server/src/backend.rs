@@ -73,6 +73,8 @@ impl BackendError {
 pub struct ClientTls {
     /// The negotiated version (`TLSv1_3`), when the client connection is TLS.
     pub version: Option<&'static str>,
+    /// The negotiated cipher suite (IANA name), when the client connection is TLS.
+    pub cipher: Option<&'static str>,
 }
 
 /// Connects to `host:endpoint.port`, sends the PROXY header and runs implicit TLS as
@@ -304,11 +306,15 @@ mod tests {
     #[test]
     fn proxy_headers() {
         let i = info("192.0.2.7:40000", "127.0.0.1:143");
-        let none = ClientTls { version: None };
+        let none = ClientTls {
+            version: None,
+            cipher: None,
+        };
         let v1 = proxy_header(ProxyProtocol::V1, &i, &none).unwrap();
         assert_eq!(v1, b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 143\r\n");
         let tls = ClientTls {
             version: Some("TLSv1_3"),
+            cipher: None,
         };
         let v2 = proxy_header(ProxyProtocol::V2, &i, &tls).unwrap();
         let (parsed, len) = ProxyHeader::parse(&v2, Default::default()).unwrap();

@@ -13,8 +13,9 @@ pub(crate) trait Driver: Send + Sync + 'static {
     type Front: FrontEnd<Login = Self::Login, LoginOptions = Self::LoginOptions> + Send + Sync;
     /// The backend login machine.
     type Login: postern_proto::BackendLogin + Send + Sized;
-    /// Per-backend login settings.
-    type LoginOptions: Send + Sync;
+    /// Per-backend login settings (the defaults serve backends only an `auth_http`
+    /// server knows).
+    type LoginOptions: Send + Sync + Default;
 
     /// The protocol served.
     const PROTOCOL: Protocol;
@@ -25,6 +26,12 @@ pub(crate) trait Driver: Send + Sync + 'static {
 
     /// How to reach `backend` for this protocol and log in, if it serves it.
     fn backend<'a>(&self, backend: &'a Backend) -> Option<(&'a Endpoint, &'a Self::LoginOptions)>;
+
+    /// Login options for a user whose password Postern verified itself, when the
+    /// protocol can then log in without any password (SMTP `XCLIENT LOGIN=`).
+    fn verified_login_options(&self, _options: &Self::LoginOptions) -> Option<Self::LoginOptions> {
+        None
+    }
 }
 
 /// IMAP.
@@ -132,6 +139,13 @@ impl Driver for Submission {
 
     fn front(&self, tls: bool, _session_id: &str) -> Self::Front {
         postern_smtp::Front::new(self.options(), tls)
+    }
+
+    fn verified_login_options(&self, options: &Self::LoginOptions) -> Option<Self::LoginOptions> {
+        (options.method == postern_smtp::LoginMethod::Xclient).then(|| postern_smtp::LoginOptions {
+            proxy_verified: true,
+            ..options.clone()
+        })
     }
 
     fn backend<'a>(&self, backend: &'a Backend) -> Option<(&'a Endpoint, &'a Self::LoginOptions)> {

@@ -357,7 +357,10 @@ async fn check(
             endpoint,
             backend.tls.as_ref(),
             &info,
-            &ClientTls { version: None },
+            &ClientTls {
+                version: None,
+                cipher: None,
+            },
             s.timeout,
         )
         .await

@@ -11,13 +11,17 @@ pub mod tls;
 pub mod watch;
 
 mod apop;
+mod auth;
+mod auth_http;
 pub mod backend;
 mod driver;
 pub mod health;
+mod login;
 mod session;
 mod smtp_relay;
 
 pub use server::{Runtime, Server, ServerError};
 pub use settings::{
-    Backend, FrontOptions, ImapBackend, ListenerSettings, Pop3Backend, Settings, Timeouts, TlsMode,
+    AuthMode, AuthSettings, Backend, FrontOptions, HttpAuth, ImapBackend, ListenerSettings,
+    MasterLogin, MasterStyle, Pop3Backend, Settings, Timeouts, TlsMode,
 };

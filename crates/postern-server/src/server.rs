@@ -33,6 +33,9 @@ pub enum ServerError {
         /// The OS error.
         source: io::Error,
     },
+    /// `auth.dummy_scheme` names no supported scheme.
+    #[error("auth.dummy_scheme: {0}")]
+    DummyScheme(postern_auth::password::SchemeError),
 }
 
 /// A bound, not yet running, Postern server.
@@ -90,7 +93,13 @@ impl Server {
                 })?;
             bound.push((Arc::clone(l), listener));
         }
+        let verifier = crate::auth::Verifier::new(
+            settings.auth.max_parallel_checks,
+            &settings.auth.dummy_scheme,
+        )
+        .map_err(ServerError::DummyScheme)?;
         let ctx = Arc::new(Ctx {
+            verifier: Arc::new(verifier),
             settings,
             router,
             registry: runtime.registry,

@@ -16,10 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use postern_proto::{
-    BackendLogin, ClientInfo, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Verdict,
-};
-use postern_route::{Availability, BackendState, RouteError, Router, Source, UserName};
+use postern_proto::{ClientInfo, Event, FrontEnd, Limit};
+use postern_route::Router;
 use proxy_header::{ParseConfig, ProxyHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,10 +25,11 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use crate::backend::{self, BackendError, BackendStream, ClientTls};
+use crate::backend::{BackendStream, ClientTls};
 use crate::driver::Driver;
 use crate::health::Health;
-use crate::registry::{Registry, SessionGuard, SessionInfo};
+use crate::login::{Attempt, Login, login};
+use crate::registry::{Registry, SessionGuard};
 use crate::relay::{self, Stats};
 use crate::settings::{ListenerSettings, Settings, TlsMode};
 use crate::stream::ClientStream;
@@ -43,6 +42,7 @@ pub(crate) struct Ctx {
     pub(crate) registry: Arc<Registry>,
     pub(crate) health: Arc<Health>,
     pub(crate) limiter: Arc<postern_limits::Limiter>,
+    pub(crate) verifier: Arc<crate::auth::Verifier>,
     pub(crate) cancel: CancellationToken,
 }
 
@@ -192,6 +192,7 @@ async fn session<D: Driver>(
     }
     drop(early);
     let mut first_read = watch_untrusted_proxy;
+    let mut attempts = 0u32;
     let mut out = Vec::new();
     let mut buf = [0u8; READ_CHUNK];
     loop {
@@ -226,9 +227,28 @@ async fn session<D: Driver>(
                     };
                     let client_tls = ClientTls {
                         version: stream.tls_version(),
+                        cipher: stream.tls_cipher(),
                     };
-                    match login::<D>(ctx, driver, &front, creds, &info, &client_tls).await {
+                    attempts = attempts.saturating_add(1);
+                    let attempt = Attempt {
+                        info: &info,
+                        client_tls: &client_tls,
+                        auth: listener.auth,
+                        number: attempts,
+                        deadline,
+                    };
+                    match login::<D>(ctx, driver, &front, creds, &attempt).await {
                         Login::Verdict(v) => front.handle_verdict(v),
+                        Login::Close(v) => {
+                            front.handle_verdict(v);
+                            front.poll_transmit(&mut out);
+                            let _ = timeout_at(deadline, async {
+                                stream.write_all(&out).await?;
+                                stream.shutdown().await
+                            })
+                            .await;
+                            return End::PreAuth("auth_refused");
+                        }
                         Login::Accepted {
                             backend,
                             leftover,
@@ -364,252 +384,6 @@ async fn relay_session(
     let idle = ctx.settings.timeouts.idle;
     let stats = relay::relay(&mut client, &mut backend, idle, guard.token().cancelled()).await;
     End::Relayed(stats)
-}
-
-enum Login {
-    Verdict(Verdict),
-    Accepted {
-        backend: BackendStream,
-        leftover: Vec<u8>,
-        verdict: Verdict,
-        guard: SessionGuard,
-        /// The user's session slot (abuse control), held while the session lasts.
-        slot: postern_limits::SessionGuard,
-    },
-}
-
-/// Attempts per login: the pinned backend, then once more when its failure just took
-/// it down and the pool lets another backend take the user.
-const ATTEMPTS: usize = 2;
-
-/// Routes the user and logs in to the chosen backend.
-async fn login<D: Driver>(
-    ctx: &Ctx,
-    driver: &D,
-    front: &D::Front,
-    mut creds: Credentials,
-    info: &ClientInfo,
-    client_tls: &ClientTls,
-) -> Login {
-    let mechanism = creds.mechanism.as_str();
-    let ip = info.client.ip();
-    let limiter = &ctx.limiter;
-    let user = match ctx.router.normalizer().normalize(creds.mailbox_user()) {
-        Ok(u) => u,
-        Err(e) => {
-            info!(error = %e, mechanism, "login refused");
-            return failed(limiter, ip, None, Failure::AuthFailed).await;
-        }
-    };
-    if let Err(limit) = limiter.check_login(ip, user.as_str(), std::time::Instant::now()) {
-        warn!(
-            limit = limit.as_str(),
-            user = user.as_str(),
-            mechanism,
-            "login refused by abuse control"
-        );
-        tokio::time::sleep(limiter.penalty(ip, std::time::Instant::now())).await;
-        return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
-    }
-    let slot = match limiter.session(user.as_str(), std::time::Instant::now()) {
-        Ok(slot) => slot,
-        Err(limit) => {
-            warn!(
-                limit = limit.as_str(),
-                user = user.as_str(),
-                mechanism,
-                "login refused by abuse control"
-            );
-            return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
-        }
-    };
-    let register = || {
-        ctx.registry.register(
-            SessionInfo {
-                id: info.session_id.clone(),
-                user: user.as_str().to_owned(),
-                protocol: D::PROTOCOL,
-                backend: None,
-                pinned: None,
-                client: info.client,
-                since: SystemTime::now(),
-            },
-            &ctx.cancel,
-        )
-    };
-    // Registered before the route is looked up: a kick from here on reaches us.
-    let mut guard = register();
-    let unavailable = || Login::Verdict(Verdict::Failed(Failure::Unavailable));
-    let mut password_checked = false;
-    for attempt in 0..ATTEMPTS {
-        let decision = match route(ctx, &user, D::PROTOCOL, mechanism).await {
-            Ok(d) => d,
-            Err(Failure::AuthFailed) => {
-                return failed(limiter, ip, Some(user.as_str()), Failure::AuthFailed).await;
-            }
-            Err(failure) => return Login::Verdict(Verdict::Failed(failure)),
-        };
-        if decision.source == Source::Moved {
-            // This login moved the user off a draining backend, and the move's kick
-            // ended every session of the user, this one included: it starts afresh
-            // on the new backend.
-            guard = register();
-        }
-        if creds.mechanism == Mechanism::Apop && !password_checked {
-            // APOP proves knowledge of the password without sending it; the backend
-            // can only be logged in to with the password itself, so Postern checks
-            // the digest against the store's plaintext password and replays that.
-            let stored = decision.record.as_ref().and_then(|r| r.password.as_ref());
-            match crate::apop::open(&creds, stored) {
-                Ok(password) => {
-                    creds.password = password;
-                    creds.mechanism = Mechanism::Cleartext;
-                    creds.challenge = None;
-                    password_checked = true;
-                }
-                Err(why) => {
-                    info!(reason = why, mechanism, "login refused");
-                    return failed(limiter, ip, Some(user.as_str()), Failure::AuthFailed).await;
-                }
-            }
-        }
-        if ctx.settings.normalized_login {
-            creds.set_mailbox_user(decision.user.as_str());
-        }
-        let span = Span::current();
-        span.record("user", decision.user.as_str());
-        span.record("backend", decision.backend.as_str());
-        let temporary = (decision.source == Source::Temporary)
-            .then_some(decision.pinned.as_deref())
-            .flatten();
-        guard.set_backend(&decision.backend, temporary);
-        let Some(backend) = ctx.settings.backends.get(&decision.backend) else {
-            warn!("backend is not configured");
-            return unavailable();
-        };
-        let Some((endpoint, options)) = driver.backend(backend) else {
-            warn!("backend is not configured for this protocol");
-            return unavailable();
-        };
-        let timeouts = &ctx.settings.timeouts;
-        let connected = backend::connect(
-            &backend.host,
-            endpoint,
-            backend.tls.as_ref(),
-            info,
-            client_tls,
-            timeouts.backend_connect,
-        )
-        .await;
-        let stream = match connected {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "backend connect failed");
-                ctx.health
-                    .report(&backend.name, D::PROTOCOL, Err(e.to_string()));
-                // The failure may just have taken the backend down: route again, and
-                // a shared pool hands the user to another backend.
-                let down = ctx.health.state(&backend.name, D::PROTOCOL) == BackendState::Down;
-                if e.is_connect() && down && attempt + 1 < ATTEMPTS {
-                    continue;
-                }
-                return unavailable();
-            }
-        };
-        let mut machine = front.start_login(creds, options, info);
-        let outcome = timeout(
-            timeouts.backend_login,
-            backend::login(&mut machine, stream, backend.tls.as_ref()),
-        )
-        .await;
-        let (verdict, stream) = match outcome {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                warn!(error = %e, "backend login failed");
-                if matches!(e, BackendError::Tls(_)) {
-                    ctx.health
-                        .report(&backend.name, D::PROTOCOL, Err(e.to_string()));
-                }
-                return unavailable();
-            }
-            Err(_) => {
-                warn!("backend login timed out");
-                ctx.health
-                    .report(&backend.name, D::PROTOCOL, Err("login timed out".into()));
-                return unavailable();
-            }
-        };
-        if guard.token().is_cancelled() {
-            info!("kicked during login");
-            return unavailable();
-        }
-        return match verdict {
-            Verdict::Accepted(_) => {
-                limiter.succeeded(user.as_str(), std::time::Instant::now());
-                info!(
-                    mechanism,
-                    route = decision.source.as_str(),
-                    tls = info.tls,
-                    "login accepted"
-                );
-                Login::Accepted {
-                    backend: stream,
-                    leftover: machine.into_handoff(),
-                    verdict,
-                    guard,
-                    slot,
-                }
-            }
-            Verdict::Refused(_) => {
-                info!(mechanism, "login refused by backend");
-                let delay = limiter.failed(ip, Some(user.as_str()), std::time::Instant::now());
-                tokio::time::sleep(delay).await;
-                Login::Verdict(verdict)
-            }
-            Verdict::Failed(f) => {
-                warn!(failure = ?f, "backend login did not complete");
-                Login::Verdict(verdict)
-            }
-        };
-    }
-    unavailable()
-}
-
-/// Counts a failed login and answers it once the address's penalty delay has passed.
-async fn failed(
-    limiter: &postern_limits::Limiter,
-    ip: std::net::IpAddr,
-    user: Option<&str>,
-    failure: Failure,
-) -> Login {
-    let delay = limiter.failed(ip, user, std::time::Instant::now());
-    if !delay.is_zero() {
-        debug!(delay_ms = delay.as_millis() as u64, "penalty delay");
-        tokio::time::sleep(delay).await;
-    }
-    Login::Verdict(Verdict::Failed(failure))
-}
-
-/// Asks the router, and logs a refusal at the level it deserves.
-async fn route(
-    ctx: &Ctx,
-    user: &UserName,
-    protocol: postern_proto::Protocol,
-    mechanism: &str,
-) -> Result<postern_route::Decision, Failure> {
-    match ctx.router.resolve_normalized(user.clone(), protocol).await {
-        Ok(d) => Ok(d),
-        Err(e) => {
-            let failure = e.failure();
-            match e {
-                RouteError::NoRoute | RouteError::Disabled | RouteError::InvalidUser(_) => {
-                    info!(error = %e, mechanism, "login refused");
-                }
-                _ => warn!(error = %e, mechanism, "cannot route user"),
-            }
-            Err(failure)
-        }
-    }
 }
 
 /// A session id, unique across restarts and (with overwhelming probability) across

@@ -29,6 +29,8 @@ pub struct Settings {
     pub watch: Option<WatchSettings>,
     /// Abuse control.
     pub limits: postern_limits::Settings,
+    /// Authentication modes' settings.
+    pub auth: AuthSettings,
 }
 
 /// How this instance follows the route store's change log.
@@ -106,6 +108,80 @@ pub struct ListenerSettings {
     pub front: FrontOptions,
     /// Accept a PROXY protocol header (v1 or v2) from these networks.
     pub proxy: Option<ProxyIn>,
+    /// Who checks the credentials of this listener's clients.
+    pub auth: AuthMode,
+}
+
+/// Who decides whether a client's credentials are good.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuthMode {
+    /// The backend, when Postern logs in with the client's credentials.
+    #[default]
+    Backend,
+    /// Postern, against the password hash of the route store's lookup query; the
+    /// backend is then logged in to as a master user, with `XCLIENT LOGIN=`, or with
+    /// the same credentials.
+    Proxy,
+    /// An nginx `auth_http` server.
+    Http,
+}
+
+impl AuthMode {
+    /// Name for logs and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Backend => "backend",
+            AuthMode::Proxy => "proxy",
+            AuthMode::Http => "http",
+        }
+    }
+}
+
+/// Authentication settings shared by every listener.
+#[derive(Clone, Debug, Default)]
+pub struct AuthSettings {
+    /// How the backend is logged in to after Postern verified the password itself.
+    pub master: Option<MasterLogin>,
+    /// Password checks (hashing) running at once; further logins wait for a slot.
+    pub max_parallel_checks: usize,
+    /// The scheme of the hash an unknown user is checked against, until a real hash has
+    /// been seen (then the last real hash's scheme and cost are used).
+    pub dummy_scheme: String,
+    /// The nginx `auth_http` server, for listeners with [`AuthMode::Http`].
+    pub http: Option<HttpAuth>,
+}
+
+/// A Dovecot-style master user, which may log in as any user.
+#[derive(Clone, Debug)]
+pub struct MasterLogin {
+    /// The master user's name.
+    pub user: String,
+    /// Its password.
+    pub password: postern_proto::Secret<Vec<u8>>,
+    /// How the user to log in as is named.
+    pub style: MasterStyle,
+}
+
+/// How a master login names the user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MasterStyle {
+    /// `user<separator>master` as the login name (Dovecot's
+    /// `auth_master_user_separator`, usually `*`).
+    Separator(String),
+    /// SASL PLAIN with the user as authorization identity and the master as
+    /// authentication identity.
+    Authzid,
+}
+
+/// The nginx `auth_http` server.
+#[derive(Clone, Debug)]
+pub struct HttpAuth {
+    /// Where it listens, and the request's URI and Host.
+    pub endpoint: postern_auth::auth_http::Endpoint,
+    /// Connect, send and read within this.
+    pub timeout: Duration,
+    /// Extra request headers (nginx `auth_http_header`).
+    pub headers: Vec<(String, String)>,
 }
 
 /// Which peers may announce the real client with a PROXY protocol header.

@@ -284,7 +284,10 @@ async fn connect(
 ) -> Option<BackendStream> {
     let backend = ctx.settings.backends.get(name)?;
     let endpoint = backend.endpoint(protocol)?;
-    let tls = ClientTls { version: None };
+    let tls = ClientTls {
+        version: None,
+        cipher: None,
+    };
     match backend::connect(
         &backend.host,
         endpoint,

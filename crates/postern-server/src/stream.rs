@@ -40,6 +40,18 @@ impl ClientStream {
         matches!(self, ClientStream::Tls(_))
     }
 
+    /// The negotiated cipher suite's IANA name (`TLS13_AES_256_GCM_SHA384`).
+    pub fn tls_cipher(&self) -> Option<&'static str> {
+        match self {
+            ClientStream::Plain(_) => None,
+            ClientStream::Tls(s) => s
+                .get_ref()
+                .1
+                .negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str()),
+        }
+    }
+
     /// The negotiated TLS version, for logs.
     pub fn tls_version(&self) -> Option<&'static str> {
         match self {

@@ -17,8 +17,8 @@ use postern_server::settings::{
     BackendTls, Endpoint, HealthSettings, Probe, ProxyIn, ProxyProtocol, TlsClient, WatchSettings,
 };
 use postern_server::{
-    Backend, FrontOptions, ImapBackend, ListenerSettings, Pop3Backend, Settings, Timeouts, TlsMode,
-    tls,
+    AuthMode, AuthSettings, Backend, FrontOptions, HttpAuth, ImapBackend, ListenerSettings,
+    MasterLogin, MasterStyle, Pop3Backend, Settings, Timeouts, TlsMode, tls,
 };
 
 use super::file::{self, File};
@@ -498,6 +498,12 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 .collect::<Result<Vec<_>>>()?;
             Some(ProxyIn { trusted })
         };
+        let auth = auth_mode(l.auth.unwrap_or(file.auth.mode));
+        ensure!(
+            !(auth != AuthMode::Backend
+                && matches!(l.protocol, file::Protocol::Smtp | file::Protocol::Lmtp)),
+            "{key}.auth: MX and LMTP listeners have no authentication"
+        );
         listeners.push(Arc::new(ListenerSettings {
             name,
             bind: l.bind,
@@ -505,6 +511,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
             tls,
             front,
             proxy,
+            auth,
         }));
     }
 
@@ -584,7 +591,12 @@ fn build(file: File, base: &Path) -> Result<Config> {
         !r.watch_interval.is_zero(),
         "routing.watch_interval: must be > 0"
     );
-    if file.pop3.apop {
+    // With auth_http, the auth server checks APOP digests itself (Auth-Salt).
+    let apop_checked_here = file.listeners.iter().any(|l| {
+        l.protocol == file::Protocol::Pop3
+            && l.auth.unwrap_or(file.auth.mode) != file::AuthMode::Http
+    });
+    if file.pop3.apop && apop_checked_here {
         ensure!(
             r.store == file::StoreKind::Sql
                 && r.sql.as_ref().is_some_and(|s| s.lookup_query.is_some()),
@@ -632,6 +644,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
         file::StoreKind::Static => None,
     };
 
+    let auth = auth_settings(&file, base)?;
     Ok(Config {
         path: PathBuf::new(),
         log_level: file.log.level,
@@ -650,6 +663,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
             hostname,
             watch,
             limits: limits(&file.limits)?,
+            auth,
         },
         store,
         normalizer,
@@ -838,4 +852,114 @@ fn parse_net(n: &str) -> Option<ipnet::IpNet> {
     n.parse::<ipnet::IpNet>()
         .ok()
         .or_else(|| n.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+fn auth_mode(m: file::AuthMode) -> AuthMode {
+    match m {
+        file::AuthMode::Backend => AuthMode::Backend,
+        file::AuthMode::Proxy => AuthMode::Proxy,
+        file::AuthMode::Http => AuthMode::Http,
+    }
+}
+
+/// `[auth]`, checked against the listeners that use each mode.
+fn auth_settings(file: &File, base: &Path) -> Result<AuthSettings> {
+    let a = &file.auth;
+    let modes: BTreeSet<_> = file
+        .listeners
+        .iter()
+        .map(|l| l.auth.unwrap_or(a.mode))
+        .collect();
+    postern_auth::password::Scheme::from_name(&a.dummy_scheme)
+        .map_err(|e| anyhow!("auth.dummy_scheme: {e}"))?;
+    if modes.contains(&file::AuthMode::Proxy) {
+        let r = &file.routing;
+        ensure!(
+            r.store == file::StoreKind::Sql
+                && r.sql.as_ref().is_some_and(|s| s.lookup_query.is_some()),
+            "auth.mode \"proxy\": needs password hashes, from a routing.sql.lookup_query that returns a password column"
+        );
+    }
+    let master = match &a.master {
+        None => None,
+        Some(m) => {
+            ensure!(!m.user.is_empty(), "auth.master.user: must not be empty");
+            let password = match (&m.password, &m.password_file) {
+                (Some(p), None) => p.clone(),
+                (None, Some(f)) => {
+                    let path = if f.is_absolute() {
+                        f.clone()
+                    } else {
+                        base.join(f)
+                    };
+                    let text = std::fs::read_to_string(&path).with_context(|| {
+                        format!("auth.master.password_file: cannot read {}", path.display())
+                    })?;
+                    text.lines().next().unwrap_or_default().to_owned()
+                }
+                _ => bail!("auth.master: set one of password and password_file"),
+            };
+            ensure!(!password.is_empty(), "auth.master: the password is empty");
+            let style = match m.style {
+                file::MasterStyle::Separator => {
+                    ensure!(
+                        !m.separator.is_empty(),
+                        "auth.master.separator: must not be empty"
+                    );
+                    MasterStyle::Separator(m.separator.clone())
+                }
+                file::MasterStyle::Authzid => MasterStyle::Authzid,
+            };
+            Some(MasterLogin {
+                user: m.user.clone(),
+                password: postern_proto::Secret::new(password.into_bytes()),
+                style,
+            })
+        }
+    };
+    let http = match &a.http {
+        None => {
+            ensure!(
+                !modes.contains(&file::AuthMode::Http),
+                "auth.mode \"http\": needs an [auth.http] section with a url"
+            );
+            None
+        }
+        Some(h) => {
+            let endpoint = postern_auth::auth_http::Endpoint::parse(&h.url)
+                .map_err(|e| anyhow!("auth.http.url: {e}"))?;
+            ensure!(!h.timeout.is_zero(), "auth.http.timeout: must be > 0");
+            for (name, value) in &h.headers {
+                ensure!(
+                    !name.is_empty()
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                    "auth.http.headers: {name:?} is not a header name"
+                );
+                ensure!(
+                    !value.bytes().any(|b| b.is_ascii_control()),
+                    "auth.http.headers.{name}: control characters are not allowed"
+                );
+            }
+            Some(HttpAuth {
+                endpoint,
+                timeout: h.timeout,
+                headers: h
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+        }
+    };
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    Ok(AuthSettings {
+        master,
+        max_parallel_checks: if a.max_parallel_checks == 0 {
+            cpus
+        } else {
+            a.max_parallel_checks
+        },
+        dummy_scheme: a.dummy_scheme.clone(),
+        http,
+    })
 }

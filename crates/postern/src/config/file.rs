@@ -47,6 +47,9 @@ pub struct File {
     /// `[limits]`: abuse control.
     #[serde(default)]
     pub limits: Limits,
+    /// `[auth]`: who checks credentials.
+    #[serde(default)]
+    pub auth: Auth,
     /// `[pools.NAME]`: pool policies.
     #[serde(default)]
     pub pools: BTreeMap<String, Pool>,
@@ -856,4 +859,98 @@ pub struct Listener {
     pub cert: Option<PathBuf>,
     /// Key overriding `[tls]`.
     pub key: Option<PathBuf>,
+    /// Authentication mode overriding `auth.mode`.
+    pub auth: Option<AuthMode>,
+}
+
+/// `auth.mode`, `listeners[].auth`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The backend checks the credentials.
+    #[default]
+    Backend,
+    /// Postern checks the password against the route store's hash.
+    Proxy,
+    /// An nginx auth_http server decides.
+    Http,
+}
+
+/// `[auth]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    /// Default mode of every listener.
+    pub mode: AuthMode,
+    /// Password checks at once (0: the number of CPUs).
+    pub max_parallel_checks: usize,
+    /// Scheme of the stand-in hash unknown users are checked against.
+    pub dummy_scheme: String,
+    /// `[auth.master]`: log in to backends as a master user after a proxy check.
+    pub master: Option<Master>,
+    /// `[auth.http]`: the nginx auth_http server.
+    pub http: Option<AuthHttp>,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::Backend,
+            max_parallel_checks: 0,
+            dummy_scheme: "SHA512-CRYPT".into(),
+            master: None,
+            http: None,
+        }
+    }
+}
+
+/// `[auth.master]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Master {
+    /// The master user's name.
+    pub user: String,
+    /// Its password (or `password_file`).
+    pub password: Option<String>,
+    /// A file holding the password (first line), relative to the config file.
+    pub password_file: Option<PathBuf>,
+    /// `"separator"` (`user*master`) or `"authzid"` (SASL PLAIN authorization id).
+    #[serde(default)]
+    pub style: MasterStyle,
+    /// For `style = "separator"`: Dovecot's `auth_master_user_separator`.
+    #[serde(default = "default_separator")]
+    pub separator: String,
+}
+
+fn default_separator() -> String {
+    "*".into()
+}
+
+/// `auth.master.style`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MasterStyle {
+    /// `user*master`.
+    #[default]
+    Separator,
+    /// SASL PLAIN authzid.
+    Authzid,
+}
+
+/// `[auth.http]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthHttp {
+    /// `http://host[:port][/uri]` or `unix:/path[:/uri]`, as nginx's `auth_http`.
+    pub url: String,
+    /// For the whole exchange (nginx `auth_http_timeout`).
+    #[serde(default = "default_auth_http_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Extra request headers (nginx `auth_http_header`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn default_auth_http_timeout() -> Duration {
+    Duration::from_secs(60)
 }
