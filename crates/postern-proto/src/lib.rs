@@ -26,6 +26,7 @@
 pub mod lines;
 pub mod machine;
 pub mod protocol;
+pub mod proxy;
 pub mod sasl;
 pub mod secret;
 

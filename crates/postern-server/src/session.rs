@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use postern_proto::proxy;
 use postern_proto::{ClientInfo, Event, FrontEnd, Limit};
 use postern_route::Router;
-use proxy_header::{ParseConfig, ProxyHeader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -56,11 +56,6 @@ enum End {
 
 /// Bytes read from a peer per read during the login phase.
 const READ_CHUNK: usize = 4096;
-/// Largest PROXY header accepted: v1 is at most 107 bytes; v2 headers carry TLVs, and
-/// balancers send a few hundred bytes at most.
-const MAX_PROXY_HEADER: usize = 4096;
-/// The PROXY v2 signature.
-const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// Runs one client connection to its end.
 pub(crate) async fn run<D: Driver>(
@@ -115,13 +110,12 @@ pub(crate) async fn read_proxy_header(
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
     loop {
-        match ProxyHeader::parse(&buf, ParseConfig::default()) {
-            Ok((header, used)) => {
-                let client = header.proxied_address().map(|a| a.source);
-                return Ok((client, buf.get(used..).unwrap_or_default().to_vec()));
+        match proxy::parse(&buf) {
+            proxy::Header::Complete { client, len } => {
+                return Ok((client, buf.get(len..).unwrap_or_default().to_vec()));
             }
-            Err(proxy_header::Error::BufferTooShort) if buf.len() < MAX_PROXY_HEADER => {}
-            Err(_) => return Err("invalid PROXY header"),
+            proxy::Header::Incomplete => {}
+            proxy::Header::Invalid => return Err("invalid PROXY header"),
         }
         match timeout_at(deadline, tcp.read(&mut chunk)).await {
             Ok(Ok(0)) => return Err("closed before the PROXY header"),
@@ -130,10 +124,6 @@ pub(crate) async fn read_proxy_header(
             Err(_) => return Err("preauth_timeout"),
         }
     }
-}
-
-fn looks_like_proxy_header(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"PROXY ") || bytes.starts_with(PROXY_V2_SIGNATURE)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -277,7 +267,7 @@ async fn session<D: Driver>(
                 let bytes = buf.get(..n).unwrap_or_default();
                 if first_read {
                     first_read = false;
-                    if looks_like_proxy_header(bytes) {
+                    if proxy::looks_like_header(bytes) {
                         warn!("refused: PROXY header from an untrusted address");
                         return End::PreAuth("untrusted_proxy_header");
                     }
