@@ -249,3 +249,18 @@ def test_garbage_answer_is_a_temporary_failure(make_postern, auth_server):
     out = raw.cmd(f"a LOGIN {ALICE} x\r\n".encode(), b"a")
     assert out.startswith(b"a NO [UNAVAILABLE]"), out
     p.wait_log("auth_http failed")
+
+
+def test_no_backends_configured_the_auth_server_names_them(make_postern, cluster, auth_server):
+    # A pure nginx-mail replacement: Postern knows no backend; the auth server does.
+    auth_server.answer = route_to(cluster, "imap")
+
+    def edit(c):
+        c["backends"] = {}
+        c["listeners"] = [l for l in c["listeners"] if l["protocol"] == "imap"]
+
+    p = make_postern(http_mode(auth_server, edit), seed=False)
+    m = SourceIMAP4(*p.addr("imap-plain"))
+    assert m.login(BOB, HTTP_PW[BOB])[0] == "OK"
+    assert "postern-backend-b2" in backend_id(m)
+    m.logout()

@@ -180,8 +180,14 @@ fn build(file: File, base: &Path) -> Result<Config> {
         "imap.greeting: must be one line"
     );
 
+    // An auth_http server names the backends itself; otherwise Postern must know some.
+    let all_http = !file.listeners.is_empty()
+        && file
+            .listeners
+            .iter()
+            .all(|l| l.auth.unwrap_or(file.auth.mode) == file::AuthMode::Http);
     ensure!(
-        !file.backends.is_empty(),
+        all_http || !file.backends.is_empty(),
         "backends: at least one backend is needed"
     );
     let mut backends = BTreeMap::new();
@@ -394,10 +400,18 @@ fn build(file: File, base: &Path) -> Result<Config> {
             Some(config)
         };
         let starttls = tls_mode == TlsMode::StartTls;
+        let auth = auth_mode(l.auth.unwrap_or(file.auth.mode));
+        ensure!(
+            !(auth != AuthMode::Backend
+                && matches!(l.protocol, file::Protocol::Smtp | file::Protocol::Lmtp)),
+            "{key}.auth: MX and LMTP listeners have no authentication"
+        );
+        // With auth_http the auth server names the backend: none need be configured.
+        let needs_backend = auth != AuthMode::Http;
         let front = match l.protocol {
             file::Protocol::Imap => {
                 ensure!(
-                    backends.values().any(|b| b.imap.is_some()),
+                    !needs_backend || backends.values().any(|b| b.imap.is_some()),
                     "{key}: no backend serves {protocol}"
                 );
                 FrontOptions::Imap(Arc::new(postern_imap::Options {
@@ -414,7 +428,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
             }
             file::Protocol::Pop3 => {
                 ensure!(
-                    backends.values().any(|b| b.pop3.is_some()),
+                    !needs_backend || backends.values().any(|b| b.pop3.is_some()),
                     "{key}: no backend serves {protocol}"
                 );
                 let p = &file.pop3;
@@ -434,7 +448,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
             }
             file::Protocol::Submission => {
                 ensure!(
-                    backends.values().any(|b| b.submission.is_some()),
+                    !needs_backend || backends.values().any(|b| b.submission.is_some()),
                     "{key}: no backend serves {protocol}"
                 );
                 let sub = &file.submission;
@@ -498,12 +512,6 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 .collect::<Result<Vec<_>>>()?;
             Some(ProxyIn { trusted })
         };
-        let auth = auth_mode(l.auth.unwrap_or(file.auth.mode));
-        ensure!(
-            !(auth != AuthMode::Backend
-                && matches!(l.protocol, file::Protocol::Smtp | file::Protocol::Lmtp)),
-            "{key}.auth: MX and LMTP listeners have no authentication"
-        );
         listeners.push(Arc::new(ListenerSettings {
             name,
             bind: l.bind,

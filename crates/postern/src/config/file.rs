@@ -53,7 +53,9 @@ pub struct File {
     /// `[pools.NAME]`: pool policies.
     #[serde(default)]
     pub pools: BTreeMap<String, Pool>,
-    /// `[backends.NAME]`: the mail servers.
+    /// `[backends.NAME]`: the mail servers (optional only when an auth_http server
+    /// names them).
+    #[serde(default)]
     pub backends: BTreeMap<String, Backend>,
     /// `[[listeners]]`: the sockets clients connect to.
     pub listeners: Vec<Listener>,
