@@ -24,6 +24,30 @@ pub mod targets {
     pub mod smtp_front;
     pub mod smtp_login;
     pub mod smtp_relay;
+
+    /// A driver-side shutdown (pre-auth timeout, SIGTERM) at whatever point the input
+    /// left the machine: at most one goodbye line, and nothing on a second call.
+    pub(crate) fn check_shutdown<F: postern_proto::FrontEnd>(front: &mut F, why: u8) {
+        let why = if why & 1 == 1 {
+            postern_proto::Shutdown::ServerShutdown
+        } else {
+            postern_proto::Shutdown::IdleTimeout
+        };
+        let mut out = Vec::new();
+        front.poll_transmit(&mut out);
+        out.clear();
+        front.shutdown(why);
+        front.poll_transmit(&mut out);
+        assert!(
+            out.is_empty()
+                || (out.ends_with(b"\r\n") && out.iter().filter(|&&b| b == b'\n').count() == 1),
+            "goodbye: {out:?}"
+        );
+        out.clear();
+        front.shutdown(why);
+        front.poll_transmit(&mut out);
+        assert!(out.is_empty(), "second goodbye: {out:?}");
+    }
 }
 
 /// A target's entry point.

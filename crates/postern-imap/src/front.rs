@@ -25,7 +25,7 @@ use imap_codec::imap_types::command::CommandBody;
 use postern_proto::sasl::{self, SaslError};
 use postern_proto::{
     ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Reply,
-    Secret, Verdict,
+    Secret, Shutdown, Verdict,
 };
 
 use crate::framing::{self, Frame, Framer, Limits, Mode};
@@ -276,7 +276,7 @@ impl Front {
                     return self.privacy_required(&tag);
                 }
                 let Ok(user) = sasl::identity(username.as_ref()) else {
-                    return self.auth_failed(&tag);
+                    return self.undecodable(&tag);
                 };
                 let password = password.declassify().as_ref().to_vec();
                 self.authenticate(
@@ -387,14 +387,14 @@ impl Front {
         };
         match creds {
             Ok(creds) => self.authenticate(tag, creds),
-            Err(_) => self.auth_failed(&tag),
+            Err(_) => self.undecodable(&tag),
         }
     }
 
     fn plain(&mut self, tag: String, message: &[u8]) {
         match sasl::decode_plain(message) {
             Ok(creds) => self.authenticate(tag, creds),
-            Err(_) => self.auth_failed(&tag),
+            Err(_) => self.undecodable(&tag),
         }
     }
 
@@ -404,13 +404,13 @@ impl Front {
                 self.send(&format!("+ {}", sasl::LOGIN_PASS_PROMPT));
                 self.state = State::AuthLoginPass { tag, user };
             }
-            Err(_) => self.auth_failed(&tag),
+            Err(_) => self.undecodable(&tag),
         }
     }
 
     fn login_password(&mut self, tag: String, user: String, password: Vec<u8>) {
         if password.is_empty() {
-            return self.auth_failed(&tag);
+            return self.undecodable(&tag);
         }
         self.authenticate(
             tag,
@@ -435,6 +435,14 @@ impl Front {
         ));
         self.events
             .push_back(Event::Rejected("plaintext authentication before TLS"));
+    }
+
+    /// Undecodable credentials: the failed-login reply, and a log line, so that a
+    /// guesser does not go unseen because its input was malformed.
+    fn undecodable(&mut self, tag: &str) {
+        self.events
+            .push_back(Event::Rejected("undecodable credentials"));
+        self.auth_failed(tag);
     }
 
     fn auth_failed(&mut self, tag: &str) {
@@ -532,6 +540,14 @@ impl FrontEnd for Front {
             )),
         }
         self.process();
+    }
+
+    fn shutdown(&mut self, why: Shutdown) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        self.send(&format!("* BYE {}", why.text()));
+        self.close(CloseReason::Internal);
     }
 
     fn refuse(&mut self, limit: Limit) {

@@ -448,3 +448,19 @@ fn abuse_control_refusals() {
     );
     assert_eq!(t.closed(), None);
 }
+
+#[test]
+fn driver_shutdown_says_goodbye_once() {
+    use postern_proto::Shutdown;
+    let (mut t, _) = T::new(false);
+    t.send(b"a NOOP\r\n");
+    t.front.shutdown(Shutdown::IdleTimeout);
+    assert_eq!(t.out(), "* BYE Disconnected for inactivity.\r\n");
+    assert_eq!(t.closed(), Some(CloseReason::Internal));
+    t.front.shutdown(Shutdown::ServerShutdown);
+    assert_eq!(t.out(), "");
+
+    let (mut t, _) = T::new(false);
+    t.front.shutdown(Shutdown::ServerShutdown);
+    assert_eq!(t.out(), "* BYE Server shutting down.\r\n");
+}

@@ -28,7 +28,7 @@ use postern_proto::lines::{Line, LineBuf};
 use postern_proto::sasl::{self, SaslError};
 use postern_proto::{
     ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Reply,
-    Secret, Verdict,
+    Secret, Shutdown, Verdict,
 };
 
 use crate::login::{Login, LoginOptions};
@@ -459,7 +459,7 @@ impl Front {
         }
         self.user = None;
         let Ok(user) = sasl::identity(name) else {
-            return self.auth_failed();
+            return self.undecodable();
         };
         self.authenticate(Credentials {
             mechanism: Mechanism::Apop,
@@ -494,14 +494,14 @@ impl Front {
         };
         match creds {
             Ok(creds) => self.authenticate(creds),
-            Err(_) => self.auth_failed(),
+            Err(_) => self.undecodable(),
         }
     }
 
     fn plain(&mut self, message: &[u8]) {
         match sasl::decode_plain(message) {
             Ok(creds) => self.authenticate(creds),
-            Err(_) => self.auth_failed(),
+            Err(_) => self.undecodable(),
         }
     }
 
@@ -511,13 +511,13 @@ impl Front {
                 self.send(&format!("+ {}", sasl::LOGIN_PASS_PROMPT));
                 self.state = State::AuthLoginPass { user };
             }
-            Err(_) => self.auth_failed(),
+            Err(_) => self.undecodable(),
         }
     }
 
     fn login_password(&mut self, user: String, password: Vec<u8>) {
         if password.is_empty() {
-            return self.auth_failed();
+            return self.undecodable();
         }
         self.authenticate(Credentials {
             mechanism: Mechanism::Login,
@@ -540,6 +540,14 @@ impl Front {
         );
         self.events
             .push_back(Event::Rejected("plaintext authentication before TLS"));
+    }
+
+    /// Credentials that cannot be decoded get the failed-login reply, and a log line:
+    /// a guesser must not go unseen because its input was malformed.
+    fn undecodable(&mut self) {
+        self.events
+            .push_back(Event::Rejected("undecodable credentials"));
+        self.auth_failed();
     }
 
     fn auth_failed(&mut self) {
@@ -653,6 +661,15 @@ impl FrontEnd for Front {
             }
         }
         self.process();
+    }
+
+    fn shutdown(&mut self, why: Shutdown) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        // POP3 has no unsolicited replies, but Dovecot sends this and clients show it.
+        self.send(&format!("-ERR {}", why.text()));
+        self.close(CloseReason::Internal);
     }
 
     fn refuse(&mut self, limit: Limit) {

@@ -843,3 +843,18 @@ fn abuse_control_refusals() {
         "-ERR [IN-USE] Too many sessions for this user.\r\n"
     );
 }
+
+#[test]
+fn driver_shutdown_says_goodbye_once() {
+    use postern_proto::Shutdown;
+    let (mut t, _) = T::new(false);
+    t.front.shutdown(Shutdown::IdleTimeout);
+    assert_eq!(t.out(), "-ERR Disconnected for inactivity.\r\n");
+    assert_eq!(t.closed(), Some(CloseReason::Internal));
+    t.front.shutdown(Shutdown::ServerShutdown);
+    assert_eq!(t.out(), "");
+
+    let (mut t, _) = T::new(false);
+    t.front.shutdown(Shutdown::ServerShutdown);
+    assert_eq!(t.out(), "-ERR Server shutting down.\r\n");
+}

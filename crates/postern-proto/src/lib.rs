@@ -32,7 +32,7 @@ pub mod secret;
 
 pub use machine::{
     BackendLogin, ClientInfo, CloseReason, Event, Failure, FrontEnd, Limit, LoginEvent, Reply,
-    Verdict,
+    Shutdown, Verdict,
 };
 pub use protocol::Protocol;
 pub use sasl::{Credentials, Mechanism};

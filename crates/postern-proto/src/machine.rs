@@ -75,6 +75,28 @@ impl CloseReason {
     }
 }
 
+/// Why the driver ends a session on its own, with a goodbye in the protocol
+/// ([`FrontEnd::shutdown`]; the SMTP relay has the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Shutdown {
+    /// The client (or the backend) said nothing, or not enough, for too long.
+    IdleTimeout,
+    /// Postern is stopping.
+    ServerShutdown,
+}
+
+impl Shutdown {
+    /// The human part of the goodbye, in Dovecot's words (clients and log watchers know
+    /// them); each protocol wraps it in its own reply.
+    pub fn text(self) -> &'static str {
+        match self {
+            Shutdown::ServerShutdown => "Server shutting down.",
+            Shutdown::IdleTimeout => "Disconnected for inactivity.",
+        }
+    }
+}
+
 /// The backend's answer to a login, as raw protocol text the client-side machine of the
 /// same protocol knows how to relay.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -157,6 +179,10 @@ pub trait FrontEnd {
     /// by the protocol's refusal and an [`Event::Close`] follows. Call it right after
     /// creating the machine, instead of feeding it input.
     fn refuse(&mut self, limit: Limit);
+    /// Ends the session from the driver's side (pre-auth timeout, server shutdown): the
+    /// goodbye the protocol has for it (`* BYE`, `-ERR`, `421`) is queued, then an
+    /// [`Event::Close`]. Does nothing on a closed session.
+    fn shutdown(&mut self, why: Shutdown);
     /// Appends bytes to send to the client.
     fn poll_transmit(&mut self, out: &mut Vec<u8>);
     /// Returns the next action for the driver.

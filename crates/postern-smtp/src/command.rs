@@ -67,6 +67,10 @@ const UNKNOWN: Bad = Bad {
     reply: "500 5.5.2 Error: command not recognized",
     reason: "unknown command",
 };
+const SYNTAX: Bad = Bad {
+    reply: "501 5.5.4 Syntax error in parameters or arguments",
+    reason: "syntax error",
+};
 const BAD_CHARS: Bad = Bad {
     reply: "500 5.5.2 Error: invalid characters in command",
     reason: "invalid characters in command",
@@ -95,10 +99,17 @@ pub(crate) fn parse(raw: &[u8]) -> Result<Command, Bad> {
         Request::Bdat {
             chunk_size,
             is_last,
-        } => Command::Bdat {
-            size: chunk_size,
-            last: is_last,
-        },
+        } => {
+            // smtp-proto wraps sizes beyond 64 bits around (…600000000006 becomes 6):
+            // the chunk would be mis-framed, its bytes run as commands. Check the digits.
+            if bdat_size(content) != Some(chunk_size) {
+                return Err(SYNTAX);
+            }
+            Command::Bdat {
+                size: chunk_size,
+                last: is_last,
+            }
+        }
         Request::Auth {
             mechanism,
             initial_response,
@@ -123,6 +134,15 @@ pub(crate) fn parse(raw: &[u8]) -> Result<Command, Bad> {
         | Request::Atrn { .. }
         | Request::Burl { .. } => Command::NotImplemented,
     })
+}
+
+/// The chunk size of a BDAT line, read with overflow checks.
+fn bdat_size(line: &[u8]) -> Option<usize> {
+    let size = line
+        .split(|&b| b == b' ' || b == b'\t')
+        .filter(|w| !w.is_empty())
+        .nth(1)?;
+    std::str::from_utf8(size).ok()?.parse().ok()
 }
 
 /// smtp-proto turns `<postmaster>` into an empty address (RFC 5321 §4.1.1.3 allows it
@@ -168,10 +188,7 @@ fn map_error(e: &ParseError, line: &[u8]) -> Bad {
             reply: "504 5.5.4 Unrecognized authentication type",
             reason: "unsupported SASL mechanism",
         },
-        _ => Bad {
-            reply: "501 5.5.4 Syntax error in parameters or arguments",
-            reason: "syntax error",
-        },
+        _ => SYNTAX,
     }
 }
 
@@ -270,6 +287,10 @@ mod tests {
             (b"MAIL FROM:<a@b.example> FOO=1\r\n", "555 "),
             (b"AUTH\r\n", "501 "),
             (b"RCPT TO:<a@@b>\r\n", "501 "),
+            (b"BDAT 99999999999999999999\r\n", "501 "),
+            // 2^64 * 10^11 + 6: wraps to 6 in smtp-proto.
+            (b"BDAT 1844674407370955161600000000006\r\n", "501 "),
+            (b"BDAT 18446744073709551616 LAST\r\n", "501 "),
         ];
         for (line, want) in bad {
             let got = parse(line).expect_err(&String::from_utf8_lossy(line));

@@ -190,7 +190,7 @@ impl Front {
         if matches!(self.state, State::Closed | State::Done) {
             return;
         }
-        let line = why.reply(&self.opts.hostname);
+        let line = crate::shutdown_reply(why, &self.opts.hostname);
         self.send(&line);
         self.close(CloseReason::Internal);
     }
@@ -435,14 +435,14 @@ impl Front {
         };
         match creds {
             Ok(creds) => self.authenticate(creds),
-            Err(_) => self.auth_failed(),
+            Err(_) => self.undecodable(),
         }
     }
 
     fn plain(&mut self, message: &[u8]) {
         match sasl::decode_plain(message) {
             Ok(creds) => self.authenticate(creds),
-            Err(_) => self.auth_failed(),
+            Err(_) => self.undecodable(),
         }
     }
 
@@ -452,13 +452,13 @@ impl Front {
                 self.send(&format!("334 {}", sasl::LOGIN_PASS_PROMPT));
                 self.state = State::AuthLoginPass { user };
             }
-            Err(_) => self.auth_failed(),
+            Err(_) => self.undecodable(),
         }
     }
 
     fn login_password(&mut self, user: String, password: Vec<u8>) {
         if password.is_empty() {
-            return self.auth_failed();
+            return self.undecodable();
         }
         self.authenticate(Credentials {
             mechanism: Mechanism::Login,
@@ -483,6 +483,14 @@ impl Front {
         self.events
             .push_back(Event::Rejected("mail transaction before authentication"));
         self.count_bad();
+    }
+
+    /// Credentials that cannot be decoded get the failed-login reply, and a log line:
+    /// a guesser must not go unseen because its input was malformed.
+    fn undecodable(&mut self) {
+        self.events
+            .push_back(Event::Rejected("undecodable credentials"));
+        self.auth_failed();
     }
 
     fn auth_failed(&mut self) {
@@ -623,6 +631,10 @@ impl FrontEnd for Front {
             Verdict::Failed(_) => self.send("454 4.7.0 Temporary authentication failure"),
         }
         self.process();
+    }
+
+    fn shutdown(&mut self, why: Shutdown) {
+        Front::shutdown(self, why);
     }
 
     fn refuse(&mut self, limit: Limit) {

@@ -41,22 +41,13 @@ pub use login::{AuthMethod, Login, LoginMethod, LoginOptions, SessionInfo};
 pub use probe::Probe;
 pub use relay::{BackendId, Relay, RelayEvent, RelayMode, RelayOptions, Route};
 
-/// Why the driver ends a session on its own (see `Front::shutdown`, `Relay::shutdown`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Shutdown {
-    /// The client (or the backend) said nothing for too long: `421 4.4.2`.
-    IdleTimeout,
-    /// Postern is stopping: `421 4.3.2`.
-    ServerShutdown,
-}
+pub use postern_proto::Shutdown;
 
-impl Shutdown {
-    fn reply(self, hostname: &str) -> String {
-        match self {
-            Shutdown::IdleTimeout => format!("421 4.4.2 {hostname} Error: timeout exceeded"),
-            Shutdown::ServerShutdown => format!("421 4.3.2 {hostname} Service shutting down"),
-        }
+/// The 421 goodbye for a [`Shutdown`].
+fn shutdown_reply(why: Shutdown, hostname: &str) -> String {
+    match why {
+        Shutdown::ServerShutdown => format!("421 4.3.2 {hostname} Service shutting down"),
+        _ => format!("421 4.4.2 {hostname} Error: timeout exceeded"),
     }
 }
 

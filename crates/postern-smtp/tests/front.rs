@@ -496,3 +496,18 @@ fn abuse_control_refusals() {
         )
     );
 }
+
+#[test]
+fn driver_shutdown_says_goodbye_once() {
+    use postern_proto::{FrontEnd, Shutdown};
+    let (mut t, _) = T::new(false);
+    FrontEnd::shutdown(&mut t.front, Shutdown::IdleTimeout);
+    assert_eq!(t.out(), "421 4.4.2 mx.test Error: timeout exceeded\r\n");
+    assert_eq!(t.closed(), Some(CloseReason::Internal));
+    FrontEnd::shutdown(&mut t.front, Shutdown::ServerShutdown);
+    assert_eq!(t.out(), "");
+
+    let (mut t, _) = T::new(false);
+    FrontEnd::shutdown(&mut t.front, Shutdown::ServerShutdown);
+    assert_eq!(t.out(), "421 4.3.2 mx.test Service shutting down\r\n");
+}

@@ -728,3 +728,27 @@ fn overlong_line_and_error_budget() {
     assert_eq!(c.matches("500 ").count(), 11);
     assert_eq!(h.closed(), Some(CloseReason::TooManyErrors));
 }
+
+#[test]
+fn a_client_that_pipelines_and_does_not_read_gets_bounded_batches() {
+    let (mut h, _) = H::new(mx());
+    // 4 000 EHLOs: ~32 KB in, ~500 KB of replies if all were answered at once.
+    h.r.handle_client_input(&b"EHLO x\r\n".repeat(4000));
+    let mut answered = 0;
+    let mut batches = 0;
+    loop {
+        let mut out = Vec::new();
+        h.r.poll_transmit_client(&mut out);
+        // One batch may reach the bound plus one reply, no more.
+        assert!(out.len() < 20 * 1024, "a batch of {} bytes", out.len());
+        answered += out.windows(4).filter(|w| w == b"250 ").count();
+        batches += 1;
+        if !h.r.has_client_output() {
+            break;
+        }
+        assert!(batches < 1000, "no progress");
+    }
+    assert_eq!(answered, 4000);
+    assert!(batches > 10, "{batches} batches");
+    assert!(h.r.wants_client_input());
+}

@@ -45,6 +45,9 @@ pub fn run(data: &[u8]) {
             }
         }
     }
+    if input.len() % 2 == 1 {
+        return super::check_shutdown(&mut front, control);
+    }
     // The hand-off never holds more than one message's worth plus one read.
     assert!(front.into_handoff().len() <= 1024 + chunk);
 }

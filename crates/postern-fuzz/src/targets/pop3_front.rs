@@ -81,6 +81,9 @@ pub fn run(data: &[u8]) {
             }
         }
     }
+    if !closed && input.len() % 2 == 1 {
+        return super::check_shutdown(&mut front, control);
+    }
     if !closed {
         assert!(front.into_handoff().len() <= MAX_LINE + chunk);
     }

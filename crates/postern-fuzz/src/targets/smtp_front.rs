@@ -67,6 +67,9 @@ pub fn run(data: &[u8]) {
             break;
         }
     }
+    if input.len() % 2 == 1 {
+        return super::check_shutdown(&mut front, control);
+    }
     // The hand-off never holds more than one line's worth plus one read, or the
     // bytes pipelined behind AUTH.
     assert!(front.into_handoff().len() <= 64 * 1024 + 1024 + chunk);

@@ -47,6 +47,10 @@ impl Relay {
             if self.slots.len() >= self.opts.max_pending {
                 return;
             }
+            if self.to_client.len() >= super::MAX_CLIENT_OUTPUT {
+                self.held_back = true;
+                return;
+            }
             match self.input.poll(self.opts.max_line) {
                 Line::Incomplete => return,
                 Line::TooLong => {

@@ -304,6 +304,9 @@ pub struct Relay {
     input: LineBuf,
     reader: ReplyReader,
     to_client: Vec<u8>,
+    /// Commands were left unprocessed because `to_client` was full: run them once the
+    /// driver has taken the output.
+    held_back: bool,
     to_backend: Vec<u8>,
     events: VecDeque<RelayEvent>,
     slots: Slots,
@@ -340,6 +343,7 @@ impl Relay {
             input: LineBuf::new(),
             reader: ReplyReader::default(),
             to_client: Vec::new(),
+            held_back: false,
             to_backend: Vec::new(),
             events: VecDeque::new(),
             slots: Slots::default(),
@@ -476,7 +480,7 @@ impl Relay {
         if self.close_sent {
             return;
         }
-        let line = why.reply(&self.opts.hostname);
+        let line = crate::shutdown_reply(why, &self.opts.hostname);
         self.abort(&line, CloseReason::Internal);
         self.flush();
     }
@@ -484,6 +488,19 @@ impl Relay {
     /// Appends bytes to send to the client.
     pub fn poll_transmit_client(&mut self, out: &mut Vec<u8>) {
         out.append(&mut self.to_client);
+        if self.held_back && !self.close_sent {
+            // The driver took the backlog: answer the commands that waited behind it.
+            self.held_back = false;
+            self.process();
+            self.flush();
+        }
+    }
+
+    /// Whether [`Relay::poll_transmit_client`] has more to give without new input: a
+    /// client that pipelines faster than it reads gets its answers in bounded batches,
+    /// and the driver must come back for the rest before it waits for I/O.
+    pub fn has_client_output(&self) -> bool {
+        !self.to_client.is_empty() || self.held_back
     }
 
     /// Appends bytes to send to the backend.
@@ -539,3 +556,8 @@ impl Relay {
         self.queue.clear();
     }
 }
+
+/// Replies held for the client at most, before commands wait in the input buffer:
+/// EHLO is 8 bytes in and 200 out, so a client that pipelines and never reads would
+/// otherwise make Postern buffer 25 times its input limit.
+pub(crate) const MAX_CLIENT_OUTPUT: usize = 16 * 1024;
