@@ -8,13 +8,17 @@ cd "$(dirname "$0")/.."
 
 # The routing tests start their own MariaDB and PostgreSQL servers (never the
 # machine's): only the server binaries are needed.
+# dovecot-mysql: the Docker backends' Dovecot config is run against MariaDB; systemd:
+# only its offline tools (systemd-analyze verify) for the unit file; chromium: the
+# admin status page is tested in a real browser.
 apt_install "${MAIL_PACKAGES[@]}" postfix swaks mariadb-server mariadb-client postgresql postgresql-client \
-    python3 python3-venv
+    python3 python3-venv dovecot-mysql systemd chromium
 
 VENV=.venv
-if [ ! -x "$VENV/bin/python" ]; then
+# A venv made before python3-venv was installed has no pip: make it again.
+if [ ! -x "$VENV/bin/python" ] || [ ! -x "$VENV/bin/pip" ]; then
     echo "==> creating $VENV"
-    python3 -m venv "$VENV"
+    python3 -m venv --clear "$VENV"
 fi
 if ! "$VENV/bin/python" -c 'import pytest, xdist, pytest_timeout' 2>/dev/null \
     || ! cmp -s tests/requirements.txt "$VENV/.requirements"; then

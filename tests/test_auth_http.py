@@ -198,8 +198,11 @@ def test_pop3_user_pass_and_apop(make_postern, cluster, certs, auth_server):
     assert ts_seen and ts_seen[0].startswith("<") and ts_seen[0].endswith(">")
 
 
+@pytest.mark.parametrize("backends", ["configured", "unknown-to-postern"])
 def test_submission_xclient_login_or_error_code(make_postern, cluster, postfixes, certs,
-                                                workdir, auth_server):
+                                                workdir, auth_server, backends):
+    """With the backend configured, its `login = "xclient"` applies; with an address
+    only the auth server knows, nginx's default `xclient on` does."""
     def answer(h):
         if h["Auth-Pass"] != HTTP_PW[ALICE]:
             return [("Auth-Status", "Bad password"), ("Auth-Error-Code", "535 5.7.8"),
@@ -216,8 +219,11 @@ def test_submission_xclient_login_or_error_code(make_postern, cluster, postfixes
         c["backends"] = smtp["backends"]
         c["server"] = smtp["server"]
         c["listeners"] += [l for l in smtp["listeners"] if l["name"] == "submission"]
+        if backends != "configured":
+            c["backends"] = {}
+            c["listeners"] = [l for l in c["listeners"] if l["name"] == "submission"]
 
-    p = make_postern(http_mode(auth_server, edit))
+    p = make_postern(http_mode(auth_server, edit), seed=backends == "configured")
     s = smtplib.SMTP(*p.addr("submission"), timeout=20)
     s.starttls(context=certs.client_context())
     with pytest.raises(smtplib.SMTPAuthenticationError) as e:

@@ -17,6 +17,7 @@ state=${POSTERN_QUICKSTART_DIR:-$repo/var/quickstart}
 bin=$repo/target/release/postern
 imap_port=1143 imaps_port=1993 pop3_port=1110 pop3s_port=1995
 smtp_port=1025 submission_port=1587 smtps_port=1465 lmtp_port=1024
+admin_port=9190
 
 # Pid files may pad the number with spaces (Postfix does).
 alive() { [ -s "$1" ] && kill -0 "$(tr -dc '0-9' < "$1")" 2>/dev/null; }
@@ -59,6 +60,8 @@ Postern quickstart is running.
   demo users        alice@example.test -> b1, bob@example.test -> b2
                     password "demo" for both (quickstart only: never use these elsewhere)
   CA certificate    $state/tls/ca.pem
+  status page       http://127.0.0.1:$admin_port/  (metrics: /metrics, JSON API: /api/status)
+  access log        $state/access.log (one JSON line per session)
 
 Try:
   curl --ssl-reqd --cacert $state/tls/ca.pem -u alice@example.test:demo imap://localhost:$imap_port/
@@ -67,6 +70,8 @@ Try:
   swaks --server 127.0.0.1:$submission_port --tls --auth-user alice@example.test --auth-password demo --to bob@example.test
   openssl s_client -quiet -crlf -starttls imap -connect 127.0.0.1:$imap_port -CAfile $state/tls/ca.pem
   $bin -c $state/postern.toml route Bob
+  curl -s http://127.0.0.1:$admin_port/api/backends
+  $bin -c $state/postern.toml reload
 
 Logs: $state/postern.log, $state/b1/dovecot.log, $state/b2/dovecot.log,
       $state/pf-b1/maillog, $state/pf-b2/maillog
@@ -88,7 +93,7 @@ cargo build --release --locked -q -p postern
 
 mkdir -p "$state"
 chmod 755 "$state"
-for p in $imap_port $imaps_port $pop3_port $pop3s_port $smtp_port $submission_port $smtps_port $lmtp_port; do
+for p in $imap_port $imaps_port $pop3_port $pop3s_port $smtp_port $submission_port $smtps_port $lmtp_port $admin_port; do
     if port_taken "$p"; then
         echo "error: 127.0.0.1:$p is in use; the quickstart listens there (see config/quickstart.toml)" >&2
         exit 1

@@ -13,6 +13,7 @@ from .certs import Certs
 from .dovecot import Cluster
 
 LISTENING = re.compile(r"listening listener=(\S+) proto=\S+ addr=(\S+):(\d+)")
+ADMIN_LISTENING = re.compile(r"admin listener addr=(\S+):(\d+)")
 
 
 def binary() -> Path:
@@ -22,10 +23,18 @@ def binary() -> Path:
     return path
 
 
-def base_config(cluster: Cluster, certs: Certs, workdir: Path) -> dict:
+def base_config(cluster: Cluster, certs: Certs, workdir: Path, admin: dict | bool = False) -> dict:
     """Postern in front of the cluster: routes in SQLite seeded from fixtures/; IMAP with
     STARTTLS, IMAPS, a plaintext IMAP listener that opts out of the TLS requirement,
-    POP3 with STLS and POP3S, all on port 0."""
+    POP3 with STLS and POP3S, all on port 0. `admin` (True, or a dict of [admin] keys
+    such as a token) adds the admin HTTP listener on a free loopback port."""
+    config = _base_config(cluster, certs, workdir)
+    if admin:
+        config["admin"] = {"bind": "127.0.0.1:0", **(admin if isinstance(admin, dict) else {})}
+    return config
+
+
+def _base_config(cluster: Cluster, certs: Certs, workdir: Path) -> dict:
     return {
         "log": {"level": "info,postern_server=debug"},
         "tls": {"cert": str(certs.cert), "key": str(certs.key)},
@@ -71,6 +80,8 @@ class Postern:
         self.log_path = self.dir / "postern.log"
         self.proc: subprocess.Popen | None = None
         self.addrs: dict[str, tuple[str, int]] = {}
+        # The admin listener's base URL, once started with an [admin] section.
+        self.admin_url: str | None = None
 
     def write_config(self) -> Path:
         self.config_path.write_text(toml.dumps(self.config))
@@ -108,7 +119,10 @@ class Postern:
             self.addrs = {
                 name: (host, int(port)) for name, host, port in LISTENING.findall(self.log())
             }
-            if len(self.addrs) >= want:
+            admin = ADMIN_LISTENING.search(self.log()) if "admin" in self.config else None
+            if admin:
+                self.admin_url = f"http://{admin.group(1)}:{admin.group(2)}"
+            if len(self.addrs) >= want and (admin or "admin" not in self.config):
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postern exited ({self.proc.returncode}):\n{self.log()}")

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use crate::cache::{CacheOptions, Cached, Lookup, RouteCache};
 use crate::hash::{self, Weighted};
-use crate::stats::RouteStats;
+use crate::stats::{Outcome, RouteStats};
 use crate::store::{BackendRef, RouteRecord, RouteStore, StoreError};
 use crate::{InvalidUser, Normalizer, UserName};
 
@@ -590,14 +590,13 @@ impl Router {
         &self,
         user: &UserName,
     ) -> Result<(Option<Arc<RouteRecord>>, bool), RouteError> {
-        use std::sync::atomic::Ordering::Relaxed;
         let stale = match self.cache.get(user) {
             Lookup::Fresh(Cached::Found(r)) => {
-                self.stats.hits.fetch_add(1, Relaxed);
+                self.stats.record(Outcome::Hit);
                 return Ok((Some(r), false));
             }
             Lookup::Fresh(Cached::Absent) => {
-                self.stats.hits.fetch_add(1, Relaxed);
+                self.stats.record(Outcome::Hit);
                 return Ok((None, false));
             }
             Lookup::Stale(r) => Some(r),
@@ -608,7 +607,7 @@ impl Router {
         self.stats.observe(started.elapsed());
         match answer {
             Ok(record) => {
-                self.stats.misses.fetch_add(1, Relaxed);
+                self.stats.record(Outcome::Miss);
                 let record = record.map(Arc::new);
                 let cached = match &record {
                     Some(r) => Cached::Found(Arc::clone(r)),
@@ -619,12 +618,12 @@ impl Router {
             }
             Err(e) => match stale {
                 Some(record) => {
-                    self.stats.stale.fetch_add(1, Relaxed);
+                    self.stats.record(Outcome::Stale);
                     warn!(error = %e, user = %user, "route store failing; serving the cached route");
                     Ok((Some(record), true))
                 }
                 None => {
-                    self.stats.errors.fetch_add(1, Relaxed);
+                    self.stats.record(Outcome::Error);
                     Err(RouteError::Store(e))
                 }
             },
@@ -681,9 +680,7 @@ impl Router {
         }
         // Race-safe: if another instance pinned the user first, its pin comes back.
         let backend = self.store.assign(&user, &choice).await?;
-        self.stats
-            .assigned
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.record(Outcome::Assigned);
         if let Ok(mut c) = self.counts.lock() {
             *c.per_backend.entry(backend.clone()).or_default() += 1;
         }

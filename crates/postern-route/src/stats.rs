@@ -10,6 +10,28 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
     1_000_000, 5_000_000,
 ];
 
+/// The totals of every router of this process. A reload builds a new [`Router`]
+/// (with fresh [`RouteStats`]); the metrics endpoint reads these, which every router
+/// also counts into, so that the exported counters never go back to zero.
+///
+/// [`Router`]: crate::Router
+pub static PROCESS: RouteStats = RouteStats::new();
+
+/// What one route lookup came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered from the cache.
+    Hit,
+    /// Asked the store, which answered.
+    Miss,
+    /// The store failed; a stale cached route was served.
+    Stale,
+    /// The store failed; nothing could be served.
+    Error,
+    /// A user was assigned a backend.
+    Assigned,
+}
+
 /// Route lookup counters.
 #[derive(Debug, Default)]
 pub struct RouteStats {
@@ -40,8 +62,48 @@ pub struct LatencySnapshot {
 }
 
 impl RouteStats {
-    /// Records one store lookup's duration.
+    /// Zeroed counters (usable in a `static`).
+    pub const fn new() -> Self {
+        Self {
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            assigned: AtomicU64::new(0),
+            latency_buckets: [const { AtomicU64::new(0) }; LATENCY_BUCKETS_US.len() + 1],
+            latency_sum_us: AtomicU64::new(0),
+            latency_count: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one lookup outcome here and in the process totals ([`PROCESS`]).
+    pub fn record(&self, outcome: Outcome) {
+        self.record_one(outcome);
+        if !std::ptr::eq(self, &PROCESS) {
+            PROCESS.record_one(outcome);
+        }
+    }
+
+    fn record_one(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Hit => &self.hits,
+            Outcome::Miss => &self.misses,
+            Outcome::Stale => &self.stale,
+            Outcome::Error => &self.errors,
+            Outcome::Assigned => &self.assigned,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Records one store lookup's duration, here and in the process totals.
     pub fn observe(&self, d: Duration) {
+        self.observe_one(d);
+        if !std::ptr::eq(self, &PROCESS) {
+            PROCESS.observe_one(d);
+        }
+    }
+
+    fn observe_one(&self, d: Duration) {
         let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         let i = LATENCY_BUCKETS_US
             .iter()

@@ -32,6 +32,12 @@ pub(crate) trait Driver: Send + Sync + 'static {
     fn verified_login_options(&self, _options: &Self::LoginOptions) -> Option<Self::LoginOptions> {
         None
     }
+
+    /// Login options for a backend an auth_http server named that is not configured
+    /// here: the protocol's defaults.
+    fn http_login_options(&self) -> Self::LoginOptions {
+        Self::LoginOptions::default()
+    }
 }
 
 /// IMAP.
@@ -139,6 +145,15 @@ impl Driver for Submission {
 
     fn front(&self, tls: bool, _session_id: &str) -> Self::Front {
         postern_smtp::Front::new(self.options(), tls)
+    }
+
+    /// nginx's `xclient on` (its default): the backend is told the client and, when
+    /// the auth server sent no password, the user (`XCLIENT LOGIN=`).
+    fn http_login_options(&self) -> Self::LoginOptions {
+        postern_smtp::LoginOptions {
+            method: postern_smtp::LoginMethod::Xclient,
+            ..postern_smtp::LoginOptions::default()
+        }
     }
 
     fn verified_login_options(&self, options: &Self::LoginOptions) -> Option<Self::LoginOptions> {

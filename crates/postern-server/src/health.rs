@@ -120,6 +120,29 @@ impl Health {
         })
     }
 
+    /// After a reload: the state of every backend service that is still configured,
+    /// the operator's drains included, so that a reload neither revives a down backend
+    /// nor undoes a drain.
+    pub fn inherit(&self, old: &Health) {
+        if let (Ok(mut mine), Ok(theirs)) = (self.checks.write(), old.checks.read()) {
+            for (key, check) in mine.iter_mut() {
+                if let Some(prev) = theirs.get(key) {
+                    *check = prev.clone();
+                }
+            }
+        }
+        if let (Ok(mut mine), Ok(theirs)) = (self.admin.write(), old.admin.read()) {
+            for (name, state) in theirs.iter() {
+                mine.insert(name.clone(), *state);
+            }
+        }
+        if let (Ok(mut mine), Ok(theirs)) = (self.ehlo.write(), old.ehlo.read()) {
+            for (key, lines) in theirs.iter() {
+                mine.insert(key.clone(), lines.clone());
+            }
+        }
+    }
+
     /// Records the outcome of a check or of a real connection attempt.
     pub fn report(&self, backend: &str, protocol: Protocol, result: Result<(), String>) {
         let transition = {

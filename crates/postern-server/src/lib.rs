@@ -2,6 +2,9 @@
 //! drives the sans-IO protocol machines, asks the router where a user goes, connects and
 //! logs in to the backend, and relays bytes.
 
+pub mod access_log;
+pub mod admin;
+pub mod metrics;
 pub mod registry;
 pub mod relay;
 pub mod server;
@@ -19,6 +22,8 @@ pub mod health;
 mod login;
 mod session;
 mod smtp_relay;
+#[cfg(target_os = "linux")]
+mod splice;
 
 pub use server::{Runtime, Server, ServerError};
 pub use settings::{

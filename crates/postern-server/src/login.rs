@@ -66,8 +66,24 @@ fn unavailable() -> Login {
     Login::Verdict(Verdict::Failed(Failure::Unavailable))
 }
 
-/// Runs one login attempt.
+/// Runs one login attempt, counting its result (metrics, access log).
 pub(crate) async fn login<D: Driver>(
+    ctx: &Ctx,
+    driver: &D,
+    front: &D::Front,
+    creds: Credentials,
+    attempt: &Attempt<'_>,
+) -> Login {
+    let outcome = login_inner::<D>(ctx, driver, front, creds, attempt).await;
+    let verdict = match &outcome {
+        Login::Verdict(v) | Login::Close(v) | Login::Accepted { verdict: v, .. } => v,
+    };
+    crate::metrics::login(D::PROTOCOL, verdict);
+    crate::access_log::note_login(crate::metrics::login_result(verdict));
+    outcome
+}
+
+async fn login_inner<D: Driver>(
     ctx: &Ctx,
     driver: &D,
     front: &D::Front,
@@ -194,7 +210,9 @@ impl Session<'_> {
                 client: self.attempt.info.client,
                 since: SystemTime::now(),
             },
-            &self.ctx.cancel,
+            // Shutdown does not end a session at once: only the end of the grace
+            // period does (the kill token), or a kick.
+            &self.ctx.kill,
         )
     }
 
@@ -280,6 +298,8 @@ impl Session<'_> {
             let span = Span::current();
             span.record("user", decision.user.as_str());
             span.record("backend", decision.backend.as_str());
+            crate::access_log::note_user(decision.user.as_str());
+            crate::access_log::note_backend(&decision.backend);
             let temporary = (decision.source == Source::Temporary)
                 .then_some(decision.pinned.as_deref())
                 .flatten();
@@ -391,6 +411,7 @@ impl Session<'_> {
         let user = upstream.user.clone().unwrap_or_else(|| creds.user.clone());
         let span = Span::current();
         span.record("user", user.as_str());
+        crate::access_log::note_user(&user);
         // The backend login, as nginx does it: the auth server's user and password
         // (a password is required for IMAP and POP3; SMTP without one means XCLIENT
         // LOGIN= only).
@@ -417,7 +438,7 @@ impl Session<'_> {
             tls: BackendTls::None,
             proxy_protocol: ProxyProtocol::None,
         };
-        let defaults = D::LoginOptions::default();
+        let defaults = driver.http_login_options();
         let target = match known {
             Some((b, endpoint, options)) => Target {
                 name: &b.name,
@@ -437,6 +458,7 @@ impl Session<'_> {
             },
         };
         span.record("backend", target.name);
+        crate::access_log::note_backend(target.name);
         let guard = self.register(D::PROTOCOL);
         guard.set_backend(target.name, None);
         match self

@@ -1,10 +1,21 @@
 //! The byte relay that carries a session once the login is done.
 //!
-//! No buffer lives in a session while it is idle: each poll reads into a buffer on the
-//! stack and writes it straight to the other side; only bytes the other side cannot take
-//! yet are copied to the heap, and that copy is freed as soon as it drains. An idle
-//! IMAP session (IDLE for 30 minutes) therefore costs its sockets and this small future,
-//! not two 8 KiB copy buffers as with `tokio::io::copy_bidirectional`.
+//! Two ways to move bytes, chosen per session:
+//!
+//! - **splice** (Linux, both sides plaintext TCP): each direction splices from its
+//!   source socket into a pipe and from the pipe into the other socket, so the bytes
+//!   never enter user space (see [`crate::splice`]). A pipe is held only while bytes are
+//!   in flight; an idle session holds none.
+//! - **copy** (TLS on either side, or no pipe to be had): each poll reads into a buffer
+//!   on the stack and writes it straight to the other side; only bytes the other side
+//!   cannot take yet are copied to the heap, and that copy is freed as soon as it
+//!   drains.
+//!
+//! Either way no buffer lives in a session while it is idle: an IMAP session in IDLE for
+//! 30 minutes costs its sockets (and, with TLS, rustls's state) and this small future,
+//! not two 8 KiB copy buffers as with `tokio::io::copy_bidirectional`. A kTLS variant
+//! of the client stream would take the splice path too: it only needs
+//! [`RelayIo::plain_tcp`] to return the socket once the kernel does the record layer.
 //!
 //! End of stream on one side is passed on as a write shutdown of the other (half-close);
 //! the relay ends when both directions have ended, on the first I/O error, when no byte
@@ -19,13 +30,53 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
+
+use crate::backend::BackendStream;
+use crate::stream::ClientStream;
 
 /// How long a client may keep its side open after the backend closed.
 pub const LINGER: Duration = Duration::from_secs(2);
 
-/// Bytes moved per read. On the stack, not in the session.
+/// Bytes moved per read on the copy path. On the stack, not in the session. A TLS
+/// record carries at most 16 KiB, so a bigger buffer would not read more at once there.
 const CHUNK: usize = 16 * 1024;
+
+/// A stream the relay can carry: any async byte stream, plus a way to reach the TCP
+/// socket underneath when nothing (TLS) sits in between, for splice(2).
+pub trait RelayIo: AsyncRead + AsyncWrite + Unpin {
+    /// The plaintext TCP socket this stream is, if it is one.
+    fn plain_tcp(&mut self) -> Option<&mut TcpStream> {
+        None
+    }
+}
+
+impl RelayIo for TcpStream {
+    fn plain_tcp(&mut self) -> Option<&mut TcpStream> {
+        Some(self)
+    }
+}
+
+impl RelayIo for ClientStream {
+    fn plain_tcp(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            ClientStream::Plain(s) => Some(s),
+            ClientStream::Tls(_) => None,
+        }
+    }
+}
+
+impl RelayIo for BackendStream {
+    fn plain_tcp(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            BackendStream::Plain(s) => Some(s),
+            BackendStream::Tls(_) => None,
+        }
+    }
+}
+
+impl RelayIo for tokio::io::DuplexStream {}
 
 /// How a relay ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,9 +115,11 @@ pub struct Stats {
     pub backend_to_client: u64,
     /// Why it ended.
     pub end: End,
+    /// Whether the bytes moved by splice(2) (both sides plaintext) rather than copies.
+    pub spliced: bool,
 }
 
-/// One direction of the relay.
+/// One direction of the copy relay.
 #[derive(Debug, Default)]
 struct Half {
     /// Bytes read but not yet accepted by the writer; empty (unallocated) when idle.
@@ -81,7 +134,8 @@ struct Half {
 /// Which side failed, so the caller can tell client errors from backend errors.
 /// The error itself is dropped: a reset from a phone going out of coverage is routine,
 /// and the side that failed is what the session log needs.
-enum Fault {
+#[derive(Debug)]
+pub(crate) enum Fault {
     Reader,
     Writer,
 }
@@ -175,6 +229,9 @@ impl Half {
 }
 
 /// Relays between `client` and `backend` until the session ends. `cancel` ends it early.
+///
+/// One async fn with no inner ones: this future is what an idle session keeps, and
+/// each future passed into another would be stored twice (rust-lang/rust#62958).
 pub async fn relay<C, B>(
     client: &mut C,
     backend: &mut B,
@@ -182,11 +239,10 @@ pub async fn relay<C, B>(
     cancel: impl Future<Output = ()>,
 ) -> Stats
 where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    C: RelayIo + ?Sized,
+    B: RelayIo + ?Sized,
 {
-    let mut up = Half::default();
-    let mut down = Half::default();
+    let mut mode = Mode::choose(client, backend);
     let mut last_activity = Instant::now();
     let timer = sleep_until(last_activity + idle);
     tokio::pin!(timer);
@@ -198,19 +254,7 @@ where
             return Poll::Ready(End::Cancelled);
         }
         let mut moved = false;
-        let up_state = up.poll_copy(
-            cx,
-            Pin::new(&mut *client),
-            Pin::new(&mut *backend),
-            &mut moved,
-        );
-        let down_state = down.poll_copy(
-            cx,
-            Pin::new(&mut *backend),
-            Pin::new(&mut *client),
-            &mut moved,
-        );
-        match (up_state, down_state) {
+        match mode.step(cx, &mut *client, &mut *backend, &mut moved) {
             (Poll::Ready(Err(Fault::Reader)), _) | (_, Poll::Ready(Err(Fault::Writer))) => {
                 return Poll::Ready(End::ClientError);
             }
@@ -241,11 +285,137 @@ where
         Poll::Pending
     })
     .await;
+    mode.stats(end)
+}
 
-    Stats {
-        client_to_backend: up.bytes,
-        backend_to_client: down.bytes,
-        end,
+/// Whether plaintext sessions are spliced: yes, unless the environment variable
+/// `POSTERN_RELAY_SPLICE=0` says otherwise (read once). The switch exists for the
+/// benchmark, to measure the copy path on the same build, and as a way out should a
+/// kernel misbehave.
+#[cfg(target_os = "linux")]
+fn splice_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("POSTERN_RELAY_SPLICE").is_none_or(|v| v != "0"))
+}
+
+/// The state of both directions after one step.
+type Step = (Poll<Result<(), Fault>>, Poll<Result<(), Fault>>);
+
+/// How this session's bytes move: both directions copied, or both spliced.
+#[derive(Debug)]
+enum Mode {
+    Copy(Half, Half),
+    #[cfg(target_os = "linux")]
+    Splice(Way, Way),
+}
+
+impl Mode {
+    fn choose<C, B>(client: &mut C, backend: &mut B) -> Mode
+    where
+        C: RelayIo + ?Sized,
+        B: RelayIo + ?Sized,
+    {
+        #[cfg(target_os = "linux")]
+        if splice_enabled() && client.plain_tcp().is_some() && backend.plain_tcp().is_some() {
+            return Mode::Splice(Way::default(), Way::default());
+        }
+        let _ = (client, backend);
+        Mode::Copy(Half::default(), Half::default())
+    }
+
+    /// Moves what can be moved in both directions, client→backend first.
+    fn step<C, B>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        backend: &mut B,
+        moved: &mut bool,
+    ) -> Step
+    where
+        C: RelayIo + ?Sized,
+        B: RelayIo + ?Sized,
+    {
+        match self {
+            Mode::Copy(up, down) => (
+                up.poll_copy(cx, Pin::new(&mut *client), Pin::new(&mut *backend), moved),
+                down.poll_copy(cx, Pin::new(&mut *backend), Pin::new(&mut *client), moved),
+            ),
+            #[cfg(target_os = "linux")]
+            Mode::Splice(up, down) => match (client.plain_tcp(), backend.plain_tcp()) {
+                (Some(c), Some(b)) => (up.poll(cx, c, b, moved), down.poll(cx, b, c, moved)),
+                // Chosen because both were plain TCP; they cannot have changed.
+                _ => (
+                    Poll::Ready(Err(Fault::Reader)),
+                    Poll::Ready(Err(Fault::Reader)),
+                ),
+            },
+        }
+    }
+
+    fn stats(&self, end: End) -> Stats {
+        let (client_to_backend, backend_to_client, spliced) = match self {
+            Mode::Copy(up, down) => (up.bytes, down.bytes, false),
+            #[cfg(target_os = "linux")]
+            Mode::Splice(up, down) => (up.bytes(), down.bytes(), true),
+        };
+        Stats {
+            client_to_backend,
+            backend_to_client,
+            end,
+            spliced,
+        }
+    }
+}
+
+/// One direction between two plaintext sockets: spliced, or copied once no pipe could
+/// be had.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+enum Way {
+    Splice(crate::splice::SpliceHalf),
+    Copy(Half),
+}
+
+#[cfg(target_os = "linux")]
+impl Default for Way {
+    fn default() -> Self {
+        Way::Splice(crate::splice::SpliceHalf::default())
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Way {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
+        moved: &mut bool,
+    ) -> Poll<Result<(), Fault>> {
+        if let Way::Splice(s) = self {
+            match ready!(s.poll_splice(cx, src, dst, moved)) {
+                Ok(()) => return Poll::Ready(Ok(())),
+                Err(Some(fault)) => return Poll::Ready(Err(fault)),
+                // Out of descriptors: copy from now on (nothing is in a pipe).
+                Err(None) => {
+                    *self = Way::Copy(Half {
+                        bytes: s.bytes,
+                        ..Half::default()
+                    });
+                }
+            }
+        }
+        match self {
+            Way::Copy(h) => h.poll_copy(cx, Pin::new(src), Pin::new(dst), moved),
+            Way::Splice(_) => Poll::Pending,
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Way::Splice(s) => s.bytes,
+            Way::Copy(h) => h.bytes,
+        }
     }
 }
 
@@ -254,6 +424,10 @@ mod tests {
     use super::*;
     use std::future::pending;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::net::TcpStream;
+
+    use crate::backend::BackendStream;
+    use crate::stream::ClientStream;
 
     #[tokio::test]
     async fn moves_bytes_and_propagates_half_close() {
@@ -360,5 +534,116 @@ mod tests {
         )
         .await;
         assert_eq!(stats.end, End::Cancelled);
+    }
+    /// The relay is what an idle session keeps: its future must stay small (it holds
+    /// no buffer; the copy path's 16 KiB lives on the stack only during a poll).
+    #[tokio::test]
+    async fn relay_future_is_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        let mut client = ClientStream::Plain(a);
+        let mut backend = BackendStream::Plain(b);
+        let f = relay(&mut client, &mut backend, Duration::from_secs(1), pending());
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 512, "relay future is {size} bytes");
+    }
+
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Both plaintext sides over real sockets: the splice path on Linux. 4 MB each way
+    /// at once, byte for byte, then a half-close from the client with bytes still
+    /// coming from the backend.
+    #[tokio::test]
+    async fn spliced_relay_is_byte_exact_and_half_closes() {
+        let (mut client, proxy_client) = tcp_pair().await;
+        let (proxy_backend, mut backend) = tcp_pair().await;
+        let task = tokio::spawn(async move {
+            let mut c = ClientStream::Plain(proxy_client);
+            let mut b = BackendStream::Plain(proxy_backend);
+            relay(&mut c, &mut b, Duration::from_secs(60), pending()).await
+        });
+        let up: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+        let down: Vec<u8> = (0..4_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (mut cr, mut cw) = client.split();
+        let (mut br, mut bw) = backend.split();
+        let client_side = async {
+            cw.write_all(&up).await.unwrap();
+            cw.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            cr.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let backend_side = async {
+            let mut got = Vec::new();
+            br.read_to_end(&mut got).await.unwrap();
+            // The client's half-close arrived; this direction still works.
+            bw.write_all(&down).await.unwrap();
+            bw.shutdown().await.unwrap();
+            got
+        };
+        let (at_client, at_backend) = tokio::join!(client_side, backend_side);
+        assert!(at_backend == up, "client to backend differs");
+        assert!(at_client == down, "backend to client differs");
+        let stats = task.await.unwrap();
+        assert_eq!(stats.end, End::Closed);
+        assert_eq!(stats.client_to_backend, 4_000_000);
+        assert_eq!(stats.backend_to_client, 4_000_000);
+        assert_eq!(stats.spliced, cfg!(target_os = "linux"));
+    }
+
+    /// A reader that stops reading: the relay stops reading too (backpressure), and
+    /// everything arrives once the reader resumes.
+    #[tokio::test]
+    async fn spliced_relay_applies_backpressure() {
+        let (mut client, proxy_client) = tcp_pair().await;
+        let (proxy_backend, mut backend) = tcp_pair().await;
+        let task = tokio::spawn(async move {
+            let mut c = ClientStream::Plain(proxy_client);
+            let mut b = BackendStream::Plain(proxy_backend);
+            relay(&mut c, &mut b, Duration::from_secs(60), pending()).await
+        });
+        let total = 64 * 1024 * 1024;
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 1024 * 1024];
+            let mut sent = 0usize;
+            while sent < total {
+                match tokio::time::timeout(Duration::from_millis(500), backend.write_all(&chunk))
+                    .await
+                {
+                    Ok(r) => r.unwrap(),
+                    // Stalled: the client is not reading and every buffer is full.
+                    Err(_) => return (sent, backend),
+                }
+                sent += chunk.len();
+            }
+            (sent, backend)
+        });
+        let (sent, mut backend) = writer.await.unwrap();
+        assert!(sent < total, "64 MB went out with nobody reading");
+        let reader = tokio::spawn(async move {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = client.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                assert!(buf[..n].iter().all(|&b| b == 7 || b"end".contains(&b)));
+                got += n;
+            }
+        });
+        backend.write_all(b"end").await.unwrap();
+        backend.shutdown().await.unwrap();
+        drop(backend);
+        let got = reader.await.unwrap();
+        assert!(got >= sent, "{got} < {sent}");
+        let stats = task.await.unwrap();
+        assert_eq!(stats.backend_to_client, got as u64);
     }
 }

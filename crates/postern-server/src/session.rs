@@ -11,13 +11,14 @@
 //! All protocol decisions live in the sans-IO machines and routing decisions in the
 //! router; this module moves bytes, applies timeouts, reports backend health and logs.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::proxy;
-use postern_proto::{ClientInfo, Event, FrontEnd, Limit};
+use postern_proto::{ClientInfo, Event, FrontEnd, Limit, Shutdown};
 use postern_route::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,7 +44,42 @@ pub(crate) struct Ctx {
     pub(crate) health: Arc<Health>,
     pub(crate) limiter: Arc<postern_limits::Limiter>,
     pub(crate) verifier: Arc<crate::auth::Verifier>,
+    /// Shutdown: stop accepting, say goodbye to pre-auth clients.
     pub(crate) cancel: CancellationToken,
+    /// The end of the shutdown grace period: close relayed sessions too.
+    pub(crate) kill: CancellationToken,
+    /// This generation was replaced by a reload: its background tasks stop.
+    pub(crate) retire: CancellationToken,
+    /// The listeners' settings and drivers, by listener name.
+    pub(crate) listeners: HashMap<String, Listening>,
+    /// The configuration generation (1, then one more per reload).
+    pub(crate) generation: u64,
+}
+
+/// One listener of a generation.
+#[derive(Debug)]
+pub(crate) struct Listening {
+    pub(crate) settings: Arc<ListenerSettings>,
+    pub(crate) driver: ListeningDriver,
+}
+
+/// The protocol driver of a listener (the submission one keeps the probed extensions).
+pub(crate) enum ListeningDriver {
+    Imap(Arc<crate::driver::Imap>),
+    Pop3(Arc<crate::driver::Pop3>),
+    Submission(Arc<crate::driver::Submission>),
+    Relay(Arc<postern_smtp::RelayOptions>),
+}
+
+impl std::fmt::Debug for ListeningDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ListeningDriver::Imap(_) => "Imap",
+            ListeningDriver::Pop3(_) => "Pop3",
+            ListeningDriver::Submission(_) => "Submission",
+            ListeningDriver::Relay(_) => "Relay",
+        })
+    }
 }
 
 /// How a session ended, for its last log line.
@@ -80,12 +116,54 @@ pub(crate) async fn run<D: Driver>(
     async move {
         let started = Instant::now();
         debug!("connected");
-        let cancel = ctx.cancel.clone();
-        let end = tokio::select! {
-            end = session::<D>(&ctx, &driver, &listener, tcp, peer, local, id) => end,
-            () = cancel.cancelled() => End::PreAuth("shutdown"),
-        };
+        let _open = crate::metrics::connection(D::PROTOCOL, &listener.name);
+        // Shutdown reaches the session inside: pre-auth it says goodbye, relayed it
+        // runs on until the grace period ends (then its kick token fires).
+        let kill = ctx.kill.clone();
+        // What a relayed session keeps for hours is this task and the boxes it awaits, so
+        // the login phase (buffers, TLS handshake, backend login) runs in a box of its
+        // own, freed once the session is handed to the relay. The outer box: each async
+        // layer around a future keeps its own copy of it (rust-lang/rust#62958).
+        // The kill token bounds the login phase here; a relayed session watches it
+        // through its registry token, so it ends as relayed, with its byte counts.
+        let (end, facts) = crate::access_log::scope(Box::pin(async {
+            let mut relayed = None;
+            let end = tokio::select! {
+                end = Box::pin(session::<D>(
+                    &ctx, &driver, &listener, tcp, peer, local, id.clone(), &mut relayed,
+                )) => end,
+                () = kill.cancelled() => End::PreAuth("shutdown"),
+            };
+            match relayed {
+                Some(r) => relay_session(&ctx, r).await,
+                None => end,
+            }
+        }))
+        .await;
         let secs = started.elapsed().as_secs_f64();
+        let (reason, relayed) = match &end {
+            End::PreAuth(reason) => (*reason, None),
+            End::Relayed(s) => (
+                s.end.as_str(),
+                Some((s.client_to_backend, s.backend_to_client)),
+            ),
+        };
+        if let Some((up, down)) = relayed {
+            crate::metrics::relayed_bytes(D::PROTOCOL, up, down);
+        }
+        crate::access_log::session_ended(
+            &ctx,
+            &facts,
+            &crate::access_log::Ended {
+                id: &id,
+                protocol: D::PROTOCOL,
+                listener: &listener.name,
+                peer,
+                reason,
+                relayed,
+                secs,
+            },
+        );
         match end {
             End::PreAuth(reason) => info!(reason, secs, "session ended before login"),
             End::Relayed(stats) => info!(
@@ -101,29 +179,51 @@ pub(crate) async fn run<D: Driver>(
     .await;
 }
 
-/// Reads a PROXY header from a trusted peer: the real client's address, and any bytes
-/// that followed the header.
+/// Reads a PROXY header from a trusted peer: the real client's address. The header is
+/// looked at with `peek` and only its own bytes are consumed, so whatever the balancer
+/// sent right behind it (a TLS ClientHello, a command) stays in the socket for the
+/// next reader. The returned bytes are always empty (kept for the callers' contract).
 pub(crate) async fn read_proxy_header(
     tcp: &mut TcpStream,
     deadline: Instant,
 ) -> Result<(Option<SocketAddr>, Vec<u8>), &'static str> {
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
+    let mut buf = vec![0u8; proxy::MAX_HEADER];
+    let mut seen = 0;
     loop {
-        match proxy::parse(&buf) {
-            proxy::Header::Complete { client, len } => {
-                return Ok((client, buf.get(len..).unwrap_or_default().to_vec()));
-            }
-            proxy::Header::Incomplete => {}
-            proxy::Header::Invalid => return Err("invalid PROXY header"),
-        }
-        match timeout_at(deadline, tcp.read(&mut chunk)).await {
+        let n = match timeout_at(deadline, tcp.peek(&mut buf)).await {
             Ok(Ok(0)) => return Err("closed before the PROXY header"),
-            Ok(Ok(n)) => buf.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+            Ok(Ok(n)) => n,
             Ok(Err(_)) => return Err("client_error"),
             Err(_) => return Err("preauth_timeout"),
+        };
+        match proxy::parse(buf.get(..n).unwrap_or_default()) {
+            proxy::Header::Complete { client, len } => {
+                let header = buf.get_mut(..len).unwrap_or_default();
+                return match timeout_at(deadline, tcp.read_exact(header)).await {
+                    Ok(Ok(_)) => Ok((client, Vec::new())),
+                    _ => Err("client_error"),
+                };
+            }
+            proxy::Header::Invalid => return Err(discard(tcp, &mut buf, n).await),
+            proxy::Header::Incomplete if n == buf.len() => {
+                return Err(discard(tcp, &mut buf, n).await);
+            }
+            proxy::Header::Incomplete => {}
         }
+        // peek returns at once while the bytes seen are there: wait for more, briefly.
+        // Balancers send the header in one segment; this is the rare split one.
+        if n == seen {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        seen = n;
     }
+}
+
+/// Takes the `n` peeked bytes of a refused header off the socket, so that closing it
+/// ends with a FIN, not the RST the kernel sends for unread data.
+async fn discard(tcp: &mut TcpStream, buf: &mut [u8], n: usize) -> &'static str {
+    let _ = tcp.read_exact(buf.get_mut(..n).unwrap_or_default()).await;
+    "invalid PROXY header"
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -135,6 +235,7 @@ async fn session<D: Driver>(
     peer: SocketAddr,
     local: SocketAddr,
     id: String,
+    relayed: &mut Option<Box<Relayed>>,
 ) -> End {
     let deadline = Instant::now() + ctx.settings.timeouts.preauth;
     let mut client = peer;
@@ -150,6 +251,7 @@ async fn session<D: Driver>(
                     let span = Span::current();
                     span.record("client", field::display(real));
                     span.record("via", field::display(peer));
+                    crate::access_log::note_client(real);
                 }
                 early = rest;
             }
@@ -163,7 +265,10 @@ async fn session<D: Driver>(
     // Counted by the real client's address, known only after the PROXY header.
     let _slot = match ctx.limiter.connect(client.ip(), std::time::Instant::now()) {
         Ok(slot) => slot,
-        Err(limit) => return refuse(driver, listener, tcp, &id, limit).await,
+        Err(limit) => {
+            crate::metrics::limit_hit(limit);
+            return refuse(driver, listener, tcp, &id, limit).await;
+        }
     };
     let mut stream = ClientStream::Plain(tcp);
     if listener.tls_mode == TlsMode::Implicit {
@@ -254,14 +359,30 @@ async fn session<D: Driver>(
                                 to_backend: pipelined,
                                 backend_leftover: leftover,
                             };
-                            return relay_session(ctx, stream, backend, handoff, guard).await;
+                            // The caller relays, once this future is gone.
+                            *relayed = Some(Box::new(Relayed {
+                                client: stream,
+                                backend,
+                                handoff,
+                                guard,
+                                _slots: (_slot, _slot_of_user),
+                                _relaying: crate::metrics::relaying(D::PROTOCOL, &listener.name),
+                            }));
+                            return End::PreAuth("relayed");
                         }
                     }
                 }
             }
             continue;
         }
-        match timeout_at(deadline, stream.read(&mut buf)).await {
+        let read = tokio::select! {
+            r = timeout_at(deadline, stream.read(&mut buf)) => r,
+            () = ctx.cancel.cancelled() => {
+                info!("server shutting down: goodbye before login");
+                return goodbye(&mut front, &mut stream, Shutdown::ServerShutdown, "shutdown").await;
+            }
+        };
+        match read {
             Ok(Ok(0)) => return End::PreAuth("client_closed"),
             Ok(Ok(n)) => {
                 let bytes = buf.get(..n).unwrap_or_default();
@@ -277,10 +398,35 @@ async fn session<D: Driver>(
             Ok(Err(_)) => return End::PreAuth("client_error"),
             Err(_) => {
                 info!("pre-auth timeout");
-                return End::PreAuth("preauth_timeout");
+                return goodbye(
+                    &mut front,
+                    &mut stream,
+                    Shutdown::IdleTimeout,
+                    "preauth_timeout",
+                )
+                .await;
             }
         }
     }
+}
+
+/// Ends a pre-auth session from Postern's side with the protocol's goodbye, given one
+/// short chance to be written: a client that does not read gets no more time.
+async fn goodbye<F: FrontEnd>(
+    front: &mut F,
+    stream: &mut ClientStream,
+    why: Shutdown,
+    reason: &'static str,
+) -> End {
+    front.shutdown(why);
+    let mut out = Vec::new();
+    front.poll_transmit(&mut out);
+    let _ = timeout(REFUSAL_WRITE, async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+    .await;
+    End::PreAuth(reason)
 }
 
 /// Answers a connection over an abuse-control limit with the protocol's refusal and
@@ -338,6 +484,7 @@ async fn handshake(
 }
 
 /// The bytes in flight at the moment a login succeeds.
+#[derive(Default)]
 struct Handoff {
     /// The front end's answer to the login (and anything before it).
     to_client: Vec<u8>,
@@ -347,21 +494,33 @@ struct Handoff {
     backend_leftover: Vec<u8>,
 }
 
-/// Finishes the hand-off and relays until the session ends or is kicked.
-async fn relay_session(
-    ctx: &Ctx,
-    mut client: ClientStream,
-    mut backend: BackendStream,
+/// A logged-in session, ready to relay: what outlives the login phase (boxed, so it is
+/// not copied into each future that passes it on).
+struct Relayed {
+    client: ClientStream,
+    backend: BackendStream,
     handoff: Handoff,
     guard: SessionGuard,
-) -> End {
+    /// The client address's connection slot and the user's session slot (abuse control).
+    _slots: (
+        postern_limits::ConnectionGuard,
+        Option<postern_limits::SessionGuard>,
+    ),
+    _relaying: crate::metrics::Relaying,
+}
+
+/// Finishes the hand-off and relays until the session ends or is kicked.
+async fn relay_session(ctx: &Ctx, mut r: Box<Relayed>) -> End {
+    // Fields used in place: moving them out would give each its own slot in this
+    // future, next to the box.
+    let r = &mut *r;
     // Order matters: the login answer first, then whatever the backend sent after it.
     let hand_off = async {
-        client.write_all(&handoff.to_client).await?;
-        client.write_all(&handoff.backend_leftover).await?;
-        client.flush().await?;
-        backend.write_all(&handoff.to_backend).await?;
-        backend.flush().await?;
+        r.client.write_all(&r.handoff.to_client).await?;
+        r.client.write_all(&r.handoff.backend_leftover).await?;
+        r.client.flush().await?;
+        r.backend.write_all(&r.handoff.to_backend).await?;
+        r.backend.flush().await?;
         std::io::Result::Ok(())
     };
     if timeout(ctx.settings.timeouts.backend_login, hand_off)
@@ -370,9 +529,10 @@ async fn relay_session(
     {
         return End::PreAuth("handoff_error");
     }
-    drop(handoff);
+    r.handoff = Handoff::default();
     let idle = ctx.settings.timeouts.idle;
-    let stats = relay::relay(&mut client, &mut backend, idle, guard.token().cancelled()).await;
+    let cancel = r.guard.token().cancelled();
+    let stats = relay::relay(&mut r.client, &mut r.backend, idle, cancel).await;
     End::Relayed(stats)
 }
 

@@ -31,6 +31,10 @@ pub struct Settings {
     pub limits: postern_limits::Settings,
     /// Authentication modes' settings.
     pub auth: AuthSettings,
+    /// `[log] access`: where the JSON access log goes.
+    pub access_log: crate::access_log::AccessLog,
+    /// `[admin]`: the admin HTTP listener (metrics, API, status page); `None` without.
+    pub admin: Option<crate::admin::AdminSettings>,
 }
 
 /// How this instance follows the route store's change log.
@@ -381,6 +385,11 @@ pub struct Timeouts {
     pub backend_login: Duration,
     /// After login: no byte in either direction for this long ends the session.
     pub idle: Duration,
+    /// MX and LMTP relay: the wait for a command, a reply or a chunk of data (RFC 5321
+    /// §4.5.3.2 asks for 5 minutes), and for the client to take our replies.
+    pub smtp: Duration,
+    /// On shutdown, how long relayed sessions may run on before they are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -391,6 +400,8 @@ impl Default for Timeouts {
             backend_login: Duration::from_secs(30),
             // RFC 9051 §5.4: a client in IDLE re-issues it at least every 29 minutes.
             idle: Duration::from_secs(31 * 60),
+            smtp: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

@@ -6,14 +6,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use postern_proto::{ClientInfo, Protocol};
+use postern_proto::{ClientInfo, Protocol, proxy};
 use postern_route::RouteError;
 use postern_smtp::{BackendId, Relay, RelayEvent, RelayOptions, Route, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::backend::{self, BackendStream, ClientTls};
@@ -21,9 +22,6 @@ use crate::session::{Ctx, read_proxy_header, session_id};
 use crate::settings::{ListenerSettings, TlsMode};
 use crate::stream::ClientStream;
 
-/// RFC 5321 §4.5.3.2: a server waits at least 5 minutes for a command, and a client
-/// at least 5 minutes for most replies; one bound for both sides here.
-const SMTP_TIMEOUT: Duration = Duration::from_secs(300);
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Runs one MX or LMTP connection to its end.
@@ -48,19 +46,56 @@ pub(crate) async fn run(
     );
     async move {
         let started = Instant::now();
-        let cancel = ctx.cancel.clone();
-        let reason = tokio::select! {
-            r = session(&ctx, options, protocol, &listener, tcp, peer, local, id) => r,
-            () = cancel.cancelled() => "shutdown",
-        };
+        let _open = crate::metrics::connection(protocol, &listener.name);
+        // Shutdown reaches the session inside (a 421), and the kill token after the
+        // grace period.
+        let kill = ctx.kill.clone();
+        let bytes = Bytes::default();
+        let (reason, facts) = crate::access_log::scope(async {
+            tokio::select! {
+                r = session(&ctx, options, protocol, &listener, tcp, peer, local, id.clone(), &bytes) => r,
+                () = kill.cancelled() => "shutdown",
+            }
+        })
+        .await;
         info!(
             reason,
             secs = started.elapsed().as_secs_f64(),
             "session ended"
         );
+        crate::access_log::session_ended(
+            &ctx,
+            &facts,
+            &crate::access_log::Ended {
+                id: &id,
+                protocol,
+                listener: &listener.name,
+                peer,
+                reason,
+                relayed: Some((
+                    bytes.from_client.load(Ordering::Relaxed),
+                    bytes.to_client.load(Ordering::Relaxed),
+                )),
+                secs: started.elapsed().as_secs_f64(),
+            },
+        );
     }
     .instrument(span)
     .await;
+}
+
+/// The client's bytes each way, for the access log: an MX session is relayed from its
+/// first byte (Postern stays in the middle).
+#[derive(Default)]
+struct Bytes {
+    from_client: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Bytes {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -73,11 +108,17 @@ async fn session(
     peer: SocketAddr,
     local: SocketAddr,
     id: String,
+    bytes: &Bytes,
 ) -> &'static str {
     let mut deadline = Instant::now() + ctx.settings.timeouts.preauth;
     let mut client_addr = peer;
     let mut early = Vec::new();
-    if listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip())) {
+    let trusted_proxy = listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip()));
+    // From an untrusted peer on a listener that takes PROXY headers, the first bytes are
+    // checked for one: obeyed, it would let anyone claim any address; run as commands,
+    // it would be noise. Refused either way.
+    let mut first_read = listener.proxy.is_some() && !trusted_proxy;
+    if trusted_proxy {
         match read_proxy_header(&mut tcp, deadline).await {
             Ok((announced, rest)) => {
                 if let Some(real) = announced {
@@ -85,6 +126,7 @@ async fn session(
                     let span = tracing::Span::current();
                     span.record("client", field::display(real));
                     span.record("via", field::display(peer));
+                    crate::access_log::note_client(real);
                 }
                 early = rest;
             }
@@ -104,6 +146,7 @@ async fn session(
         {
             Ok(slot) => Some(slot),
             Err(limit) => {
+                crate::metrics::limit_hit(limit);
                 warn!(
                     limit = limit.as_str(),
                     "connection refused by abuse control"
@@ -145,16 +188,26 @@ async fn session(
     drop(early);
     let mut backend: Option<(String, BackendStream)> = None;
     let mut out = Vec::new();
+    let smtp_timeout = ctx.settings.timeouts.smtp;
+    let mut stopping = false;
     let mut cbuf = vec![0u8; READ_CHUNK];
     let mut bbuf = vec![0u8; READ_CHUNK];
     loop {
         // Client output, then backend output, then events (the driver contract).
         relay.poll_transmit_client(&mut out);
         if !out.is_empty() {
-            if client.write_all(&out).await.is_err() {
-                return "client_error";
+            // A client that never takes its replies is dropped like a silent one.
+            match timeout(smtp_timeout, client.write_all(&out)).await {
+                Ok(Ok(())) => {
+                    Bytes::add(&bytes.to_client, out.len());
+                    out.clear();
+                }
+                Ok(Err(_)) => return "client_error",
+                Err(_) => {
+                    info!("client does not read its replies");
+                    return "timeout";
+                }
             }
-            out.clear();
         }
         relay.poll_transmit_backend(&mut out);
         if !out.is_empty() {
@@ -187,6 +240,7 @@ async fn session(
                     match connect(ctx, &name, protocol, &info).await {
                         Some(stream) => {
                             tracing::Span::current().record("backend", name.as_str());
+                            crate::access_log::note_backend(&name);
                             backend = Some((name, stream));
                             relay.handle_backend_connected();
                         }
@@ -209,8 +263,11 @@ async fn session(
             }
             continue;
         }
+        if relay.has_client_output() {
+            continue;
+        }
         // Wait for either side. The deadline is per wait: a command, a reply, a chunk.
-        deadline = Instant::now() + SMTP_TIMEOUT;
+        deadline = Instant::now() + smtp_timeout;
         let want_client = relay.wants_client_input();
         tokio::select! {
             r = client.read(&mut cbuf), if want_client => match r {
@@ -222,7 +279,18 @@ async fn session(
                     }
                     return "client_closed";
                 }
-                Ok(n) => relay.handle_client_input(cbuf.get(..n).unwrap_or_default()),
+                Ok(n) => {
+                    Bytes::add(&bytes.from_client, n);
+                    let input = cbuf.get(..n).unwrap_or_default();
+                    if first_read {
+                        first_read = false;
+                        if proxy::looks_like_header(input) {
+                            warn!("refused: PROXY header from an untrusted address");
+                            return "untrusted_proxy_header";
+                        }
+                    }
+                    relay.handle_client_input(input);
+                }
             },
             r = read_backend(&mut backend, &mut bbuf) => match r {
                 Some(n) if n > 0 => relay.handle_backend_input(bbuf.get(..n).unwrap_or_default()),
@@ -232,6 +300,12 @@ async fn session(
                 }
             },
             () = tokio::time::sleep_until(deadline) => relay.shutdown(Shutdown::IdleTimeout),
+            // Postern is stopping: 421 now; an interrupted transaction is retried by
+            // the client, as after any 421.
+            () = ctx.cancel.cancelled(), if !stopping => {
+                stopping = true;
+                relay.shutdown(Shutdown::ServerShutdown);
+            }
         }
     }
 }

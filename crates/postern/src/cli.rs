@@ -60,6 +60,22 @@ enum Command {
         #[command(subcommand)]
         action: BackendAction,
     },
+    /// Validate the configuration file, then ask the running server to reload it
+    /// (through the admin listener named in its [admin] section).
+    Reload {
+        /// The admin listener's address, when it is not `admin.bind` (e.g. port 0).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
+    },
+    /// Translate an nginx configuration (mail {} and/or stream {} with mail upstreams)
+    /// into a Postern configuration; what cannot be mapped is printed as warnings.
+    ImportNginx {
+        /// The nginx configuration file (includes are followed).
+        file: PathBuf,
+        /// Write the Postern configuration here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +185,9 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::ImportNginx { file, output } = &cli.command {
+        return crate::import_nginx::run(file, output.as_deref());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -177,10 +196,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run => {
             let config = Config::load(&cli.config)?;
             init_tracing(&config.log_level);
-            runtime.block_on(serve(config))?;
+            runtime.block_on(serve(&cli.config, config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => runtime.block_on(check(&cli.config)),
+        Command::Reload { admin } => runtime.block_on(reload_remote(&cli.config, admin)),
         Command::Route {
             action,
             user,
@@ -204,6 +224,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = Config::load(&cli.config)?;
             runtime.block_on(backend_cmd(&config, action))
         }
+        Command::ImportNginx { file, output } => crate::import_nginx::run(&file, output.as_deref()),
     }
 }
 
@@ -217,14 +238,146 @@ fn init_tracing(level: &str) {
         .init();
 }
 
-async fn serve(config: Config) -> Result<()> {
+async fn serve(path: &Path, config: Config) -> Result<()> {
     let runtime = postern_server::Runtime::new(&config.settings);
     let router = config
         .router_with(Arc::clone(&runtime.health) as Arc<dyn postern_route::Availability>)
         .await?;
     let server = Server::bind(Arc::new(config.settings), router, runtime).await?;
+    let handle = server.handle();
+    start_admin(path, &handle).await?;
+    tokio::spawn(reload_on_sighup(path.to_owned(), handle));
     server.run(shutdown_signal()).await;
     Ok(())
+}
+
+/// Re-reads the configuration file and swaps it in; on any error the running
+/// configuration stays and the error is returned (and logged by the caller).
+pub(crate) async fn reload(
+    path: &Path,
+    handle: &postern_server::server::Handle,
+) -> Result<postern_server::server::ReloadSummary> {
+    let config = Config::load(path)?;
+    let runtime = handle.runtime().renew(&config.settings);
+    let router = config
+        .router_with(Arc::clone(&runtime.health) as Arc<dyn postern_route::Availability>)
+        .await?;
+    Ok(handle
+        .reload(Arc::new(config.settings), router, runtime)
+        .await?)
+}
+
+/// [`reload`], counted in the metrics (`postern_reloads_total{result}`).
+async fn reload_counted(
+    path: &Path,
+    handle: &postern_server::server::Handle,
+) -> Result<postern_server::server::ReloadSummary> {
+    let result = reload(path, handle).await;
+    postern_server::metrics::reload(result.is_ok());
+    result
+}
+
+/// Starts the `[admin]` HTTP listener, if configured; its `POST /api/reload` reloads
+/// `path` as SIGHUP does.
+async fn start_admin(path: &Path, handle: &postern_server::server::Handle) -> Result<()> {
+    let reload_path = path.to_owned();
+    let reload_handle = handle.clone();
+    let reload_fn: postern_server::admin::ReloadFn = Arc::new(move || {
+        let path = reload_path.clone();
+        let handle = reload_handle.clone();
+        Box::pin(async move {
+            tracing::info!(config = %path.display(), "admin API: reloading the configuration");
+            match reload_counted(&path, &handle).await {
+                Ok(summary) => Ok(summary.generation),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    tracing::error!(
+                        error = e,
+                        generation = handle.generation(),
+                        "reload refused; the running configuration stays"
+                    );
+                    Err(e)
+                }
+            }
+        })
+    });
+    let bind = handle.settings().admin.as_ref().map(|a| a.bind.to_string());
+    postern_server::admin::start(handle.clone(), reload_fn)
+        .await
+        .with_context(|| format!("admin listener on {}", bind.unwrap_or_default()))?;
+    Ok(())
+}
+
+/// `postern reload`: validates the configuration file, then asks the running server
+/// (through the admin listener the file names) to reload it.
+async fn reload_remote(path: &Path, at: Option<std::net::SocketAddr>) -> Result<ExitCode> {
+    let config = Config::load(path)?;
+    println!("config {}: valid", path.display());
+    let Some(admin) = &config.settings.admin else {
+        bail!(
+            "{}: no [admin] section: the running server cannot be asked to reload; send it SIGHUP instead",
+            path.display()
+        );
+    };
+    let mut addr = at.unwrap_or(admin.bind);
+    if addr.port() == 0 {
+        bail!("admin.bind has port 0 (the kernel picked one): name it with --admin ADDR");
+    }
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let (status, body) = postern_server::admin::post(
+        addr,
+        "/api/reload",
+        admin.token.as_deref(),
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    match status {
+        200 => {
+            println!(
+                "reloaded: generation {}",
+                answer["generation"].as_u64().unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        401 => bail!("the admin listener at {addr} refused the token"),
+        _ => {
+            let why = answer["error"]
+                .as_str()
+                .map_or_else(|| body.trim().to_owned(), str::to_owned);
+            eprintln!(
+                "reload refused by the server (HTTP {status}): {why}\nthe running configuration (generation {}) stays",
+                answer["generation"].as_u64().unwrap_or_default()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// SIGHUP: reload. Reloads run one at a time, in the order the signals came.
+async fn reload_on_sighup(path: PathBuf, handle: postern_server::server::Handle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot handle SIGHUP: reload by signal is off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+        if let Err(e) = reload_counted(&path, &handle).await {
+            tracing::error!(
+                error = format!("{e:#}"),
+                generation = handle.generation(),
+                "reload refused; the running configuration stays"
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -152,6 +152,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
         ("backend_connect", t.backend_connect),
         ("backend_login", t.backend_login),
         ("idle", t.idle),
+        ("smtp", t.smtp),
     ] {
         ensure!(!d.is_zero(), "timeouts.{name}: must be greater than zero");
     }
@@ -160,6 +161,8 @@ fn build(file: File, base: &Path) -> Result<Config> {
         backend_connect: t.backend_connect,
         backend_login: t.backend_login,
         idle: t.idle,
+        smtp: t.smtp,
+        shutdown_grace: t.shutdown_grace,
     };
 
     let imap = &file.imap;
@@ -339,6 +342,19 @@ fn build(file: File, base: &Path) -> Result<Config> {
         .tls
         .as_ref()
         .map(|t| (resolve(&t.cert), resolve(&t.key)));
+    // Listeners on the default certificate also serve the SNI map.
+    let mut sni = Vec::new();
+    for (name, pair) in file.tls.as_ref().map(|t| &t.sni).into_iter().flatten() {
+        let bare = name.strip_prefix("*.").unwrap_or(name);
+        ensure!(
+            !bare.is_empty()
+                && bare.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                }),
+            "tls.sni.{name:?}: not a host name (or *.domain)"
+        );
+        sni.push((name.clone(), resolve(&pair.cert), resolve(&pair.key)));
+    }
     let mut certs: BTreeMap<(PathBuf, PathBuf), Arc<rustls::ServerConfig>> = BTreeMap::new();
     ensure!(
         !file.listeners.is_empty(),
@@ -392,7 +408,16 @@ fn build(file: File, base: &Path) -> Result<Config> {
             let config = match certs.get(&pair) {
                 Some(c) => Arc::clone(c),
                 None => {
-                    let c = tls::server_config(&pair.0, &pair.1).with_context(|| key.clone())?;
+                    let names: Vec<(String, &Path, &Path)> = if Some(&pair) == default_tls.as_ref()
+                    {
+                        sni.iter()
+                            .map(|(n, c, k)| (n.clone(), c.as_path(), k.as_path()))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let c = tls::server_config_sni(&pair.0, &pair.1, &names)
+                        .with_context(|| key.clone())?;
                     certs.insert(pair, Arc::clone(&c));
                     c
                 }
@@ -653,6 +678,9 @@ fn build(file: File, base: &Path) -> Result<Config> {
     };
 
     let auth = auth_settings(&file, base)?;
+    let access_log = postern_server::access_log::AccessLog::parse(&file.log.access, base)
+        .map_err(|e| anyhow!("log.access: {e}"))?;
+    let admin = admin_settings(file.admin.as_ref(), base)?;
     Ok(Config {
         path: PathBuf::new(),
         log_level: file.log.level,
@@ -672,6 +700,8 @@ fn build(file: File, base: &Path) -> Result<Config> {
             watch,
             limits: limits(&file.limits)?,
             auth,
+            access_log,
+            admin,
         },
         store,
         normalizer,
@@ -689,6 +719,48 @@ fn build(file: File, base: &Path) -> Result<Config> {
         },
         fence,
     })
+}
+
+/// `[admin]`: the token inline or from a file; a listener reachable from other hosts
+/// must have one.
+fn admin_settings(
+    a: Option<&file::Admin>,
+    base: &Path,
+) -> Result<Option<postern_server::admin::AdminSettings>> {
+    let Some(a) = a else {
+        return Ok(None);
+    };
+    let token = match (&a.token, &a.token_file) {
+        (Some(t), None) => Some(t.clone()),
+        (None, Some(f)) => {
+            let path = if f.is_absolute() {
+                f.clone()
+            } else {
+                base.join(f)
+            };
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
+            Some(text.lines().next().unwrap_or_default().trim().to_owned())
+        }
+        (None, None) => None,
+        (Some(_), Some(_)) => bail!("admin: set token or token_file, not both"),
+    };
+    if let Some(t) = &token {
+        ensure!(!t.is_empty(), "admin: the token is empty");
+        ensure!(
+            t.bytes().all(|b| b.is_ascii_graphic()),
+            "admin: the token must be printable ASCII without spaces"
+        );
+    }
+    ensure!(
+        token.is_some() || a.bind.ip().is_loopback(),
+        "admin.bind: {} is reachable from other hosts; set admin.token or admin.token_file (or bind to 127.0.0.1)",
+        a.bind
+    );
+    Ok(Some(postern_server::admin::AdminSettings {
+        bind: a.bind,
+        token,
+    }))
 }
 
 /// TLS client settings of a backend: CA file or system roots, optional client

@@ -19,6 +19,8 @@ pub struct File {
     /// `[log]`: logging.
     #[serde(default)]
     pub log: Log,
+    /// `[admin]`: the admin HTTP listener (none without this section).
+    pub admin: Option<Admin>,
     /// `[tls]`: the default certificate for TLS listeners.
     pub tls: Option<Tls>,
     /// `[timeouts]`: timers.
@@ -138,14 +140,29 @@ pub struct Pool {
 pub struct Log {
     /// A tracing filter such as `info` or `postern_server=debug,info`; `RUST_LOG` wins.
     pub level: String,
+    /// The JSON access log: `"off"`, `"stdout"` or a file path.
+    pub access: String,
 }
 
 impl Default for Log {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            access: "off".into(),
         }
     }
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address of the admin HTTP listener.
+    pub bind: SocketAddr,
+    /// Bearer token, inline.
+    pub token: Option<String>,
+    /// Bearer token, the first line of this file.
+    pub token_file: Option<PathBuf>,
 }
 
 /// A certificate chain and its key, PEM files.
@@ -155,6 +172,19 @@ pub struct Tls {
     /// Certificate chain (leaf first).
     pub cert: PathBuf,
     /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// `[tls.sni."NAME"]`: certificates chosen by the client's SNI name.
+    #[serde(default)]
+    pub sni: BTreeMap<String, CertPair>,
+}
+
+/// A certificate chain and its key (`[tls.sni."NAME"]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    /// Certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// Private key.
     pub key: PathBuf,
 }
 
@@ -174,6 +204,12 @@ pub struct Timeouts {
     /// After login, no traffic either way for this long closes the session.
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
+    /// MX and LMTP relay: the wait for a command, a reply or a chunk of data.
+    #[serde(with = "humantime_serde")]
+    pub smtp: Duration,
+    /// On SIGTERM, how long relayed sessions may run on before they are closed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -184,6 +220,8 @@ impl Default for Timeouts {
             backend_connect: t.backend_connect,
             backend_login: t.backend_login,
             idle: t.idle,
+            smtp: t.smtp,
+            shutdown_grace: t.shutdown_grace,
         }
     }
 }
