@@ -231,8 +231,8 @@ pub fn client_config(
     ca: Option<&std::path::Path>,
     identity: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+    use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let err = |path: &std::path::Path, reason: String| crate::tls::TlsError::Certificate {
         path: path.display().to_string(),
         reason,
@@ -265,14 +265,7 @@ pub fn client_config(
     let config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|e| err(cert, e.to_string()))?;
-            let key_der =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| crate::tls::TlsError::Key {
-                    path: key.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+            let (chain, key_der) = crate::tls::load_pair(cert, key)?;
             builder.with_client_auth_cert(chain, key_der).map_err(|e| {
                 crate::tls::TlsError::Pair {
                     cert: cert.display().to_string(),

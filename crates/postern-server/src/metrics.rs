@@ -396,67 +396,65 @@ impl Collector for RouteCollector {
 
 // ---- recording points -------------------------------------------------------------
 
+/// The gauge of one listener's sessions in one state. Gauges are shared handles: a
+/// session keeps the handle (8 bytes), not the labels it was found by.
+fn session_gauge(protocol: Protocol, listener: &str, state: &'static str) -> Gauge {
+    get()
+        .sessions
+        .get_or_create(&SessionLabels {
+            protocol: protocol.as_str(),
+            listener: listener.to_owned(),
+            state,
+        })
+        .clone()
+}
+
 /// A connection accepted on a listener; the returned guard keeps it counted as an
 /// open pre-auth session until dropped.
 pub(crate) fn connection(protocol: Protocol, listener: &str) -> SessionGauge {
-    let m = get();
-    m.connections
+    get()
+        .connections
         .get_or_create(&ListenerLabels {
             protocol: protocol.as_str(),
             listener: listener.to_owned(),
         })
         .inc();
-    let labels = SessionLabels {
-        protocol: protocol.as_str(),
-        listener: listener.to_owned(),
-        state: "preauth",
-    };
-    m.sessions.get_or_create(&labels).inc();
-    SessionGauge { labels }
+    let gauge = session_gauge(protocol, listener, "preauth");
+    gauge.inc();
+    SessionGauge(gauge)
 }
 
 /// Counts a session as open in one state while alive.
 #[derive(Debug)]
-pub(crate) struct SessionGauge {
-    labels: SessionLabels,
-}
+pub(crate) struct SessionGauge(Gauge);
 
 impl Drop for SessionGauge {
     fn drop(&mut self) {
-        get().sessions.get_or_create(&self.labels).dec();
+        self.0.dec();
     }
 }
 
 /// The session logged in and is being relayed: while the guard lives it counts as
 /// `relayed` instead of `preauth`.
 pub(crate) fn relaying(protocol: Protocol, listener: &str) -> Relaying {
-    let m = get();
-    let preauth = SessionLabels {
-        protocol: protocol.as_str(),
-        listener: listener.to_owned(),
-        state: "preauth",
-    };
-    m.sessions.get_or_create(&preauth).dec();
-    let relayed = SessionLabels {
-        state: "relayed",
-        ..preauth.clone()
-    };
-    m.sessions.get_or_create(&relayed).inc();
+    let preauth = session_gauge(protocol, listener, "preauth");
+    let relayed = session_gauge(protocol, listener, "relayed");
+    preauth.dec();
+    relayed.inc();
     Relaying { preauth, relayed }
 }
 
 /// See [`relaying`].
 #[derive(Debug)]
 pub(crate) struct Relaying {
-    preauth: SessionLabels,
-    relayed: SessionLabels,
+    preauth: Gauge,
+    relayed: Gauge,
 }
 
 impl Drop for Relaying {
     fn drop(&mut self) {
-        let m = get();
-        m.sessions.get_or_create(&self.relayed).dec();
-        m.sessions.get_or_create(&self.preauth).inc();
+        self.relayed.dec();
+        self.preauth.inc();
     }
 }
 

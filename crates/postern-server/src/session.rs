@@ -182,11 +182,11 @@ pub(crate) async fn run<D: Driver>(
 /// Reads a PROXY header from a trusted peer: the real client's address. The header is
 /// looked at with `peek` and only its own bytes are consumed, so whatever the balancer
 /// sent right behind it (a TLS ClientHello, a command) stays in the socket for the
-/// next reader. The returned bytes are always empty (kept for the callers' contract).
-pub(crate) async fn read_proxy_header(
+/// next reader.
+async fn read_proxy_header(
     tcp: &mut TcpStream,
     deadline: Instant,
-) -> Result<(Option<SocketAddr>, Vec<u8>), &'static str> {
+) -> Result<Option<SocketAddr>, &'static str> {
     let mut buf = vec![0u8; proxy::MAX_HEADER];
     let mut seen = 0;
     loop {
@@ -200,7 +200,7 @@ pub(crate) async fn read_proxy_header(
             proxy::Header::Complete { client, len } => {
                 let header = buf.get_mut(..len).unwrap_or_default();
                 return match timeout_at(deadline, tcp.read_exact(header)).await {
-                    Ok(Ok(_)) => Ok((client, Vec::new())),
+                    Ok(Ok(_)) => Ok(client),
                     _ => Err("client_error"),
                 };
             }
@@ -217,6 +217,41 @@ pub(crate) async fn read_proxy_header(
         }
         seen = n;
     }
+}
+
+/// The real client behind a trusted balancer: its PROXY header's source address (or
+/// the balancer itself for `LOCAL` / `UNKNOWN`), recorded in the session's span and
+/// access-log line. `None`, logged, when there is no valid header.
+pub(crate) async fn proxied_client(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Option<SocketAddr> {
+    match read_proxy_header(tcp, deadline).await {
+        Ok(Some(real)) => {
+            let span = Span::current();
+            span.record("client", field::display(real));
+            span.record("via", field::display(peer));
+            crate::access_log::note_client(real);
+            Some(real)
+        }
+        Ok(None) => Some(peer),
+        Err(reason) => {
+            warn!(reason, "refused: no valid PROXY header from a trusted peer");
+            None
+        }
+    }
+}
+
+/// On a listener that takes PROXY headers, checks a peer outside `accept_proxy_from`
+/// (`*watching`) on its first read only: a header from it would let anyone claim any
+/// address, and run as commands it is noise, so the session is refused (logged here).
+pub(crate) fn untrusted_proxy_header(watching: &mut bool, first: &[u8]) -> bool {
+    if !std::mem::take(watching) || !proxy::looks_like_header(first) {
+        return false;
+    }
+    warn!("refused: PROXY header from an untrusted address");
+    true
 }
 
 /// Takes the `n` peeked bytes of a refused header off the socket, so that closing it
@@ -238,29 +273,17 @@ async fn session<D: Driver>(
     relayed: &mut Option<Box<Relayed>>,
 ) -> End {
     let deadline = Instant::now() + ctx.settings.timeouts.preauth;
-    let mut client = peer;
-    let mut early = Vec::new();
     // Only a listener that expects PROXY headers checks for one at all; from an
     // untrusted peer the first bytes are checked instead (below).
     let trusted_proxy = listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip()));
-    if trusted_proxy {
-        match read_proxy_header(&mut tcp, deadline).await {
-            Ok((announced, rest)) => {
-                if let Some(real) = announced {
-                    client = real;
-                    let span = Span::current();
-                    span.record("client", field::display(real));
-                    span.record("via", field::display(peer));
-                    crate::access_log::note_client(real);
-                }
-                early = rest;
-            }
-            Err(reason) => {
-                warn!(reason, "refused: no valid PROXY header from a trusted peer");
-                return End::PreAuth("proxy_header");
-            }
+    let client = if trusted_proxy {
+        match proxied_client(&mut tcp, peer, deadline).await {
+            Some(client) => client,
+            None => return End::PreAuth("proxy_header"),
         }
-    }
+    } else {
+        peer
+    };
     let watch_untrusted_proxy = listener.proxy.is_some() && !trusted_proxy;
     // Counted by the real client's address, known only after the PROXY header.
     let _slot = match ctx.limiter.connect(client.ip(), std::time::Instant::now()) {
@@ -272,20 +295,12 @@ async fn session<D: Driver>(
     };
     let mut stream = ClientStream::Plain(tcp);
     if listener.tls_mode == TlsMode::Implicit {
-        if !early.is_empty() {
-            // TLS after a PROXY header must start on a clean boundary.
-            return End::PreAuth("proxy_header");
-        }
         stream = match handshake(stream, listener, deadline).await {
             Ok(s) => s,
             Err(end) => return end,
         };
     }
     let mut front = driver.front(stream.is_tls(), &id);
-    if !early.is_empty() {
-        front.handle_input(&early);
-    }
-    drop(early);
     let mut first_read = watch_untrusted_proxy;
     let mut attempts = 0u32;
     let mut out = Vec::new();
@@ -386,12 +401,8 @@ async fn session<D: Driver>(
             Ok(Ok(0)) => return End::PreAuth("client_closed"),
             Ok(Ok(n)) => {
                 let bytes = buf.get(..n).unwrap_or_default();
-                if first_read {
-                    first_read = false;
-                    if proxy::looks_like_header(bytes) {
-                        warn!("refused: PROXY header from an untrusted address");
-                        return End::PreAuth("untrusted_proxy_header");
-                    }
+                if untrusted_proxy_header(&mut first_read, bytes) {
+                    return End::PreAuth("untrusted_proxy_header");
                 }
                 front.handle_input(bytes);
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use postern_proto::{ClientInfo, Protocol, proxy};
+use postern_proto::{ClientInfo, Protocol};
 use postern_route::RouteError;
 use postern_smtp::{BackendId, Relay, RelayEvent, RelayOptions, Route, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,7 +18,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::backend::{self, BackendStream, ClientTls};
-use crate::session::{Ctx, read_proxy_header, session_id};
+use crate::session::{Ctx, proxied_client, session_id, untrusted_proxy_header};
 use crate::settings::{ListenerSettings, TlsMode};
 use crate::stream::ClientStream;
 
@@ -111,31 +111,18 @@ async fn session(
     bytes: &Bytes,
 ) -> &'static str {
     let mut deadline = Instant::now() + ctx.settings.timeouts.preauth;
-    let mut client_addr = peer;
-    let mut early = Vec::new();
     let trusted_proxy = listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip()));
     // From an untrusted peer on a listener that takes PROXY headers, the first bytes are
-    // checked for one: obeyed, it would let anyone claim any address; run as commands,
-    // it would be noise. Refused either way.
+    // checked for one instead (untrusted_proxy_header).
     let mut first_read = listener.proxy.is_some() && !trusted_proxy;
-    if trusted_proxy {
-        match read_proxy_header(&mut tcp, deadline).await {
-            Ok((announced, rest)) => {
-                if let Some(real) = announced {
-                    client_addr = real;
-                    let span = tracing::Span::current();
-                    span.record("client", field::display(real));
-                    span.record("via", field::display(peer));
-                    crate::access_log::note_client(real);
-                }
-                early = rest;
-            }
-            Err(reason) => {
-                warn!(reason, "refused: no valid PROXY header from a trusted peer");
-                return "proxy_header";
-            }
+    let client_addr = if trusted_proxy {
+        match proxied_client(&mut tcp, peer, deadline).await {
+            Some(client) => client,
+            None => return "proxy_header",
         }
-    }
+    } else {
+        peer
+    };
     // LMTP comes from the operator's own MTAs: no per-address limits there.
     let _slot = if protocol == Protocol::Lmtp {
         None
@@ -182,10 +169,6 @@ async fn session(
     };
     let options = with_probed_extensions(ctx, options, protocol);
     let mut relay = Relay::new(options, info.clone());
-    if !early.is_empty() {
-        relay.handle_client_input(&early);
-    }
-    drop(early);
     let mut backend: Option<(String, BackendStream)> = None;
     let mut out = Vec::new();
     let smtp_timeout = ctx.settings.timeouts.smtp;
@@ -282,12 +265,8 @@ async fn session(
                 Ok(n) => {
                     Bytes::add(&bytes.from_client, n);
                     let input = cbuf.get(..n).unwrap_or_default();
-                    if first_read {
-                        first_read = false;
-                        if proxy::looks_like_header(input) {
-                            warn!("refused: PROXY header from an untrusted address");
-                            return "untrusted_proxy_header";
-                        }
+                    if untrusted_proxy_header(&mut first_read, input) {
+                        return "untrusted_proxy_header";
                     }
                     relay.handle_client_input(input);
                 }

@@ -85,6 +85,20 @@ fn certified_key(
     key: &Path,
     provider: &rustls::crypto::CryptoProvider,
 ) -> Result<CertifiedKey, TlsError> {
+    let (certs, key_der) = load_pair(cert, key)?;
+    // from_der also checks that the key belongs to the certificate.
+    CertifiedKey::from_der(certs, key_der, provider).map_err(|e| TlsError::Pair {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads a PEM certificate chain (at least one certificate) and its private key.
+pub(crate) fn load_pair(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| TlsError::Certificate {
@@ -101,12 +115,7 @@ fn certified_key(
         path: key.display().to_string(),
         reason: e.to_string(),
     })?;
-    // from_der also checks that the key belongs to the certificate.
-    CertifiedKey::from_der(certs, key_der, provider).map_err(|e| TlsError::Pair {
-        cert: cert.display().to_string(),
-        key: key.display().to_string(),
-        reason: e.to_string(),
-    })
+    Ok((certs, key_der))
 }
 
 /// Picks a certificate by SNI name: exact name, then `*.` + the parent domain, then
