@@ -4,6 +4,7 @@ The tests' own 127.0.0.1 is trusted by the base config; attackers come from othe
 loopback addresses (127.0.0.2 and up). Real Dovecot and Postfix behind Postern."""
 
 import base64
+import re
 import socket
 import time
 
@@ -113,7 +114,7 @@ def test_failures_for_a_user_are_refused_from_any_address(make_postern, postfixe
     ir = base64.b64encode(f"\0{CAROL}\0{USERS[CAROL]}".encode()).decode()
     s.sendall(f"AUTH PLAIN {ir}\r\n".encode())
     line = read_until(s, b"\r\n")
-    assert line.startswith(b"421 4.7.0 ") and b"too many failed authentications" in line, line
+    assert line.startswith(b"421 4.7.0 ") and b"(limit: auth_failures)" in line, line
     assert s.recv(100) == b"", "closed after 421"
     s.close()
     # Other users are fine.
@@ -147,13 +148,17 @@ def test_concurrent_connections_per_address(make_postern):
     assert all(c.greeting.startswith(b"* OK") for c in held)
     over = socket.create_connection(p.addr("imap-plain"), timeout=10,
                                     source_address=("127.0.0.30", 0))
-    assert read_until(over, b"\r\n") == b"* BYE [LIMIT] Too many connections from your address.\r\n"
+    assert read_until(over, b"\r\n") == (
+        b"* BYE [LIMIT] Too many connections from your address, try again later"
+        b" (limit: ip_connections).\r\n")
     assert over.recv(10) == b""
     over.close()
     # The cap counts across listeners and protocols.
     pop = socket.create_connection(p.addr("pop3-plain"), timeout=10,
                                    source_address=("127.0.0.30", 0))
-    assert read_until(pop, b"\r\n") == b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+    assert read_until(pop, b"\r\n") == (
+        b"-ERR [SYS/TEMP] Too many connections from your address, try again later"
+        b" (limit: ip_connections).\r\n")
     pop.close()
     # Implicit TLS: closed without a handshake.
     tls = socket.create_connection(p.addr("imaps"), timeout=10, source_address=("127.0.0.30", 0))
@@ -177,8 +182,13 @@ def test_connection_rate_per_address(make_postern):
         c.close()
     c = socket.create_connection(p.addr("imap-plain"), timeout=10,
                                  source_address=("127.0.0.40", 0))
-    assert read_until(c, b"\r\n") == b"* BYE [LIMIT] Connecting too fast, try again later.\r\n"
+    refusal = read_until(c, b"\r\n")
     c.close()
+    # The limit by name (as in the metric) and how long to wait: under a minute, the
+    # rate window.
+    m = re.fullmatch(rb"\* BYE \[LIMIT\] Connecting too fast, try again in (\d+) s"
+                     rb" \(limit: connection_rate\)\.\r\n", refusal)
+    assert m and 1 <= int(m[1]) <= 120, refusal
     assert Raw(p.addr("imap-plain"), source="127.0.0.41").greeting.startswith(b"* OK")
 
 

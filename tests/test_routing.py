@@ -4,7 +4,9 @@ database outage, and fenced moves and kicks across instances. Every test runs ag
 both databases (the `database` fixture), each in a fresh database."""
 
 import imaplib
+import json
 import threading
+import urllib.request
 import time
 
 import pytest
@@ -86,10 +88,19 @@ def test_operator_query_over_an_existing_user_table(database, make_postern, cert
         c["routing"]["sql"]["lookup_query"] = query
         # Two hosts for the same loopback address, so the host column can pick.
         c["backends"]["b2"]["host"] = "localhost"
+        c["admin"] = {"bind": "127.0.0.1:0"}
 
     p = make_postern(edit, seed=False)
     assert login_backend(p, ALICE, certs) == "b1"
     assert login_backend(p, BOB, certs) == "b2"
+    # Where the pin comes from is said, and what can be counted is counted: Postern's
+    # routes table is empty, the operator's query cannot be counted.
+    shown = p.cli("route", ALICE).stdout
+    assert "pinned by routing.sql.lookup_query" in shown, shown
+    with urllib.request.urlopen(p.admin_url + "/api/backends", timeout=30) as r:
+        listed = {b["name"]: b for b in json.loads(r.read())["backends"]}
+    assert listed["b1"]["pinned_users"] == 0, listed["b1"]
+    assert "lookup_query" in listed["b1"]["pinned_users_counted"]
     m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
     with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
         m.login(CAROL, USERS[CAROL])
@@ -101,6 +112,7 @@ def test_operator_query_over_an_existing_user_table(database, make_postern, cert
     while login_backend(p, ALICE, certs) != "b2":
         assert time.monotonic() < deadline, "the pin change never reached the instance"
         time.sleep(0.2)
+    assert "pinned by Postern's routes table" in p.cli("route", ALICE).stdout
 
 
 def test_spellings_of_one_user_share_one_pin(database, make_postern, certs):

@@ -220,6 +220,21 @@ pub fn tag_of(message: &[u8]) -> Option<&str> {
     }
 }
 
+/// Whether a message (or the start of one) is `<tag> NAME` followed by a space, a
+/// parenthesis or the line end, the name in any case.
+pub fn is_command(message: &[u8], name: &[u8]) -> bool {
+    let Some(tag) = tag_of(message) else {
+        return false;
+    };
+    let rest = message.get(tag.len()..).unwrap_or_default();
+    let Some(rest) = rest.strip_prefix(b" ") else {
+        return false;
+    };
+    rest.get(..name.len())
+        .is_some_and(|word| word.eq_ignore_ascii_case(name))
+        && matches!(rest.get(name.len()), Some(b' ' | b'(' | b'\r' | b'\n'))
+}
+
 /// Longest tag echoed back. RFC 9051 sets no limit; echoing an unbounded tag would let
 /// a client make every error reply as long as its command.
 const MAX_TAG: usize = 64;
@@ -330,6 +345,13 @@ mod tests {
 
     #[test]
     fn tags() {
+        assert!(is_command(b"a1 ID (\"name\" \"x\")\r\n", b"ID"));
+        assert!(is_command(b"a1 id NIL\r\n", b"ID"));
+        assert!(is_command(b"a1 ID(", b"ID"));
+        assert!(!is_command(b"a1 IDLE\r\n", b"ID"));
+        assert!(!is_command(b"a1 ID", b"ID"));
+        assert!(!is_command(b"a1 LOGIN ID x\r\n", b"ID"));
+        assert!(!is_command(b"* ID (\r\n", b"ID"));
         assert_eq!(tag_of(b"a1 NOOP\r\n"), Some("a1"));
         assert_eq!(tag_of(b"a1\r\n"), Some("a1"));
         assert_eq!(tag_of(b"* NOOP"), None);

@@ -32,6 +32,11 @@ use crate::framing::{self, Frame, Framer, Limits, Mode};
 use crate::id::ClientId;
 use crate::login::{Login, LoginOptions};
 
+/// The longest ID command accepted, whatever `max_line` says: RFC 2971's 30 pairs of
+/// a 30-octet field and a 1024-octet value, every octet escaped in a quoted string
+/// (2 × 30 × 1054 = 63 240), plus the tag, the parentheses and the spaces.
+pub const MAX_ID_LINE: usize = 64 * 1024;
+
 /// Settings for one listener's IMAP front end.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -159,8 +164,17 @@ impl Front {
     }
 
     fn limits(&self) -> Limits {
+        // ID may be as long as RFC 2971 allows (Dovecot answers it); only ID, and only
+        // once its name is in: until then the line is under `max_line`, the same as any
+        // other, and the framer cannot buffer past it without the name arriving first.
+        let id = matches!(self.state, State::Ready)
+            && framing::is_command(self.framer.message(self.framer.buffered()), b"ID");
         Limits {
-            max_message: self.opts.max_line,
+            max_message: if id {
+                self.opts.max_line.max(MAX_ID_LINE)
+            } else {
+                self.opts.max_line
+            },
             max_literal: self.opts.max_literal,
         }
     }
@@ -550,15 +564,13 @@ impl FrontEnd for Front {
         self.close(CloseReason::Internal);
     }
 
-    fn refuse(&mut self, limit: Limit) {
+    fn refuse(&mut self, limit: Limit, retry_after: Option<std::time::Duration>) {
         self.out.clear();
         self.events.clear();
-        let text = match limit {
-            Limit::ConnectionRate => "Connecting too fast, try again later.",
-            Limit::AuthFailures => "Too many failed logins, try again later.",
-            _ => "Too many connections from your address.",
-        };
-        self.send(&format!("* BYE [LIMIT] {text}"));
+        self.send(&format!(
+            "* BYE [LIMIT] {}",
+            limit.refusal_text(retry_after)
+        ));
         self.close(CloseReason::Limited);
     }
 

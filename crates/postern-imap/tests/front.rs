@@ -222,6 +222,52 @@ fn overlong_line_closes() {
     assert_eq!(t.send(b"\r\nb NOOP\r\n"), "");
 }
 
+/// RFC 2971's largest ID: 30 fields of 30 octets, each with a 1024-octet value.
+fn largest_id(tag: &str) -> Vec<u8> {
+    let mut line = format!("{tag} ID (").into_bytes();
+    for i in 0..30 {
+        if i > 0 {
+            line.push(b' ');
+        }
+        let field = format!("field{i:02}{}", "f".repeat(23));
+        assert_eq!(field.len(), 30);
+        line.extend_from_slice(format!("\"{field}\" \"{}\"", "v".repeat(1024)).as_bytes());
+    }
+    line.extend_from_slice(b")\r\n");
+    line
+}
+
+#[test]
+fn id_at_its_rfc_size_is_answered_with_the_default_limits() {
+    let (mut t, _) = T::new(true);
+    let line = largest_id("a1");
+    assert!(line.len() > Options::default().max_line, "{}", line.len());
+    // In reads of a few KiB, as from a socket.
+    let mut out = String::new();
+    for chunk in line.chunks(4096) {
+        out.push_str(&t.send(chunk));
+    }
+    assert_eq!(out, "* ID NIL\r\na1 OK ID completed.\r\n");
+    assert_eq!(t.front.client_id().unwrap().fields().len(), 30);
+    assert_eq!(t.closed(), None);
+    // Only ID gets the larger bound: the same length as another command is refused.
+    let mut other = b"a2 NOOP ".to_vec();
+    other.extend(std::iter::repeat_n(b'x', line.len()));
+    let out = t.send(&other);
+    assert!(out.starts_with("a2 BAD Command line too long."), "{out}");
+    assert_eq!(t.closed(), Some(CloseReason::InputTooLong));
+}
+
+#[test]
+fn id_past_its_rfc_bound_is_refused() {
+    let (mut t, _) = T::new(true);
+    let mut line = b"a1 ID (\"name\" \"".to_vec();
+    line.extend(std::iter::repeat_n(b'v', postern_imap::front::MAX_ID_LINE));
+    let out = t.send(&line);
+    assert!(out.starts_with("a1 BAD Command line too long."), "{out}");
+    assert_eq!(t.closed(), Some(CloseReason::InputTooLong));
+}
+
 #[test]
 fn bad_commands_counted_then_closed() {
     let (mut t, _) = T::with(
@@ -425,10 +471,10 @@ fn commands_before_login_are_bounded() {
 fn abuse_control_refusals() {
     use postern_proto::Limit;
     let (mut t, _) = T::new(true);
-    t.front.refuse(Limit::IpConnections);
+    t.front.refuse(Limit::IpConnections, None);
     assert_eq!(
         t.out(),
-        "* BYE [LIMIT] Too many connections from your address.\r\n"
+        "* BYE [LIMIT] Too many connections from your address, try again later (limit: ip_connections).\r\n"
     );
     assert_eq!(t.closed(), Some(CloseReason::Limited));
 

@@ -248,6 +248,30 @@ impl Limiter {
         })
     }
 
+    /// How long a client refused by `limit` should wait before trying again, for the
+    /// refusal's text; `None` when no wait helps by itself (concurrent connections or
+    /// sessions: one of them has to end).
+    pub fn retry_after(&self, ip: IpAddr, limit: Limit, now: Instant) -> Option<Duration> {
+        let s = &self.settings;
+        let (len, max) = match limit {
+            Limit::ConnectionRate => (RATE_WINDOW, s.connection_rate_per_ip),
+            Limit::AuthFailures => (s.failure_window, s.max_failures_per_ip),
+            _ => return None,
+        };
+        let key = self.key(ip);
+        let shard = self.ips.shard(&key);
+        let e = shard.get(&key)?;
+        let window = match limit {
+            Limit::ConnectionRate => &e.rate,
+            _ => &e.failures,
+        };
+        Some(
+            window
+                .time_until_below(now, len, max)
+                .max(Duration::from_secs(1)),
+        )
+    }
+
     /// Whether a login attempt from `ip` for `user` (normalized) may go ahead.
     pub fn check_login(&self, ip: IpAddr, user: &str, now: Instant) -> Result<(), Limit> {
         let s = &self.settings;

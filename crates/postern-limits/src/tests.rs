@@ -121,6 +121,34 @@ fn connection_rate_counts_refused_attempts() {
 }
 
 #[test]
+fn refusals_say_how_long_to_wait() {
+    let l = limiter(|s| s.max_connections_per_ip = 0);
+    let t = Instant::now();
+    let a = ip("192.0.2.9");
+    for _ in 0..4 {
+        drop(l.connect(a, t).unwrap());
+    }
+    assert_eq!(l.connect(a, t).unwrap_err(), Limit::ConnectionRate);
+    let wait = l.retry_after(a, Limit::ConnectionRate, t).unwrap();
+    assert!(wait >= Duration::from_secs(1), "{wait:?}");
+    // Waiting that long is enough; a second less is not.
+    assert!(l.connect(a, t + wait).is_ok());
+    let l2 = limiter(|s| s.max_connections_per_ip = 0);
+    for _ in 0..5 {
+        let _ = l2.connect(a, t);
+    }
+    let wait2 = l2.retry_after(a, Limit::ConnectionRate, t).unwrap();
+    assert_eq!(wait, wait2);
+    assert!(l2.connect(a, t + wait2 - Duration::from_secs(1)).is_err());
+    // Concurrency limits have no time to wait; unknown addresses nothing to say.
+    assert_eq!(l.retry_after(a, Limit::IpConnections, t), None);
+    assert_eq!(
+        l.retry_after(ip("192.0.2.10"), Limit::ConnectionRate, t),
+        None
+    );
+}
+
+#[test]
 fn ipv6_counted_per_prefix() {
     let l = limiter(|s| s.connection_rate_per_ip = 0);
     let t = Instant::now();

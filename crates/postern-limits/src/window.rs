@@ -58,6 +58,30 @@ impl Window {
         *self = Self::new(now);
     }
 
+    /// How long until fewer than `limit` events are counted, if nothing is added
+    /// meanwhile (whole seconds, rounded up; zero when already below).
+    pub(crate) fn time_until_below(&self, now: Instant, len: Duration, limit: u32) -> Duration {
+        let below = |secs: u64| {
+            let mut w = *self;
+            w.count(now + Duration::from_secs(secs), len) < limit
+        };
+        // The count never grows without an add: search the first second it is below.
+        // Two window lengths from now every event has aged out.
+        let (mut lo, mut hi) = (0u64, len.as_secs().saturating_mul(2).saturating_add(1));
+        if below(lo) {
+            return Duration::ZERO;
+        }
+        while lo + 1 < hi {
+            let mid = lo + (hi - lo) / 2;
+            if below(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Duration::from_secs(hi)
+    }
+
     /// Nothing counted any more: the entry can go.
     pub(crate) fn is_empty(&mut self, now: Instant, len: Duration) -> bool {
         self.count(now, len) == 0
@@ -67,6 +91,26 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_until_below_counts_down_to_the_limit() {
+        let len = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut w = Window::new(t0);
+        for _ in 0..10 {
+            w.add(t0, len);
+        }
+        assert_eq!(w.time_until_below(t0, len, 11), Duration::ZERO);
+        let wait = w.time_until_below(t0, len, 10);
+        // The ten events leave the estimate between one and two windows later.
+        assert!(wait > len && wait <= len * 2, "{wait:?}");
+        let mut later = w;
+        assert!(later.count(t0 + wait, len) < 10);
+        let mut earlier = w;
+        assert!(earlier.count(t0 + wait - Duration::from_secs(1), len) >= 10);
+        // Halfway there, the wait is shorter.
+        assert!(w.time_until_below(t0 + Duration::from_secs(30), len, 10) < wait);
+    }
 
     #[test]
     fn counts_slide_out_of_the_window() {

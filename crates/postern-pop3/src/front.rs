@@ -672,15 +672,13 @@ impl FrontEnd for Front {
         self.close(CloseReason::Internal);
     }
 
-    fn refuse(&mut self, limit: Limit) {
+    fn refuse(&mut self, limit: Limit, retry_after: Option<std::time::Duration>) {
         self.out.clear();
         self.events.clear();
-        let text = match limit {
-            Limit::ConnectionRate => "Connecting too fast, try again later.",
-            Limit::AuthFailures => "Too many failed logins, try again later.",
-            _ => "Too many connections from your address.",
-        };
-        self.send(&format!("-ERR [SYS/TEMP] {text}"));
+        self.send(&format!(
+            "-ERR [SYS/TEMP] {}",
+            limit.refusal_text(retry_after)
+        ));
         self.close(CloseReason::Limited);
     }
 

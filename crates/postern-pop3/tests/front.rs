@@ -822,10 +822,13 @@ fn commands_before_login_are_bounded() {
 fn abuse_control_refusals() {
     use postern_proto::Limit;
     let (mut t, _) = T::new(true);
-    t.front.refuse(Limit::ConnectionRate);
+    t.front.refuse(
+        Limit::ConnectionRate,
+        Some(std::time::Duration::from_secs(42)),
+    );
     assert_eq!(
         t.out(),
-        "-ERR [SYS/TEMP] Connecting too fast, try again later.\r\n"
+        "-ERR [SYS/TEMP] Connecting too fast, try again in 42 s (limit: connection_rate).\r\n"
     );
     assert_eq!(t.closed(), Some(CloseReason::Limited));
 

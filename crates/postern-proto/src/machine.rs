@@ -151,6 +151,26 @@ pub enum Limit {
 }
 
 impl Limit {
+    /// The refusal's text, in the words IMAP and POP3 use (and SMTP, lowercased): the
+    /// reason, how long to wait when that helps, and the limit's name as in the metrics
+    /// (`postern_limit_hits_total{limit=...}`) and the logs.
+    pub fn refusal_text(self, retry_after: Option<std::time::Duration>) -> String {
+        let why = match self {
+            Limit::ConnectionRate => "Connecting too fast",
+            Limit::AuthFailures => "Too many failed logins",
+            Limit::IpConnections => "Too many connections from your address",
+            Limit::UserSessions => "Too many sessions for this user",
+        };
+        match retry_after {
+            Some(wait) => format!(
+                "{why}, try again in {} s (limit: {}).",
+                wait.as_secs().max(1),
+                self.as_str()
+            ),
+            None => format!("{why}, try again later (limit: {}).", self.as_str()),
+        }
+    }
+
     /// A stable name for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -177,8 +197,10 @@ pub trait FrontEnd {
     fn handle_verdict(&mut self, verdict: Verdict);
     /// Refuses the connection before anything else happens: the greeting is replaced
     /// by the protocol's refusal and an [`Event::Close`] follows. Call it right after
-    /// creating the machine, instead of feeding it input.
-    fn refuse(&mut self, limit: Limit);
+    /// creating the machine, instead of feeding it input. `retry_after` is how long the
+    /// client should wait, when waiting helps; the refusal names the limit and the wait,
+    /// so a scripted client's operator can tell what it ran into.
+    fn refuse(&mut self, limit: Limit, retry_after: Option<std::time::Duration>);
     /// Ends the session from the driver's side (pre-auth timeout, server shutdown): the
     /// goodbye the protocol has for it (`* BYE`, `-ERR`, `421`) is queued, then an
     /// [`Event::Close`]. Does nothing on a closed session.

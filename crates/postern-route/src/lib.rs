@@ -24,4 +24,4 @@ pub use router::{
     AssignPolicy, Availability, BackendEntry, BackendState, Decision, Failover, PoolMode,
     PoolPolicy, RouteError, Router, RouterOptions, Source, UnknownUsers,
 };
-pub use store::{RouteRecord, RouteStore, StoreError};
+pub use store::{PinOrigin, RouteRecord, RouteStore, StoreError};

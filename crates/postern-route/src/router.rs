@@ -422,7 +422,7 @@ impl Router {
         let (record, stale) = self.lookup(&user).await?;
         let Some(record) = record else {
             if mode == Mode::Delivery {
-                return self.hashed(user, protocol, None);
+                return self.undelivered(user, protocol, None);
             }
             return self.unknown(user, protocol, None, write).await;
         };
@@ -433,7 +433,9 @@ impl Router {
             return Err(RouteError::Moving);
         }
         let backend = match &record.backend {
-            None if mode == Mode::Delivery => return self.hashed(user, protocol, Some(record)),
+            None if mode == Mode::Delivery => {
+                return self.undelivered(user, protocol, Some(record));
+            }
             None => return self.unknown(user, protocol, Some(record), write).await,
             Some(BackendRef::Name(name)) => self
                 .serving(protocol)
@@ -473,6 +475,22 @@ impl Router {
     }
 
     /// A backend by rendezvous hash among those that take new users; nothing written.
+    /// A recipient without a pin. Under `reject` nobody may have them (the MX/LMTP
+    /// front answers 550, so the sender bounces instead of the backend, which would
+    /// send backscatter to a forged sender); otherwise they go where a login would be
+    /// sent by hash, and the backend answers for the address. Delivery never writes.
+    fn undelivered(
+        &self,
+        user: UserName,
+        protocol: Protocol,
+        record: Option<Arc<RouteRecord>>,
+    ) -> Result<Decision, RouteError> {
+        match self.options.unknown_users {
+            UnknownUsers::Reject => Err(RouteError::NoRoute),
+            UnknownUsers::Hash | UnknownUsers::Assign(_) => self.hashed(user, protocol, record),
+        }
+    }
+
     fn hashed(
         &self,
         user: UserName,
@@ -822,6 +840,33 @@ mod tests {
         let e = r.resolve("carol", Protocol::Imap).await.unwrap_err();
         assert!(matches!(e, RouteError::Store(StoreError::ReadOnly(_))));
         assert_eq!(e.failure(), Failure::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn recipients_without_a_pin_follow_the_policy() {
+        // reject: no backend for them (the MX front's 550, no backscatter).
+        let r = router(UnknownUsers::Reject);
+        let e = r
+            .resolve_recipient("nobody@example.test", Protocol::Imap)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RouteError::NoRoute));
+        let d = r
+            .resolve_recipient("alice@example.test", Protocol::Imap)
+            .await
+            .unwrap();
+        assert_eq!((d.backend.as_str(), d.source), ("b1", Source::Pinned));
+        // hash and assign: by hash, and nothing is written (delivery never assigns).
+        for policy in [
+            UnknownUsers::Hash,
+            UnknownUsers::Assign(AssignPolicy::LeastLoaded),
+        ] {
+            let d = router(policy)
+                .resolve_recipient("nobody@example.test", Protocol::Imap)
+                .await
+                .unwrap();
+            assert_eq!(d.source, Source::Hashed);
+        }
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use postern_proto::{BackendLogin, ClientInfo, Credentials, Mechanism, Protocol, Secret, Verdict};
 use postern_route::{Availability, BackendState};
@@ -24,6 +24,8 @@ use tracing::{info, warn};
 
 use crate::backend::{self, BackendStream, ClientTls};
 use crate::registry::Registry;
+pub use crate::service_health::{LastError, Seen};
+use crate::service_health::{ServiceHealth, Thresholds, Transition};
 use crate::settings::{Backend, Endpoint, HealthSettings, Settings};
 
 /// An operator's decision about a backend.
@@ -54,15 +56,6 @@ impl AdminState {
     }
 }
 
-#[derive(Clone, Debug)]
-struct Check {
-    up: bool,
-    ok_streak: u32,
-    fail_streak: u32,
-    since: SystemTime,
-    last_error: Option<String>,
-}
-
 /// One backend service's health, for status pages and metrics.
 #[derive(Clone, Debug)]
 pub struct HealthReport {
@@ -70,20 +63,22 @@ pub struct HealthReport {
     pub backend: String,
     /// Protocol.
     pub protocol: Protocol,
-    /// Whether checks consider it up.
+    /// Whether logins may be sent there, as far as checks and real connections tell.
     pub up: bool,
+    /// What the checks say: unknown (not answered since start), up or down.
+    pub seen: Seen,
     /// The operator's decision, if any.
     pub admin: Option<AdminState>,
     /// Since when it is in its current state.
     pub since: SystemTime,
-    /// The last failure seen.
-    pub last_error: Option<String>,
+    /// The last failure, while the service is not yet healthy again.
+    pub last_error: Option<LastError>,
 }
 
 /// Health of every backend service of this instance.
 #[derive(Debug)]
 pub struct Health {
-    checks: RwLock<HashMap<(String, Protocol), Check>>,
+    checks: RwLock<HashMap<(String, Protocol), ServiceHealth>>,
     admin: RwLock<HashMap<String, AdminState>>,
     /// SMTP-family services: the extension lines each backend's EHLO/LHLO allows
     /// Postern to advertise, learned by the checks.
@@ -93,22 +88,14 @@ pub struct Health {
 }
 
 impl Health {
-    /// Every configured backend service starts up: a fresh instance serves at once,
-    /// and the checks take services out within `fall` intervals if they are not.
+    /// Every configured backend service starts unknown and routable: a fresh instance
+    /// serves at once, and the checks take services out if they do not answer.
     pub fn new(settings: &Settings, registry: Arc<Registry>) -> Arc<Self> {
         let mut checks = HashMap::new();
+        let (now, wall) = (Instant::now(), SystemTime::now());
         for b in settings.backends.values() {
             for p in b.protocols() {
-                checks.insert(
-                    (b.name.clone(), p),
-                    Check {
-                        up: true,
-                        ok_streak: 0,
-                        fail_streak: 0,
-                        since: SystemTime::now(),
-                        last_error: None,
-                    },
-                );
+                checks.insert((b.name.clone(), p), ServiceHealth::new(now, wall));
             }
         }
         Arc::new(Self {
@@ -143,49 +130,47 @@ impl Health {
         }
     }
 
+    fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            rise: self.settings.rise,
+            fall: self.settings.fall,
+            startup_grace: self.settings.startup_grace,
+        }
+    }
+
     /// Records the outcome of a check or of a real connection attempt.
     pub fn report(&self, backend: &str, protocol: Protocol, result: Result<(), String>) {
-        let transition = {
+        let t = self.thresholds();
+        let (transition, first_failure) = {
             let Ok(mut checks) = self.checks.write() else {
                 return;
             };
             let Some(c) = checks.get_mut(&(backend.to_owned(), protocol)) else {
                 return;
             };
+            let unknown_before = c.seen() == Seen::Unknown && c.last_error().is_none();
             match result {
-                Ok(()) => {
-                    c.ok_streak = c.ok_streak.saturating_add(1);
-                    c.fail_streak = 0;
-                    if !c.up && c.ok_streak >= self.settings.rise {
-                        c.up = true;
-                        c.since = SystemTime::now();
-                        Some(true)
-                    } else {
-                        None
-                    }
-                }
-                Err(e) => {
-                    c.fail_streak = c.fail_streak.saturating_add(1);
-                    c.ok_streak = 0;
-                    c.last_error = Some(e);
-                    if c.up && c.fail_streak >= self.settings.fall {
-                        c.up = false;
-                        c.since = SystemTime::now();
-                        Some(false)
-                    } else {
-                        None
-                    }
-                }
+                Ok(()) => (c.success(&t, SystemTime::now()), false),
+                Err(e) => (
+                    c.failure(&t, e, Instant::now(), SystemTime::now()),
+                    unknown_before,
+                ),
             }
         };
+        if first_failure {
+            info!(backend, %protocol, "backend service not answering yet; unknown until it does");
+        }
         match transition {
-            Some(false) => {
+            Some(Transition::Down { never_up }) => {
                 let n = self.registry.kick_backend(backend, Some(protocol));
-                warn!(backend, %protocol, sessions_ended = n, "backend DOWN");
+                warn!(backend, %protocol, sessions_ended = n, never_up, "backend DOWN");
             }
-            Some(true) => {
+            Some(Transition::Up { was_down: true }) => {
                 let n = self.registry.kick_temporary(backend, protocol);
                 info!(backend, %protocol, temporary_sessions_ended = n, "backend UP");
+            }
+            Some(Transition::Up { was_down: false }) => {
+                info!(backend, %protocol, "backend service answering");
             }
             None => {}
         }
@@ -275,10 +260,11 @@ impl Health {
                     .map(|((b, p), c)| HealthReport {
                         backend: b.clone(),
                         protocol: *p,
-                        up: c.up,
+                        up: c.routable(&self.thresholds()),
+                        seen: c.seen(),
                         admin: admin.get(b).copied(),
-                        since: c.since,
-                        last_error: c.last_error.clone(),
+                        since: c.since(),
+                        last_error: c.last_error().cloned(),
                     })
                     .collect()
             })
@@ -298,7 +284,10 @@ impl Availability for Health {
             .checks
             .read()
             .ok()
-            .and_then(|c| c.get(&(backend.to_owned(), protocol)).map(|c| c.up))
+            .and_then(|c| {
+                c.get(&(backend.to_owned(), protocol))
+                    .map(|c| c.routable(&self.thresholds()))
+            })
             .unwrap_or(false);
         match (up, admin) {
             (false, _) => BackendState::Down,
@@ -513,16 +502,16 @@ mod tests {
     fn health(rise: u32, fall: u32) -> (Arc<Health>, Arc<Registry>) {
         let registry = Registry::new();
         let mut checks = HashMap::new();
-        checks.insert(
-            ("b1".to_owned(), Protocol::Imap),
-            Check {
-                up: true,
-                ok_streak: 0,
-                fail_streak: 0,
-                since: SystemTime::now(),
-                last_error: None,
+        let mut b1 = ServiceHealth::new(Instant::now(), SystemTime::now());
+        b1.success(
+            &Thresholds {
+                rise,
+                fall,
+                startup_grace: Duration::ZERO,
             },
+            SystemTime::now(),
         );
+        checks.insert(("b1".to_owned(), Protocol::Imap), b1);
         let h = Arc::new(Health {
             checks: RwLock::new(checks),
             admin: RwLock::new(HashMap::new()),

@@ -20,6 +20,7 @@ pub mod backend;
 mod driver;
 pub mod health;
 mod login;
+pub mod service_health;
 mod session;
 mod smtp_relay;
 #[cfg(target_os = "linux")]

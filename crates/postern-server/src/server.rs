@@ -112,6 +112,8 @@ struct Inner {
     sockets: tokio::sync::Mutex<HashMap<String, Socket>>,
     generation: AtomicU64,
     started: std::sync::atomic::AtomicBool,
+    /// The change-log follower's identity and position, kept across reloads.
+    position: Arc<crate::watch::Position>,
 }
 
 /// A bound, not yet running, Postern server.
@@ -223,6 +225,7 @@ impl Server {
                 sockets: tokio::sync::Mutex::new(sockets),
                 generation: AtomicU64::new(1),
                 started: std::sync::atomic::AtomicBool::new(false),
+                position: Arc::default(),
             }),
             bound,
         })
@@ -447,6 +450,7 @@ fn start_generation(inner: &Arc<Inner>, ctx: &Arc<Ctx>) {
             Arc::clone(&ctx.router),
             Arc::clone(&ctx.registry),
             Arc::clone(&ctx.health),
+            Arc::clone(&inner.position),
             watch.instance_id.clone(),
             watch.interval,
             ctx.retire.clone(),

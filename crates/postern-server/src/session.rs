@@ -290,7 +290,10 @@ async fn session<D: Driver>(
         Ok(slot) => slot,
         Err(limit) => {
             crate::metrics::limit_hit(limit);
-            return refuse(driver, listener, tcp, &id, limit).await;
+            let retry_after =
+                ctx.limiter
+                    .retry_after(client.ip(), limit, std::time::Instant::now());
+            return refuse(driver, listener, tcp, &id, limit, retry_after).await;
         }
     };
     let mut stream = ClientStream::Plain(tcp);
@@ -449,14 +452,16 @@ async fn refuse<D: Driver>(
     mut tcp: TcpStream,
     id: &str,
     limit: Limit,
+    retry_after: Option<std::time::Duration>,
 ) -> End {
     warn!(
         limit = limit.as_str(),
+        retry_after_secs = retry_after.map(|d| d.as_secs()),
         "connection refused by abuse control"
     );
     if listener.tls_mode != TlsMode::Implicit {
         let mut front = driver.front(false, id);
-        front.refuse(limit);
+        front.refuse(limit, retry_after);
         let mut out = Vec::new();
         front.poll_transmit(&mut out);
         let _ = timeout(REFUSAL_WRITE, async {

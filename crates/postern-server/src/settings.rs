@@ -217,6 +217,10 @@ pub struct HealthSettings {
     pub rise: u32,
     /// Consecutive failures (checks or real connections) that take it down.
     pub fall: u32,
+    /// After start, how long a service that has not answered yet stays *unknown*
+    /// (not reported down) while its failures accumulate: backends that start after
+    /// Postern are not an outage.
+    pub startup_grace: Duration,
 }
 
 impl Default for HealthSettings {
@@ -227,6 +231,7 @@ impl Default for HealthSettings {
             timeout: Duration::from_secs(2),
             rise: 2,
             fall: 2,
+            startup_grace: Duration::from_secs(10),
         }
     }
 }

@@ -134,13 +134,20 @@ async fn session(
             Ok(slot) => Some(slot),
             Err(limit) => {
                 crate::metrics::limit_hit(limit);
+                let retry_after =
+                    ctx.limiter
+                        .retry_after(client_addr.ip(), limit, std::time::Instant::now());
                 warn!(
                     limit = limit.as_str(),
+                    retry_after_secs = retry_after.map(|d| d.as_secs()),
                     "connection refused by abuse control"
                 );
                 if listener.tls_mode != TlsMode::Implicit {
-                    let line =
-                        postern_smtp::connection_refused(&ctx.settings.hostname, limit) + "\r\n";
+                    let line = postern_smtp::connection_refused(
+                        &ctx.settings.hostname,
+                        limit,
+                        retry_after,
+                    ) + "\r\n";
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
                         tcp.write_all(line.as_bytes()).await?;
                         tcp.shutdown().await
@@ -322,6 +329,10 @@ async fn route(ctx: &Ctx, address: &str, protocol: Protocol) -> Route {
             Route::Backend(BackendId(d.backend))
         }
         Err(RouteError::InvalidUser(_)) => Route::Reject,
+        Err(RouteError::NoRoute) => {
+            info!(recipient = %address, "recipient rejected: no pin and routing.unknown_users = reject");
+            Route::Reject
+        }
         Err(e) => {
             warn!(error = %e, "cannot route recipient");
             Route::TempFail

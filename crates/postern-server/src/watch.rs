@@ -3,7 +3,7 @@
 //! what a fenced move waits for. Polling keeps the three SQL dialects on one path; a
 //! change is seen within one interval (1 s by default).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use postern_route::Router;
@@ -21,30 +21,68 @@ const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// How often to prune.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// Who this process is to the route store, and how far it has applied the change log.
+/// It lives as long as the process, not a configuration generation: a reload keeps the
+/// instance's row in `instances` (one per process) and resumes the log where the last
+/// generation left it, so a kick written just before a reload is still applied.
+#[derive(Debug, Default)]
+pub struct Position {
+    instance: OnceLock<String>,
+    /// The last entry applied; `None` until the first generation has read the log.
+    last: Mutex<Option<i64>>,
+}
+
+impl Position {
+    /// The instance id: the first configuration's, for the life of the process.
+    pub fn instance(&self, configured: &str) -> String {
+        self.instance.get_or_init(|| configured.to_owned()).clone()
+    }
+
+    fn last(&self) -> Option<i64> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records entries applied; never goes back (an old generation's follower may
+    /// finish a batch after the new one started).
+    fn advance(&self, to: i64) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last = Some(last.map_or(to, |l| l.max(to)));
+    }
+}
+
 /// Runs until `cancel` fires.
 pub async fn run(
     router: Arc<Router>,
     registry: Arc<Registry>,
     health: Arc<Health>,
-    instance: String,
+    position: Arc<Position>,
+    configured_instance: String,
     interval: Duration,
     cancel: CancellationToken,
 ) {
     let store = Arc::clone(router.store());
-    // Entries written before this instance started concern neither its (empty) cache
-    // nor its (absent) sessions.
-    let mut last = loop {
-        match store.last_event_id().await {
-            Ok(id) => break id,
-            Err(e) => {
-                warn!(error = %e, "cannot read the route change log; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
-                    () = cancel.cancelled() => return,
+    let instance = position.instance(&configured_instance);
+    if instance != configured_instance {
+        debug!(%instance, configured = %configured_instance, "keeping this process's instance id across the reload");
+    }
+    // Entries written before this process started concern neither its (empty) cache
+    // nor its (absent) sessions; after a reload, the log resumes where it was.
+    let mut last = match position.last() {
+        Some(last) => last,
+        None => loop {
+            match store.last_event_id().await {
+                Ok(id) => break id,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the route change log; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(interval) => {}
+                        () = cancel.cancelled() => return,
+                    }
                 }
             }
-        }
+        },
     };
+    position.advance(last);
     info!(%instance, from = last, "following the route change log");
     let mut failing = false;
     let mut last_prune = tokio::time::Instant::now();
@@ -65,6 +103,7 @@ pub async fn run(
                     }
                     last = last.max(e.id);
                 }
+                position.advance(last);
                 if let Err(e) = store.heartbeat(&instance, last).await {
                     warn!(error = %e, "cannot record the heartbeat");
                 }

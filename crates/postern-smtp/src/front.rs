@@ -624,7 +624,7 @@ impl FrontEnd for Front {
                 self.send("454 4.7.0 Too many sessions for this user, try again later");
             }
             Verdict::Failed(Failure::Limited(limit)) => {
-                let line = crate::connection_refused(&self.opts.hostname, limit);
+                let line = crate::connection_refused(&self.opts.hostname, limit, None);
                 self.send(&line);
                 return self.close(CloseReason::Limited);
             }
@@ -637,10 +637,10 @@ impl FrontEnd for Front {
         Front::shutdown(self, why);
     }
 
-    fn refuse(&mut self, limit: Limit) {
+    fn refuse(&mut self, limit: Limit, retry_after: Option<std::time::Duration>) {
         self.out.clear();
         self.events.clear();
-        let line = crate::connection_refused(&self.opts.hostname, limit);
+        let line = crate::connection_refused(&self.opts.hostname, limit, retry_after);
         self.send(&line);
         self.close(CloseReason::Limited);
     }

@@ -54,13 +54,12 @@ fn shutdown_reply(why: Shutdown, hostname: &str) -> String {
 /// The reply refusing a connection or an AUTH for an abuse-control limit (RFC 3463
 /// 4.7.0: a temporary security refusal; the client retries later). The driver closes the
 /// connection after it.
-pub fn connection_refused(hostname: &str, limit: postern_proto::Limit) -> String {
-    use postern_proto::Limit;
-    let why = match limit {
-        Limit::AuthFailures => "too many failed authentications, try again later",
-        Limit::ConnectionRate => "too many connections, slow down",
-        Limit::UserSessions => "too many sessions for this user",
-        _ => "too many connections from your address",
-    };
-    format!("421 4.7.0 {hostname} Error: {why}")
+pub fn connection_refused(
+    hostname: &str,
+    limit: postern_proto::Limit,
+    retry_after: Option<std::time::Duration>,
+) -> String {
+    let text = limit.refusal_text(retry_after);
+    let text = text.strip_suffix('.').unwrap_or(&text);
+    format!("421 4.7.0 {hostname} Error: {text}")
 }

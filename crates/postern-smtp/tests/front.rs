@@ -465,10 +465,10 @@ fn commands_before_auth_are_bounded() {
 fn abuse_control_refusals() {
     use postern_proto::Limit;
     let (mut t, _) = T::new(true);
-    t.front.refuse(Limit::IpConnections);
+    t.front.refuse(Limit::IpConnections, None);
     assert_eq!(
         t.out(),
-        "421 4.7.0 mx.test Error: too many connections from your address\r\n"
+        "421 4.7.0 mx.test Error: Too many connections from your address, try again later (limit: ip_connections)\r\n"
     );
     assert_eq!(t.closed(), Some(CloseReason::Limited));
 
@@ -483,7 +483,7 @@ fn abuse_control_refusals() {
     assert_eq!(
         limited(Limit::AuthFailures),
         (
-            "421 4.7.0 mx.test Error: too many failed authentications, try again later\r\n"
+            "421 4.7.0 mx.test Error: Too many failed logins, try again later (limit: auth_failures)\r\n"
                 .to_string(),
             Some(CloseReason::Limited)
         )

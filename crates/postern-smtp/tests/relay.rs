@@ -545,13 +545,13 @@ fn route_failures_and_limits() {
     h.expect_route("x@example.test");
     assert_eq!(
         h.route(Route::TempFail).0,
-        "451 4.3.0 Error: recipient temporarily unavailable, try again later\r\n"
+        "450 4.3.0 <x@example.test>: Recipient address temporarily unavailable, try again later\r\n"
     );
     h.c(b"RCPT TO:<y@example.test>\r\n");
     h.expect_route("y@example.test");
     assert_eq!(
         h.route(Route::Reject).0,
-        "550 5.1.1 Error: recipient address rejected: user unknown\r\n"
+        "550 5.1.1 <y@example.test>: Recipient address rejected: User unknown\r\n"
     );
     let (c, _) = h.c(b"RCPT TO:<z@example.test>\r\nDATA\r\nBDAT 3\r\nabcRSET\r\n");
     assert_eq!(

@@ -573,7 +573,14 @@ async fn show(
         Ok(d) => {
             println!("user:    {} (as typed: {user:?})", d.user);
             let why = match d.source {
-                Source::Pinned => format!("pinned in the {} store", router.store().kind()),
+                Source::Pinned => {
+                    let origin = d.record.as_ref().map(|r| r.origin).unwrap_or_default();
+                    format!(
+                        "pinned by {} ({} store)",
+                        origin.describe(),
+                        router.store().kind()
+                    )
+                }
                 Source::Stale => "cached pin; the store is not answering".to_owned(),
                 Source::Hashed => {
                     "no pin; chosen by hash (routing.unknown_users = \"hash\")".to_owned()

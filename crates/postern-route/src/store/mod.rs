@@ -40,6 +40,31 @@ pub struct RouteRecord {
     pub disabled: bool,
     /// A move is in progress: logins get a temporary failure until it completes.
     pub moving: bool,
+    /// Where the pin came from, for `postern route USER` and the admin API.
+    pub origin: PinOrigin,
+}
+
+/// Where a record's pin came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PinOrigin {
+    /// Postern's own `routes` table (assignment, `route pin`, `route move`).
+    #[default]
+    Table,
+    /// The operator's `routing.sql.lookup_query`.
+    LookupQuery,
+    /// `[routing.static]` in the configuration.
+    Static,
+}
+
+impl PinOrigin {
+    /// Words for the CLI and logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PinOrigin::Table => "Postern's routes table",
+            PinOrigin::LookupQuery => "routing.sql.lookup_query",
+            PinOrigin::Static => "the configuration's static map",
+        }
+    }
 }
 
 /// One pin, as listed by `postern route list`.
@@ -189,7 +214,13 @@ pub trait RouteStore: Send + Sync + fmt::Debug {
         read_only(self.kind())
     }
 
-    /// Pinned users per backend, for least-loaded assignment.
+    /// Whether some pins come from somewhere [`RouteStore::counts`] cannot count (an
+    /// operator's per-user lookup query).
+    fn has_uncounted_pins(&self) -> bool {
+        false
+    }
+
+    /// Pinned users per backend, for least-loaded assignment: Postern's own pins.
     fn counts(&self) -> StoreFuture<'_, Vec<(String, u64)>> {
         Box::pin(async { Ok(Vec::new()) })
     }

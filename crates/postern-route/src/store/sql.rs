@@ -18,8 +18,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Column, Executor, Row};
 
 use super::{
-    BackendRef, ChangeEvent, ChangeKind, InstanceRow, PinRow, RouteRecord, RouteStore, StoreError,
-    StoreFuture, now_secs,
+    BackendRef, ChangeEvent, ChangeKind, InstanceRow, PinOrigin, PinRow, RouteRecord, RouteStore,
+    StoreError, StoreFuture, now_secs,
 };
 use crate::UserName;
 
@@ -232,6 +232,11 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// WAL pages after which SQLite checkpoints (256 pages of 4 KiB: 1 MiB).
+const SQLITE_WAL_CHECKPOINT_PAGES: u32 = 256;
+/// Bytes the WAL file is truncated to after a checkpoint.
+pub const SQLITE_WAL_LIMIT: u64 = 1024 * 1024;
+
 impl SqlStore {
     /// Connects (and migrates, if asked). Fails when the database cannot be reached, so
     /// `postern check` and startup say so; later outages are handled per lookup.
@@ -250,6 +255,17 @@ impl SqlStore {
                     // timeout makes a writer wait instead of failing at once.
                     conn.execute("PRAGMA journal_mode = WAL").await?;
                     conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    // The heartbeat writes every second. SQLite checkpoints the WAL at
+                    // 1000 pages (4 MiB) and then reuses the file at its largest size;
+                    // checkpoint at 1 MiB and truncate the file back to that size.
+                    conn.execute(sqlx::AssertSqlSafe(format!(
+                        "PRAGMA wal_autocheckpoint = {SQLITE_WAL_CHECKPOINT_PAGES}"
+                    )))
+                    .await?;
+                    conn.execute(sqlx::AssertSqlSafe(format!(
+                        "PRAGMA journal_size_limit = {SQLITE_WAL_LIMIT}"
+                    )))
+                    .await?;
                     Ok(())
                 })
             });
@@ -397,6 +413,7 @@ fn operator_record(row: &AnyRow) -> Result<RouteRecord, StoreError> {
         password: text("password")?.map(Secret::new),
         disabled,
         moving: false,
+        origin: PinOrigin::LookupQuery,
     })
 }
 
@@ -467,6 +484,7 @@ impl RouteStore for SqlStore {
                 let r = record.get_or_insert_with(RouteRecord::default);
                 r.backend = Some(BackendRef::Name(backend));
                 r.moving = moving;
+                r.origin = PinOrigin::Table;
             }
             Ok(record)
         })
@@ -482,6 +500,10 @@ impl RouteStore for SqlStore {
 
     fn kind(&self) -> &'static str {
         self.dialect.as_str()
+    }
+
+    fn has_uncounted_pins(&self) -> bool {
+        self.lookup_query.is_some()
     }
 
     fn assign<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, String> {
@@ -896,6 +918,35 @@ mod tests {
         assert_eq!(store.lookup(&alice).await.unwrap(), None);
         store.prune(now_secs() + 10).await.unwrap();
         assert!(store.instances().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn sqlite_wal_stays_bounded_under_heartbeats_and_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.db");
+        let store = SqlStore::open(&options(format!("sqlite:{}?mode=rwc", path.display())))
+            .await
+            .unwrap();
+        let n = Normalizer::default();
+        // Days of heartbeats, compressed: each one a write, as the follower does every
+        // second, with pins between them.
+        let wal = dir.path().join("routes.db-wal");
+        let mut largest = 0;
+        for i in 0..3000i64 {
+            store.heartbeat("host:1:1", i).await.unwrap();
+            if i % 10 == 0 {
+                let user = n.normalize(&format!("user{i}@example.test")).unwrap();
+                store.pin(&user, "b1").await.unwrap();
+            }
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        }
+        // Without the pragmas the WAL grows to SQLite's 1000-page default (4 MiB) and
+        // stays that large.
+        assert!(largest > 0, "the store runs in WAL mode");
+        assert!(
+            largest <= SQLITE_WAL_LIMIT + 64 * 1024,
+            "WAL reached {largest} bytes"
+        );
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use super::{BackendRef, RouteRecord, RouteStore, StoreFuture};
+use super::{BackendRef, PinOrigin, RouteRecord, RouteStore, StoreFuture};
 use crate::{InvalidUser, Normalizer, UserName};
 
 /// A fixed user → backend table.
@@ -33,6 +33,7 @@ impl RouteStore for StaticStore {
     fn lookup<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, Option<RouteRecord>> {
         let record = self.routes.get(user).map(|backend| RouteRecord {
             backend: Some(BackendRef::Name(backend.clone())),
+            origin: PinOrigin::Static,
             ..RouteRecord::default()
         });
         Box::pin(async move { Ok(record) })

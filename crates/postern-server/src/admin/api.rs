@@ -193,12 +193,15 @@ async fn backends(state: &State) -> Value {
     let runtime = state.handle.runtime();
     let router = state.handle.router();
     let store = router.store();
-    let pinned: HashMap<String, u64> = store
+    // Postern's own pins are counted; an operator's lookup query cannot be (it answers
+    // per user), which the output says rather than showing a misleading number. A
+    // store that does not answer gives null.
+    let pinned: Option<HashMap<String, u64>> = store
         .counts()
         .await
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+        .ok()
+        .map(|rows| rows.into_iter().collect());
+    let uncounted = store.has_uncounted_pins();
     let sessions = runtime.registry.per_backend();
     let mut health: BTreeMap<String, Vec<crate::health::HealthReport>> = BTreeMap::new();
     for r in runtime.health.reports() {
@@ -218,10 +221,17 @@ async fn backends(state: &State) -> Value {
                         r.protocol.as_str().to_owned(),
                         json!({
                             "up": r.up,
-                            "state": state_name(runtime.health.state(&b.name, r.protocol)),
+                            "state": service_state(
+                                runtime.health.state(&b.name, r.protocol),
+                                r.seen,
+                                r.admin,
+                            ),
+                            "checks": r.seen.as_str(),
                             "since": rfc3339(r.since),
                             "since_unix": unix(r.since),
-                            "last_error": r.last_error,
+                            "last_error": r.last_error.as_ref().map(|e| e.message.as_str()),
+                            "last_error_at": r.last_error.as_ref().map(|e| rfc3339(e.at)),
+                            "last_error_unix": r.last_error.as_ref().map(|e| unix(e.at)),
                             "address": port.map(|p| format!("{}:{p}", b.host)),
                         }),
                     )
@@ -236,11 +246,32 @@ async fn backends(state: &State) -> Value {
                 "up": reports.iter().all(|r| r.up),
                 "services": services,
                 "sessions": sessions.get(&b.name).copied().unwrap_or(0),
-                "pinned_users": pinned.get(&b.name).copied(),
+                "pinned_users": pinned
+                    .as_ref()
+                    .map(|p| p.get(&b.name).copied().unwrap_or(0)),
+                "pinned_users_counted": if uncounted {
+                    "routes table only (pins from routing.sql.lookup_query are not counted)"
+                } else {
+                    "all"
+                },
             })
         })
         .collect();
     json!({ "backends": list })
+}
+
+/// A service's state for the API: the router's view, except that a service not yet
+/// answering since start is `unknown` rather than `down`.
+fn service_state(
+    s: BackendState,
+    seen: crate::health::Seen,
+    admin: Option<crate::health::AdminState>,
+) -> &'static str {
+    match (s, seen, admin) {
+        (_, _, Some(crate::health::AdminState::Down)) => "down",
+        (BackendState::Up | BackendState::Down, crate::health::Seen::Unknown, _) => "unknown",
+        _ => state_name(s),
+    }
 }
 
 fn state_name(s: BackendState) -> &'static str {

@@ -288,6 +288,7 @@ impl Relay {
         self.mode = Mode::WaitRoute {
             slot,
             line: normalized(raw),
+            address: address.clone(),
         };
         self.events.push_back(RelayEvent::RouteRecipient(address));
     }
@@ -297,24 +298,30 @@ impl Relay {
         if !matches!(self.mode, Mode::WaitRoute { .. }) {
             return;
         }
-        let Mode::WaitRoute { slot, line } = std::mem::replace(&mut self.mode, Mode::Command)
+        let Mode::WaitRoute {
+            slot,
+            line,
+            address,
+        } = std::mem::replace(&mut self.mode, Mode::Command)
         else {
             return;
         };
         let id = match route {
             Route::TempFail => {
-                return self.slots.fill(
-                    slot,
-                    b"451 4.3.0 Error: recipient temporarily unavailable, try again later\r\n",
-                    true,
+                let reply = refusal(
+                    "450 4.3.0",
+                    &address,
+                    "Recipient address temporarily unavailable, try again later",
                 );
+                return self.slots.fill(slot, reply.as_bytes(), true);
             }
             Route::Reject => {
-                return self.slots.fill(
-                    slot,
-                    b"550 5.1.1 Error: recipient address rejected: user unknown\r\n",
-                    true,
+                let reply = refusal(
+                    "550 5.1.1",
+                    &address,
+                    "Recipient address rejected: User unknown",
                 );
+                return self.slots.fill(slot, reply.as_bytes(), true);
             }
             Route::Backend(id) => id,
         };
@@ -514,4 +521,17 @@ fn normalized(raw: &[u8]) -> Vec<u8> {
     out.extend_from_slice(line);
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// A RCPT refusal in Postfix's words (`550 5.1.1 <a@b>: Recipient address rejected: ...`),
+/// which MTAs and log parsers know. The address is the client's: anything but printable
+/// ASCII is dropped and its length bounded, so it cannot break the reply line.
+fn refusal(code: &str, address: &str, text: &str) -> String {
+    const MAX_SHOWN: usize = 256;
+    let shown: String = address
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && *c != '<' && *c != '>')
+        .take(MAX_SHOWN)
+        .collect();
+    format!("{code} <{shown}>: {text}\r\n")
 }

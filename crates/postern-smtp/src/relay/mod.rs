@@ -170,9 +170,11 @@ pub struct BackendId(pub String);
 pub enum Route {
     /// Deliver to this backend.
     Backend(BackendId),
-    /// The route store is unavailable: `451 4.3.0`, the sender retries later.
+    /// The route store cannot answer (or the user is being moved): `450 4.3.0`, the
+    /// sender queues and retries later.
     TempFail,
-    /// No such recipient: `550 5.1.1`.
+    /// No such recipient (the unknown-users policy rejects it): `550 5.1.1`, so the
+    /// sending MTA bounces, not the backend (which would send backscatter).
     Reject,
 }
 
@@ -261,6 +263,8 @@ enum Mode {
     WaitRoute {
         slot: Seq,
         line: Vec<u8>,
+        /// For the reply when the route is refused.
+        address: String,
     },
     /// The first RCPT waits for the backend connection and handshake.
     WaitBackend {

@@ -694,6 +694,7 @@ fn build(file: File, base: &Path) -> Result<Config> {
                 timeout: file.health.timeout,
                 rise: file.health.rise.max(1),
                 fall: file.health.fall.max(1),
+                startup_grace: file.health.startup_grace,
             },
             normalized_login: r.normalize.apply_to_backend_login,
             hostname,

@@ -87,6 +87,9 @@ pub struct Health {
     pub rise: u32,
     /// Consecutive failures to go down.
     pub fall: u32,
+    /// How long a service never seen up stays unknown after start.
+    #[serde(with = "humantime_serde")]
+    pub startup_grace: Duration,
 }
 
 impl Default for Health {
@@ -98,6 +101,7 @@ impl Default for Health {
             timeout: h.timeout,
             rise: h.rise,
             fall: h.fall,
+            startup_grace: h.startup_grace,
         }
     }
 }
