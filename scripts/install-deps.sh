@@ -10,9 +10,11 @@ cd "$(dirname "$0")/.."
 # machine's): only the server binaries are needed.
 # dovecot-mysql: the Docker backends' Dovecot config is run against MariaDB; systemd:
 # only its offline tools (systemd-analyze verify) for the unit file; chromium: the
-# admin status page is tested in a real browser.
-apt_install "${MAIL_PACKAGES[@]}" postfix swaks mariadb-server mariadb-client postgresql postgresql-client \
-    python3 python3-venv dovecot-mysql systemd chromium
+# admin status page is tested in a real browser. libnet-ssleay-perl: swaks's TLS
+# (--tls, STARTTLS), which Debian's swaks only Recommends; swaks needs no other Perl
+# module for TLS (not IO::Socket::SSL).
+apt_install "${MAIL_PACKAGES[@]}" postfix swaks libnet-ssleay-perl mariadb-server mariadb-client \
+    postgresql postgresql-client python3 python3-venv dovecot-mysql systemd chromium
 
 VENV=.venv
 # A venv made before python3-venv was installed has no pip: make it again.

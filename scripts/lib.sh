@@ -1,5 +1,15 @@
 # Shared shell helpers for Postern's scripts. Source it; do not run it.
 
+# phase NAME...: announces a step of a long script, "==> NAME", with the seconds since
+# the script started and how long the previous step took, so a silent step (apt, a
+# first cargo build) shows where the time goes.
+_phase_last=$SECONDS
+phase() {
+    local now=$SECONDS
+    echo "==> $*  [${now}s since start; previous step $((now - _phase_last))s]"
+    _phase_last=$now
+}
+
 # Run a command as root (directly, or through sudo when we are not root).
 as_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi

@@ -87,9 +87,12 @@ fi
 # Something is missing: start cleanly (data is kept).
 [ -d "$state" ] && deploy/local/down.sh >/dev/null
 
-apt_install "${MAIL_PACKAGES[@]}" postfix
-echo "==> building postern (release)"
-cargo build --release --locked -q -p postern
+phase "installing Debian packages (only the missing ones)"
+# swaks and libnet-ssleay-perl (its TLS, only Recommended by Debian's swaks): the
+# summary's swaks example.
+apt_install "${MAIL_PACKAGES[@]}" postfix swaks libnet-ssleay-perl
+phase "building postern (release)"
+cargo build --release --locked -p postern
 
 mkdir -p "$state"
 chmod 755 "$state"
@@ -114,9 +117,10 @@ if ! grep -q '^B2_SUB=' "$state/ports.env" 2>/dev/null; then
 fi
 . "$state/ports.env"
 
+phase "certificates (a throwaway CA in $state/tls)"
 scripts/gen-certs.sh "$state/tls"
 
-echo "==> starting Dovecot backends b1 and b2"
+phase "starting Dovecot backends b1 and b2"
 for b in b1 b2; do
     imap_var=${b^^}_IMAP pop3_var=${b^^}_POP3 lmtp_var=${b^^}_LMTP auth_var=${b^^}_AUTH
     conf=$(scripts/dovecot-conf.sh "$b" "$state/$b" "$state/mail" \
@@ -127,7 +131,7 @@ for b in b1 b2; do
     wait_greeting "${!imap_var}" '\* OK' "Dovecot $b"
 done
 
-echo "==> starting postern"
+phase "starting postern"
 sed -e "s/^port = 1431$/port = $B1_IMAP/" -e "s/^port = 1432$/port = $B2_IMAP/" \
     -e "s/^port = 1101$/port = $B1_POP3/" -e "s/^port = 1102$/port = $B2_POP3/" \
     -e "s/^port = 2401$/port = $B1_LMTP/" -e "s/^port = 2402$/port = $B2_LMTP/" \
@@ -143,7 +147,7 @@ nohup "$bin" -c "$state/postern.toml" run </dev/null >> "$state/postern.log" 2>&
 echo $! > "$state/postern.pid"
 wait_greeting "$imap_port" '\* OK' "Postern"
 
-echo "==> starting Postfix on b1 and b2 (delivering through Postern's LMTP)"
+phase "starting Postfix on b1 and b2 (delivering through Postern's LMTP)"
 for b in b1 b2; do
     smtp_var=${b^^}_SMTP sub_var=${b^^}_SUB auth_var=${b^^}_AUTH
     as_root scripts/postfix-conf.sh "$b" "$state/pf-$b" "${!smtp_var}" "${!sub_var}" \
@@ -152,4 +156,5 @@ for b in b1 b2; do
         >> "$state/pf-$b/maillog" 2>&1 &
     wait_greeting "${!smtp_var}" 220 "Postfix $b"
 done
+phase "quickstart up"
 summary
