@@ -2,6 +2,8 @@
 //!
 //! - [`password`]: checks a client's password against a hash stored in Dovecot's
 //!   `{SCHEME}data` syntax, for proxy-side authentication.
+//! - [`apop`]: RFC 1939 APOP digests checked against a stored plaintext password, and
+//!   the constant-time comparison every secret check uses.
 //! - [`auth_http`]: nginx's `auth_http` protocol, byte for byte: the request Postern
 //!   sends to an operator's auth server and the parsing of its answer, plus
 //!   [`auth_http::decide`], which turns that answer into what the session must do.
@@ -19,5 +21,6 @@
     )
 )]
 
+pub mod apop;
 pub mod auth_http;
 pub mod password;

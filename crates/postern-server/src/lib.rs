@@ -13,7 +13,6 @@ pub mod stream;
 pub mod tls;
 pub mod watch;
 
-mod apop;
 mod auth;
 mod auth_http;
 pub mod backend;

@@ -262,7 +262,7 @@ impl Session<'_> {
                 // can only be logged in to with the password itself, so Postern checks
                 // the digest against the store's plaintext password and replays that.
                 let stored = decision.record.as_ref().and_then(|r| r.password.as_ref());
-                match crate::apop::open(&creds, stored) {
+                match postern_auth::apop::open(&creds, stored) {
                     Ok(password) => {
                         creds.password = password;
                         creds.mechanism = Mechanism::Cleartext;

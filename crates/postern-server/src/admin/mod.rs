@@ -174,14 +174,7 @@ fn authorized(header: Option<&hyper::header::HeaderValue>, token: &str) -> bool 
     } else {
         return false;
     };
-    constant_time_eq(&given, token.as_bytes())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    postern_auth::apop::constant_time_eq(&given, token.as_bytes())
 }
 
 fn unauthorized() -> Response<Body> {

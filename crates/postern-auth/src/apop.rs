@@ -4,10 +4,11 @@
 
 use md5::{Digest, Md5};
 use postern_proto::{Credentials, Secret};
+use subtle::ConstantTimeEq;
 
 /// Checks an APOP digest against the stored password and returns the plaintext
 /// password to replay, or why not (for the log; never the password itself).
-pub(crate) fn open(
+pub fn open(
     creds: &Credentials,
     stored: Option<&Secret<String>>,
 ) -> Result<Secret<Vec<u8>>, &'static str> {
@@ -20,7 +21,9 @@ pub(crate) fn open(
     let mut md5 = Md5::new();
     md5.update(challenge.as_bytes());
     md5.update(plain.as_bytes());
-    let expected = hex(&md5.finalize());
+    let expected = hex::encode(md5.finalize());
+    // Without an early exit, so the time taken does not reveal how many leading digits
+    // were right. RFC 1939: lower-case hex.
     if constant_time_eq(expected.as_bytes(), creds.password.expose()) {
         Ok(Secret::new(plain.as_bytes().to_vec()))
     } else {
@@ -37,14 +40,9 @@ fn plaintext(stored: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("PLAIN") || scheme.eq_ignore_ascii_case("CLEAR")).then_some(value)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Compares without an early exit, so the time taken does not reveal how many leading
-/// digits were right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares two secrets (tokens, digests) in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    bool::from(a.ct_eq(b))
 }
 
 #[cfg(test)]
@@ -75,5 +73,14 @@ mod tests {
         let hashed = Secret::new("{SHA512-CRYPT}$6$x".to_owned());
         assert!(open(&good, Some(&hashed)).is_err());
         assert!(open(&good, None).is_err());
+        assert!(open(&creds("c4c9"), Some(&stored)).is_err());
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(constant_time_eq(b"token", b"token"));
+        assert!(!constant_time_eq(b"token", b"tokem"));
+        assert!(!constant_time_eq(b"token", b"token2"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 }
