@@ -8,6 +8,7 @@ import imaplib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -19,7 +20,8 @@ import pytest
 from conftest import USERS
 from harness import REPO
 from harness.postern import base_config
-from imap_client import SourceIMAP4_SSL
+from harness.net import read_until
+from imap_client import Raw, SourceIMAP4_SSL
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 TOKEN = "adm1n-T0ken-4F"
@@ -190,7 +192,15 @@ def test_endpoints_and_the_token(make_admin, certs):
     assert set(backends) == {"b1", "b2"}
     b1 = backends["b1"]
     assert b1["pool"] == "default" and b1["weight"] == 1 and b1["admin_state"] == "normal"
-    assert b1["services"]["imap"]["up"] is True and b1["services"]["pop3"]["state"] == "up"
+    # Unknown until the first check answers (routable meanwhile), then up.
+    assert b1["services"]["imap"]["up"] is True
+    assert b1["services"]["pop3"]["state"] in ("unknown", "up")
+    deadline = time.monotonic() + 10
+    while b1["services"]["pop3"]["state"] != "up":
+        assert time.monotonic() < deadline, b1
+        time.sleep(0.1)
+        b1 = api_json(p, "/api/backends", token=TOKEN)["backends"][0]
+    assert b1["services"]["pop3"]["last_error"] is None
     assert b1["pinned_users"] == 1 and b1["sessions"] == 0
 
     m = login(p, certs)
@@ -238,6 +248,32 @@ def test_kick_ends_a_live_imap_session(make_admin, certs):
     other.logout()
     # A kicked user may log in again at once.
     login(p, certs).logout()
+
+
+def test_kicked_sessions_get_the_protocols_goodbye(make_admin, certs):
+    p = make_admin()
+    imap = Raw(p.addr("imap-plain"))
+    imap.send(f"a LOGIN {ALICE} {USERS[ALICE]}\r\n".encode())
+    assert b"a OK" in imap.until(b"a OK")
+    imap.send(b"b SELECT INBOX\r\nc IDLE\r\n")
+    assert b"+ idling" in imap.until(b"+ idling")
+    pop = socket.create_connection(p.addr("pop3s"), timeout=15)
+    pop = certs.client_context().wrap_socket(pop, server_hostname="localhost")
+    read_until(pop, b"\r\n")
+    pop.sendall(f"USER {ALICE}\r\nPASS {USERS[ALICE]}\r\n".encode())
+    assert b"+OK Logged in" in read_until(pop, b"Logged in")
+    deadline = time.monotonic() + 10
+    while api_json(p, "/api/sessions?user=alice")["count"] < 2:
+        assert time.monotonic() < deadline, "both sessions relayed"
+        time.sleep(0.05)
+    assert api_json(p, "/api/kick?user=alice", method="POST")["kicked"] == 2
+    # An IMAP client in IDLE reads BYE [UNAVAILABLE], then the close.
+    rest = imap.until(b"reconnect.\r\n")
+    assert b"* BYE [UNAVAILABLE] Session ended by the server, please reconnect.\r\n" in rest, rest
+    assert imap.sock.recv(100) == b""
+    got = read_until(pop, b"reconnect.\r\n")
+    assert b"-ERR [SYS/TEMP] Session ended by the server, please reconnect.\r\n" in got, got
+    p.wait_log(r"session ended.*reason=\"?kicked")
 
 
 def test_drain_and_undrain(make_admin, certs):

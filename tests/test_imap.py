@@ -359,7 +359,7 @@ def test_check_and_route_commands(make_postern):
     assert "OK" in r.stdout and "b1" in r.stdout
     r = p.cli("route", " ALICE ")
     assert r.returncode == 0
-    assert "alice@example.test" in r.stdout and "backend: b1 (pinned in the sqlite store)" in r.stdout
+    assert "alice@example.test" in r.stdout and "backend: b1 (pinned by Postern's routes table (sqlite store))" in r.stdout
     r = p.cli("route", "nobody")
     assert r.returncode == 2 and "none" in r.stdout
 

@@ -20,4 +20,15 @@ pub mod id;
 pub mod login;
 
 pub use front::{Front, Options};
+
+/// What Postern sends a relayed IMAP client before it closes the session itself (kick,
+/// shutdown, idle timeout): an untagged `BYE`, which RFC 9051 allows at any time, with
+/// `[UNAVAILABLE]` (RFC 5530) where reconnecting helps.
+pub fn relayed_goodbye(why: postern_proto::Shutdown) -> Vec<u8> {
+    let code = match why {
+        postern_proto::Shutdown::IdleTimeout => "",
+        _ => "[UNAVAILABLE] ",
+    };
+    format!("* BYE {code}{}\r\n", why.text()).into_bytes()
+}
 pub use login::{Login, LoginMethod, LoginOptions};

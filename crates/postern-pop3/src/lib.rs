@@ -21,4 +21,14 @@ pub mod front;
 pub mod login;
 
 pub use front::{Front, Options, apop_timestamp, is_apop_timestamp};
+
+/// What Postern sends a relayed POP3 client before it closes the session itself. POP3
+/// has no unsolicited replies, but Dovecot sends this one and clients show it.
+pub fn relayed_goodbye(why: postern_proto::Shutdown) -> Vec<u8> {
+    let code = match why {
+        postern_proto::Shutdown::IdleTimeout => "",
+        _ => "[SYS/TEMP] ",
+    };
+    format!("-ERR {code}{}\r\n", why.text()).into_bytes()
+}
 pub use login::{Login, LoginMethod, LoginOptions};

@@ -84,6 +84,9 @@ pub enum Shutdown {
     IdleTimeout,
     /// Postern is stopping.
     ServerShutdown,
+    /// The session was ended on purpose: the user was moved to another backend, kicked
+    /// by an operator, or their backend was taken down.
+    Kicked,
 }
 
 impl Shutdown {
@@ -93,6 +96,7 @@ impl Shutdown {
         match self {
             Shutdown::ServerShutdown => "Server shutting down.",
             Shutdown::IdleTimeout => "Disconnected for inactivity.",
+            Shutdown::Kicked => "Session ended by the server, please reconnect.",
         }
     }
 }

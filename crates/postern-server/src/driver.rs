@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use postern_proto::{FrontEnd, Protocol};
+use postern_proto::{FrontEnd, Protocol, Shutdown};
 
 use crate::settings::{Backend, Endpoint};
 
@@ -26,6 +26,9 @@ pub(crate) trait Driver: Send + Sync + 'static {
 
     /// How to reach `backend` for this protocol and log in, if it serves it.
     fn backend<'a>(&self, backend: &'a Backend) -> Option<(&'a Endpoint, &'a Self::LoginOptions)>;
+
+    /// The goodbye sent to a relayed client when Postern ends the session itself.
+    fn relayed_goodbye(&self, why: Shutdown) -> Vec<u8>;
 
     /// Login options for a user whose password Postern verified itself, when the
     /// protocol can then log in without any password (SMTP `XCLIENT LOGIN=`).
@@ -52,6 +55,10 @@ impl Driver for Imap {
 
     const PROTOCOL: Protocol = Protocol::Imap;
 
+    fn relayed_goodbye(&self, why: Shutdown) -> Vec<u8> {
+        postern_imap::relayed_goodbye(why)
+    }
+
     fn front(&self, tls: bool, _session_id: &str) -> Self::Front {
         postern_imap::Front::new(Arc::clone(&self.options), tls)
     }
@@ -74,6 +81,10 @@ impl Driver for Pop3 {
     type LoginOptions = postern_pop3::LoginOptions;
 
     const PROTOCOL: Protocol = Protocol::Pop3;
+
+    fn relayed_goodbye(&self, why: Shutdown) -> Vec<u8> {
+        postern_pop3::relayed_goodbye(why)
+    }
 
     fn front(&self, tls: bool, session_id: &str) -> Self::Front {
         // RFC 1939 §7: the timestamp must differ for every greeting, or a captured
@@ -142,6 +153,10 @@ impl Driver for Submission {
     type LoginOptions = postern_smtp::LoginOptions;
 
     const PROTOCOL: Protocol = Protocol::Submission;
+
+    fn relayed_goodbye(&self, why: Shutdown) -> Vec<u8> {
+        postern_smtp::relayed_goodbye(why, &self.options().hostname)
+    }
 
     fn front(&self, tls: bool, _session_id: &str) -> Self::Front {
         postern_smtp::Front::new(self.options(), tls)

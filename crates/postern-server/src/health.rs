@@ -165,12 +165,15 @@ impl Health {
                 let n = self.registry.kick_backend(backend, Some(protocol));
                 warn!(backend, %protocol, sessions_ended = n, never_up, "backend DOWN");
             }
-            Some(Transition::Up { was_down: true }) => {
+            Some(Transition::Up { was_down }) => {
+                // Also from unknown: a service that failed `fall` times before it ever
+                // answered was not routed to, and its users may be elsewhere for now.
                 let n = self.registry.kick_temporary(backend, protocol);
-                info!(backend, %protocol, temporary_sessions_ended = n, "backend UP");
-            }
-            Some(Transition::Up { was_down: false }) => {
-                info!(backend, %protocol, "backend service answering");
+                if was_down {
+                    info!(backend, %protocol, temporary_sessions_ended = n, "backend UP");
+                } else {
+                    info!(backend, %protocol, temporary_sessions_ended = n, "backend service answering");
+                }
             }
             None => {}
         }

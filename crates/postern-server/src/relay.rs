@@ -85,8 +85,12 @@ pub enum End {
     Closed,
     /// No traffic in either direction for the idle timeout.
     IdleTimeout,
-    /// The session was cancelled (shutdown or kick).
+    /// The session was cancelled (shutdown or kick); the driver names which.
     Cancelled,
+    /// Ended on purpose: a move, an operator's kick, the backend taken down.
+    Kicked,
+    /// Postern stopped, and the shutdown grace period was over.
+    Shutdown,
     /// Reading from or writing to the client failed.
     ClientError,
     /// Reading from or writing to the backend failed.
@@ -100,6 +104,8 @@ impl End {
             End::Closed => "closed",
             End::IdleTimeout => "idle_timeout",
             End::Cancelled => "cancelled",
+            End::Kicked => "kicked",
+            End::Shutdown => "shutdown",
             End::ClientError => "client_error",
             End::BackendError => "backend_error",
         }

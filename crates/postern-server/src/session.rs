@@ -135,7 +135,7 @@ pub(crate) async fn run<D: Driver>(
                 () = kill.cancelled() => End::PreAuth("shutdown"),
             };
             match relayed {
-                Some(r) => relay_session(&ctx, r).await,
+                Some(r) => relay_session(&ctx, &*driver, r).await,
                 None => end,
             }
         }))
@@ -526,7 +526,7 @@ struct Relayed {
 }
 
 /// Finishes the hand-off and relays until the session ends or is kicked.
-async fn relay_session(ctx: &Ctx, mut r: Box<Relayed>) -> End {
+async fn relay_session<D: Driver>(ctx: &Ctx, driver: &D, mut r: Box<Relayed>) -> End {
     // Fields used in place: moving them out would give each its own slot in this
     // future, next to the box.
     let r = &mut *r;
@@ -548,7 +548,30 @@ async fn relay_session(ctx: &Ctx, mut r: Box<Relayed>) -> End {
     r.handoff = Handoff::default();
     let idle = ctx.settings.timeouts.idle;
     let cancel = r.guard.token().cancelled();
-    let stats = relay::relay(&mut r.client, &mut r.backend, idle, cancel).await;
+    let mut stats = relay::relay(&mut r.client, &mut r.backend, idle, cancel).await;
+    // Sessions Postern ends itself get the protocol's goodbye, so clients show a server
+    // message rather than a dropped connection.
+    let why = match stats.end {
+        relay::End::Cancelled if ctx.kill.is_cancelled() => Some(Shutdown::ServerShutdown),
+        relay::End::Cancelled => Some(Shutdown::Kicked),
+        relay::End::IdleTimeout => Some(Shutdown::IdleTimeout),
+        _ => None,
+    };
+    if let Some(why) = why {
+        if why == Shutdown::Kicked {
+            stats.end = relay::End::Kicked;
+        } else if why == Shutdown::ServerShutdown {
+            stats.end = relay::End::Shutdown;
+        }
+        let bye = driver.relayed_goodbye(why);
+        let _ = timeout(REFUSAL_WRITE, async {
+            r.client.write_all(&bye).await?;
+            r.client.flush().await?;
+            r.client.shutdown().await
+        })
+        .await;
+        let _ = timeout(REFUSAL_WRITE, r.backend.shutdown()).await;
+    }
     End::Relayed(stats)
 }
 

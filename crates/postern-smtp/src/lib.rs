@@ -47,8 +47,17 @@ pub use postern_proto::Shutdown;
 fn shutdown_reply(why: Shutdown, hostname: &str) -> String {
     match why {
         Shutdown::ServerShutdown => format!("421 4.3.2 {hostname} Service shutting down"),
+        Shutdown::Kicked => format!("421 4.3.2 {hostname} Session ended, please reconnect"),
         _ => format!("421 4.4.2 {hostname} Error: timeout exceeded"),
     }
+}
+
+/// What Postern sends a relayed submission client before it closes the session itself
+/// (kick, shutdown, idle timeout): SMTP lets a server send `421` at any time.
+pub fn relayed_goodbye(why: Shutdown, hostname: &str) -> Vec<u8> {
+    let mut line = shutdown_reply(why, hostname).into_bytes();
+    line.extend_from_slice(b"\r\n");
+    line
 }
 
 /// The reply refusing a connection or an AUTH for an abuse-control limit (RFC 3463
