@@ -13,13 +13,11 @@ import sqlite3
 import time
 import urllib.request
 
-import pytest
 
 from conftest import USERS
 from harness.dovecot import Dovecot
 from harness.net import free_port, read_until
-from harness.postern import Postern, smtp_config
-from harness.postfix import Postfix
+from test_smtp import smtp_postern  # noqa: F401  (the fixture)
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 NOBODY = "nobody@example.test"
@@ -31,27 +29,6 @@ def backends_api(p):
 
 
 # -- MX and LMTP apply routing.unknown_users at RCPT time ------------------------------
-
-
-@pytest.fixture
-def mx_postern(cluster, postfixes, certs, workdir):
-    started = []
-
-    def make(edit=None) -> Postern:
-        config = smtp_config(cluster, postfixes, certs, workdir)
-        config["health"] = {"interval": "500ms"}
-        if edit:
-            edit(config)
-        p = Postern(workdir / f"mx{len(started)}", config)
-        p.seed()
-        p.start()
-        p.wait_log("listening listener=lmtp")
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.stop()
 
 
 def rcpt_replies(addr, recipients, lmtp=False):
@@ -68,8 +45,8 @@ def rcpt_replies(addr, recipients, lmtp=False):
     return replies
 
 
-def test_mx_and_lmtp_reject_recipients_nobody_has(mx_postern, postfixes, cluster):
-    p = mx_postern()
+def test_mx_and_lmtp_reject_recipients_nobody_has(smtp_postern, postfixes, cluster):
+    p = smtp_postern()
     for listener, lmtp in (("mx", False), ("lmtp", True)):
         replies = rcpt_replies(p.addr(listener), [NOBODY, ALICE], lmtp=lmtp)
         assert replies[NOBODY] == (
@@ -86,7 +63,7 @@ def test_mx_and_lmtp_reject_recipients_nobody_has(mx_postern, postfixes, cluster
     assert r.returncode == 2 and "unknown_users = \"reject\"" in r.stdout
 
 
-def test_mx_defers_when_the_route_store_cannot_answer(mx_postern, postfixes):
+def test_mx_defers_when_the_route_store_cannot_answer(smtp_postern, postfixes):
     broken = "broken@example.test"
 
     def edit(c):
@@ -97,7 +74,7 @@ def test_mx_defers_when_the_route_store_cannot_answer(mx_postern, postfixes):
             "abs(CASE WHEN ? = 'broken@example.test' THEN -9223372036854775807 - 1 ELSE 1 END) > 0"
         )
 
-    p = mx_postern(edit)
+    p = smtp_postern(edit)
     replies = rcpt_replies(p.addr("mx"), [broken, ALICE, NOBODY])
     code, text = replies[broken]
     assert code == 450 and text.startswith(f"4.3.0 <{broken}>: ".encode()), replies
