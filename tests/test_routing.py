@@ -5,6 +5,7 @@ both databases (the `database` fixture), each in a fresh database."""
 
 import imaplib
 import json
+import signal
 import threading
 import urllib.request
 import time
@@ -185,6 +186,9 @@ def test_cached_routes_survive_a_database_outage(kind, workdir, make_postern, ce
         assert p.cli("route", "pin", BOB, "b1").returncode == 0
         p.start()
         assert login_backend(p, ALICE, certs) == "b2"
+        # A reload keeps what the cache knows (the backends did not change).
+        p.proc.send_signal(signal.SIGHUP)
+        p.wait_log(r"configuration reloaded.*kept_routes=1\b")
 
         server.stop()
         time.sleep(1.5)  # past the TTL: the cache must ask the (dead) database

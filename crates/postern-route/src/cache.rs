@@ -119,6 +119,20 @@ impl RouteCache {
         );
     }
 
+    /// Copies `old`'s entries that `keep` accepts, with their ages: a reload must
+    /// neither refresh nor forget what the last configuration had learnt. Returns how
+    /// many were kept.
+    pub fn inherit(&self, old: &RouteCache, keep: impl Fn(&Cached) -> bool) -> usize {
+        let mut kept = 0;
+        for (user, entry) in old.map.iter() {
+            if keep(&entry.value) {
+                self.map.insert(user, entry);
+                kept += 1;
+            }
+        }
+        kept
+    }
+
     /// Forgets a user (its pin changed somewhere).
     pub fn invalidate(&self, user: &UserName) {
         self.map.remove(user);

@@ -353,6 +353,39 @@ impl Router {
         &self.stats
     }
 
+    /// After a reload: keeps the routes `old` cached whose backend is configured here
+    /// exactly as it was there (so a reloaded instance serves its users through a store
+    /// outage as its peers do). Nothing is kept when the normalization changed, since the
+    /// keys would differ. Returns how many routes were kept.
+    pub fn inherit_cache(&self, old: &Router) -> usize {
+        if old.normalizer != self.normalizer {
+            return 0;
+        }
+        let same = |name: &str| {
+            let mine = self.backends.iter().find(|b| b.name == name);
+            let theirs = old.backends.iter().find(|b| b.name == name);
+            mine.is_some() && mine == theirs
+        };
+        let same_host = |host: &str| {
+            let pick = |r: &Router| {
+                r.backends
+                    .iter()
+                    .find(|b| b.host.eq_ignore_ascii_case(host))
+                    .cloned()
+            };
+            let mine = pick(self);
+            mine.is_some() && mine == pick(old)
+        };
+        self.cache.inherit(&old.cache, |cached| match cached {
+            Cached::Found(r) => match &r.backend {
+                Some(BackendRef::Name(name)) => same(name),
+                Some(BackendRef::Host(host)) => same_host(host),
+                None => false,
+            },
+            Cached::Absent => false,
+        })
+    }
+
     /// Forgets the cached route of a (normalized) user, after a change in the store.
     pub fn forget(&self, normalized_user: &str) {
         self.cache
@@ -627,11 +660,14 @@ impl Router {
             Ok(record) => {
                 self.stats.record(Outcome::Miss);
                 let record = record.map(Arc::new);
-                let cached = match &record {
-                    Some(r) => Cached::Found(Arc::clone(r)),
-                    None => Cached::Absent,
-                };
-                self.cache.put(user.clone(), cached);
+                match &record {
+                    // "Being moved" is never cached: the move's last step (the new pin)
+                    // must be seen by the next login, not one cache TTL later, and a
+                    // failed move must not lock the user out any longer than it lasts.
+                    Some(r) if r.moving => self.cache.invalidate(user),
+                    Some(r) => self.cache.put(user.clone(), Cached::Found(Arc::clone(r))),
+                    None => self.cache.put(user.clone(), Cached::Absent),
+                }
                 Ok((record, false))
             }
             Err(e) => match stale {
@@ -867,6 +903,34 @@ mod tests {
                 .unwrap();
             assert_eq!(d.source, Source::Hashed);
         }
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_cached_routes_of_unchanged_backends() {
+        let old = router(UnknownUsers::Reject);
+        old.resolve("alice", Protocol::Imap).await.unwrap();
+        old.resolve("bob", Protocol::Imap).await.unwrap();
+        // The same configuration: both routes carry over.
+        let same = router(UnknownUsers::Reject);
+        assert_eq!(same.inherit_cache(&old), 2);
+        // b2 redefined (another host): only alice's route (b1) carries over.
+        let n = Normalizer {
+            default_domain: Some("example.test".into()),
+            ..Normalizer::default()
+        };
+        let store = StaticStore::new(&n, [("alice@example.test", "b1")]).unwrap();
+        let mut changed = backends();
+        changed[1].host = "10.9.9.9".into();
+        let new = Router::new(n, Arc::new(store), RouterOptions::default(), changed);
+        assert_eq!(new.inherit_cache(&old), 1);
+        // Another normalization: the keys may differ, nothing carries over.
+        let other = Router::new(
+            Normalizer::default(),
+            Arc::new(StaticStore::new(&Normalizer::default(), [("a", "b1")]).unwrap()),
+            RouterOptions::default(),
+            backends(),
+        );
+        assert_eq!(other.inherit_cache(&old), 0);
     }
 
     #[tokio::test]

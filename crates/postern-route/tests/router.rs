@@ -309,3 +309,37 @@ async fn a_draining_shared_backend_moves_its_users_fenced() {
     let n = router.resolve("dave", Protocol::Imap).await;
     assert!(n.is_err(), "reject policy");
 }
+
+#[tokio::test]
+async fn being_moved_is_never_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir.path().join("routes.db")).await;
+    let n = Normalizer::default();
+    let alice = n.normalize("alice@x").unwrap();
+    store.pin(&alice, "b1").await.unwrap();
+    let router = Router::new(
+        n,
+        Arc::clone(&store) as Arc<dyn RouteStore>,
+        RouterOptions {
+            cache: CacheOptions {
+                ttl: Duration::from_secs(3600),
+                ..CacheOptions::default()
+            },
+            ..RouterOptions::default()
+        },
+        backends(1, 1),
+    );
+    store
+        .begin_move(&alice, "b1", "b2", postern_route::store::now_secs() + 60)
+        .await
+        .unwrap();
+    assert!(matches!(
+        router.resolve("alice@x", Protocol::Imap).await,
+        Err(RouteError::Moving)
+    ));
+    // The move completes; no change-log event reaches this router (its follower may be
+    // a watch interval behind): the next login must still see the new pin at once.
+    store.finish_move(&alice, "b2").await.unwrap();
+    let d = router.resolve("alice@x", Protocol::Imap).await.unwrap();
+    assert_eq!(d.backend, "b2");
+}

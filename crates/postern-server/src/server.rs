@@ -358,7 +358,9 @@ impl Handle {
                 fresh.push((l.name.clone(), l.bind, bind(l).await?));
             }
         }
-        // 2. The new generation.
+        // 2. The new generation, with what the last one's route cache knew: during a
+        // route-store outage a reloaded instance must go on serving its users.
+        let kept_routes = router.inherit_cache(&inner.current.load().router);
         let number = inner.generation.load(Ordering::Acquire) + 1;
         let ctx = Arc::new(generation(
             settings,
@@ -414,6 +416,7 @@ impl Handle {
             generation = number,
             added = ?summary.added,
             removed = ?summary.removed,
+            kept_routes,
             "configuration reloaded"
         );
         Ok(summary)

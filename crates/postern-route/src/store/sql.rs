@@ -22,6 +22,7 @@ use super::{
     StoreError, StoreFuture, now_secs,
 };
 use crate::UserName;
+use tracing::warn;
 
 static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -323,6 +324,46 @@ impl SqlStore {
             .map_err(unavailable)
     }
 
+    /// Runs a write transaction, again when the database aborted it to resolve a
+    /// conflict: the transaction was rolled back whole, and running it again is what
+    /// the database asks for. A failover must never degrade to "temporary" because two
+    /// instances wrote at once. Bounded: [`MAX_WRITE_ATTEMPTS`], a doubling backoff with
+    /// jitter, all within one `query_timeout`.
+    async fn write<T, F, Fut>(&self, mut work: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.query_timeout;
+        let mut backoff = Duration::from_millis(10);
+        let mut attempt = 1;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio_timeout(left, work()).await? {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < MAX_WRITE_ATTEMPTS && is_conflict(&e) => {
+                    warn!(attempt, error = %e, "route store write conflict; retrying");
+                    // Jitter from the clock's low bits, so instances that collided do not
+                    // collide again in step.
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos());
+                    let spread = u32::try_from(backoff.as_millis())
+                        .unwrap_or(u32::MAX)
+                        .max(1);
+                    let pause = backoff + Duration::from_millis(u64::from(nanos % spread));
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(unavailable(e));
+                    }
+                    tokio::time::sleep(pause).await;
+                    backoff = backoff.saturating_mul(2);
+                    attempt += 1;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
     async fn own_route(&self, user: &UserName) -> Result<Option<(String, bool)>, StoreError> {
         let row = self
             .timed(
@@ -466,6 +507,27 @@ fn placeholders(query: &str, dialect: Dialect) -> usize {
     }
 }
 
+/// Attempts of one write transaction when the database keeps aborting it for conflicts.
+const MAX_WRITE_ATTEMPTS: u32 = 5;
+
+/// Whether the database rolled the transaction back to resolve a conflict with another
+/// (so it can simply run again): MariaDB/MySQL deadlock 1213 (also Galera's
+/// certification failure, SQLSTATE 40001) and lock wait timeout 1205; PostgreSQL
+/// serialization_failure 40001 and deadlock_detected 40P01; SQLite's busy/locked after
+/// its busy timeout.
+fn is_conflict(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return matches!(my.number(), 1213 | 1205);
+    }
+    matches!(
+        db.code().as_deref(),
+        Some("40001" | "40P01" | "5" | "6" | "517" | "262")
+    )
+}
+
 async fn tokio_timeout<T>(limit: Duration, f: impl Future<Output = T>) -> Result<T, StoreError> {
     tokio::time::timeout(limit, f)
         .await
@@ -508,12 +570,12 @@ impl RouteStore for SqlStore {
 
     fn assign<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, String> {
         Box::pin(async move {
-            self.timed(
+            self.write(move || {
                 sqlx::query(sqlx::AssertSqlSafe(self.statements.assign.clone()))
                     .bind(user.as_str())
                     .bind(backend)
-                    .execute(&self.pool),
-            )
+                    .execute(&self.pool)
+            })
             .await?;
             // Whoever won the insert, this is the pin everyone uses.
             match self.own_route(user).await? {
@@ -525,7 +587,7 @@ impl RouteStore for SqlStore {
 
     fn pin<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let work = async {
+            let work = move || async move {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(sqlx::AssertSqlSafe(self.statements.pin.clone()))
                     .bind(user.as_str())
@@ -536,7 +598,7 @@ impl RouteStore for SqlStore {
                     .await?;
                 tx.commit().await
             };
-            self.timed(work).await
+            self.write(work).await
         })
     }
 
@@ -547,7 +609,7 @@ impl RouteStore for SqlStore {
         to: &'a str,
     ) -> StoreFuture<'a, String> {
         Box::pin(async move {
-            let work = async {
+            let work = move || async move {
                 let mut tx = self.pool.begin().await?;
                 let done = sqlx::query(sqlx::AssertSqlSafe(self.statements.repin.clone()))
                     .bind(to)
@@ -568,7 +630,7 @@ impl RouteStore for SqlStore {
                     .await?;
                 tx.commit().await
             };
-            self.timed(work).await?;
+            self.write(work).await?;
             // Whoever won, this is the pin in force.
             match self.own_route(user).await? {
                 Some((winner, _)) => Ok(winner),
@@ -616,7 +678,7 @@ impl RouteStore for SqlStore {
 
     fn unpin<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, bool> {
         Box::pin(async move {
-            let work = async {
+            let work = move || async move {
                 let mut tx = self.pool.begin().await?;
                 let done = sqlx::query(sqlx::AssertSqlSafe(self.statements.unpin.clone()))
                     .bind(user.as_str())
@@ -627,7 +689,7 @@ impl RouteStore for SqlStore {
                 tx.commit().await?;
                 Ok(done.rows_affected() > 0)
             };
-            self.timed(work).await
+            self.write(work).await
         })
     }
 
@@ -639,7 +701,7 @@ impl RouteStore for SqlStore {
         hold_until: i64,
     ) -> StoreFuture<'a, i64> {
         Box::pin(async move {
-            let work = async {
+            let work = move || async move {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(sqlx::AssertSqlSafe(self.statements.begin_move.clone()))
                     .bind(user.as_str())
@@ -654,13 +716,13 @@ impl RouteStore for SqlStore {
                 tx.commit().await?;
                 Ok(id)
             };
-            self.timed(work).await
+            self.write(work).await
         })
     }
 
     fn finish_move<'a>(&'a self, user: &'a UserName, to: &'a str) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let work = async {
+            let work = move || async move {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(sqlx::AssertSqlSafe(self.statements.finish_move.clone()))
                     .bind(to)
@@ -671,18 +733,18 @@ impl RouteStore for SqlStore {
                     .await?;
                 tx.commit().await
             };
-            self.timed(work).await
+            self.write(work).await
         })
     }
 
     fn kick<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, i64> {
         Box::pin(async move {
-            let work = async {
+            let work = move || async move {
                 let mut conn = self.pool.acquire().await?;
                 self.insert_event(&mut conn, user, ChangeKind::Kick, None)
                     .await
             };
-            self.timed(work).await
+            self.write(work).await
         })
     }
 
@@ -918,6 +980,78 @@ mod tests {
         assert_eq!(store.lookup(&alice).await.unwrap(), None);
         store.prune(now_secs() + 10).await.unwrap();
         assert!(store.instances().await.unwrap().is_empty());
+    }
+
+    /// A database error with a chosen SQLSTATE, as PostgreSQL reports conflicts.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "sqlstate {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            "conflict"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[tokio::test]
+    async fn conflicting_writes_are_retried_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.db");
+        let store = SqlStore::open(&options(format!("sqlite:{}?mode=rwc", path.display())))
+            .await
+            .unwrap();
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let failing = |code: &'static str, fail_first: u32| {
+            let calls = &calls;
+            move || {
+                let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n < fail_first {
+                        Err(sqlx::Error::Database(Box::new(Coded(code))))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            }
+        };
+        // Serialization failures and deadlocks: run again until it goes through.
+        for code in ["40001", "40P01"] {
+            calls.store(0, std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(store.write(failing(code, 2)).await.unwrap(), 2, "{code}");
+        }
+        // Anything else fails at once.
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.write(failing("23505", 1)).await.is_err());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A conflict that never clears: bounded attempts, then the error.
+        calls.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.write(failing("40001", u32::MAX)).await.is_err());
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            MAX_WRITE_ATTEMPTS
+        );
     }
 
     #[tokio::test]
