@@ -503,11 +503,17 @@ impl Router {
             BackendState::Down if policy.mode == PoolMode::OwnStorage => {
                 Err(RouteError::BackendDown(backend.name.clone()))
             }
+            // A delivery never moves a pin: one service down (Postfix, or Dovecot's
+            // LMTP) says nothing of the user's sessions on the backend's other
+            // services, and a re-pin would put their next login on a second backend.
+            // The sender gets a temporary failure and queues; nothing is lost.
+            BackendState::Down if mode == Mode::Delivery => {
+                Err(RouteError::BackendDown(backend.name.clone()))
+            }
             BackendState::Down => self.fail_over(decision, backend, protocol, policy).await,
         }
     }
 
-    /// A backend by rendezvous hash among those that take new users; nothing written.
     /// A recipient without a pin. Under `reject` nobody may have them (the MX/LMTP
     /// front answers 550, so the sender bounces instead of the backend, which would
     /// send backscatter to a forged sender); otherwise they go where a login would be
@@ -524,6 +530,7 @@ impl Router {
         }
     }
 
+    /// A backend by rendezvous hash among those that take new users; nothing written.
     fn hashed(
         &self,
         user: UserName,

@@ -343,3 +343,28 @@ async fn being_moved_is_never_cached() {
     let d = router.resolve("alice@x", Protocol::Imap).await.unwrap();
     assert_eq!(d.backend, "b2");
 }
+
+#[tokio::test]
+async fn a_delivery_to_a_down_service_never_moves_the_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (router, states, store) =
+        pool_router(&dir.path().join("r.db"), PoolMode::Shared, Failover::Repin).await;
+    let alice = Normalizer::default().normalize("alice").unwrap();
+    store.pin(&alice, "b1").await.unwrap();
+    states.set("b1", BackendState::Down);
+    // The MX relay asks: a temporary failure (the sender queues), not a re-pin that
+    // would put the user's next IMAP login on a second backend.
+    let e = router
+        .resolve_recipient("alice", Protocol::Imap)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RouteError::BackendDown(_)), "{e:?}");
+    let rec = store.lookup(&alice).await.unwrap().unwrap();
+    assert_eq!(
+        rec.backend,
+        Some(postern_route::store::BackendRef::Name("b1".into()))
+    );
+    // A login in the shared pool still fails over.
+    let d = router.resolve("alice", Protocol::Imap).await.unwrap();
+    assert_eq!((d.backend.as_str(), d.source), ("b2", Source::FailedOver));
+}

@@ -6,7 +6,7 @@
 //! ```text
 //!            fall consecutive failures (checks or failed connects/logins)
 //!     Up ────────────────────────────────────────────────────────────────▶ Down
-//!     ▲      ends the backend's sessions for that protocol                  │
+//!     ▲      live sessions go on (re-pinned users' sessions end at re-pin)  │
 //!     └──────────────── rise consecutive successful checks ─────────────────┘
 //!            ends the sessions sent elsewhere temporarily while it was down
 //! ```
@@ -162,8 +162,17 @@ impl Health {
         }
         match transition {
             Some(Transition::Down { never_up }) => {
-                let n = self.registry.kick_backend(backend, Some(protocol));
-                warn!(backend, %protocol, sessions_ended = n, never_up, "backend DOWN");
+                // Live sessions are not ended: one whose backend still answers (a
+                // failing check, a slow minute) goes on, and one whose backend is gone
+                // ends by itself. A user re-pinned elsewhere has their sessions here
+                // ended then, and only theirs (login and the change-log follower).
+                let kept = self
+                    .registry
+                    .per_backend()
+                    .get(backend)
+                    .copied()
+                    .unwrap_or(0);
+                warn!(backend, %protocol, sessions_kept = kept, never_up, "backend DOWN");
             }
             Some(Transition::Up { was_down }) => {
                 // Also from unknown: a service that failed `fall` times before it ever
@@ -551,8 +560,8 @@ mod tests {
         h.report("b1", Protocol::Imap, Err("x".into()));
         assert_eq!(h.state("b1", Protocol::Imap), BackendState::Down);
         assert!(
-            session.token().is_cancelled(),
-            "a dead backend's sessions end"
+            !session.token().is_cancelled(),
+            "DOWN ends no session: one whose backend still answers goes on"
         );
         h.report("b1", Protocol::Imap, Ok(()));
         assert_eq!(h.state("b1", Protocol::Imap), BackendState::Down);

@@ -304,6 +304,25 @@ impl Session<'_> {
                 .then_some(decision.pinned.as_deref())
                 .flatten();
             guard.set_backend(&decision.backend, temporary);
+            // Sent away from its pinned backend (failover, drain): the user's sessions
+            // there end now on this instance (other instances follow the pin event),
+            // before this one is served elsewhere.
+            if let Some(old) = decision
+                .pinned
+                .as_deref()
+                .filter(|o| *o != decision.backend)
+            {
+                let n = ctx.registry.kick_user_on(decision.user.as_str(), old);
+                if n > 0 {
+                    info!(
+                        user = decision.user.as_str(),
+                        from = old,
+                        to = decision.backend.as_str(),
+                        sessions = n,
+                        "ending the user's sessions on the backend they left"
+                    );
+                }
+            }
             let Some(backend) = ctx.settings.backends.get(&decision.backend) else {
                 warn!("backend is not configured");
                 return unavailable();

@@ -111,6 +111,37 @@ impl Registry {
         keys.len()
     }
 
+    /// Ends `user`'s sessions on `backend` (any protocol): the user now goes elsewhere,
+    /// and must never be served by two backends at once. Returns how many.
+    pub fn kick_user_on(&self, user: &str, backend: &str) -> usize {
+        self.kick_user_where(user, |i| i.backend.as_deref() == Some(backend))
+    }
+
+    /// Ends `user`'s sessions on every backend but `backend` (their pin changed to
+    /// it). Sessions still logging in (no backend yet) look their route up afresh.
+    pub fn kick_user_elsewhere(&self, user: &str, backend: &str) -> usize {
+        self.kick_user_where(user, |i| i.backend.as_deref().is_some_and(|b| b != backend))
+    }
+
+    fn kick_user_where(&self, user: &str, pred: impl Fn(&SessionInfo) -> bool) -> usize {
+        let inner = self.lock();
+        let mut n = 0;
+        for key in inner
+            .by_user
+            .get(user)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            if let Some(e) = inner.sessions.get(key)
+                && pred(&e.info)
+            {
+                e.token.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Ends every session relayed to a backend (for one protocol, or all); returns
     /// how many.
     pub fn kick_backend(&self, backend: &str, protocol: Option<Protocol>) -> usize {

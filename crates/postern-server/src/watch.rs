@@ -98,8 +98,16 @@ pub async fn run(
                     if e.kind == ChangeKind::Kick {
                         let n = registry.kick_user(&e.user);
                         info!(user = %e.user, sessions = n, "kick: ending the user's sessions");
-                    } else {
-                        debug!(user = %e.user, backend = ?e.backend, "pin changed");
+                    } else if let Some(pin) = &e.backend {
+                        // The user is pinned elsewhere now (re-pin on failover, an
+                        // operator's pin): their sessions on any other backend end, on
+                        // every instance, so no mailbox is served by two backends.
+                        let n = registry.kick_user_elsewhere(&e.user, pin);
+                        if n > 0 {
+                            info!(user = %e.user, backend = %pin, sessions = n, "pin changed: ending the user's sessions on other backends");
+                        } else {
+                            debug!(user = %e.user, backend = %pin, "pin changed");
+                        }
                     }
                     last = last.max(e.id);
                 }
