@@ -270,3 +270,24 @@ def test_no_backends_configured_the_auth_server_names_them(make_postern, cluster
     assert m.login(BOB, HTTP_PW[BOB])[0] == "OK"
     assert "postern-backend-b2" in backend_id(m)
     m.logout()
+
+
+def test_an_endless_auth_wait_ends_at_the_preauth_deadline(make_postern, auth_server):
+    """Auth-Wait may say anything (nginx takes up to u32::MAX seconds); Postern's every
+    wait ends at the session's pre-auth deadline, with an answer and a goodbye."""
+    auth_server.answer = lambda h: [("Auth-Status", "Invalid login or password"),
+                                    ("Auth-Wait", "3600")]
+
+    def edit(c):
+        http_mode(auth_server)(c)
+        c["timeouts"] = {"preauth": "2s"}
+
+    p = make_postern(edit)
+    raw = Raw(p.addr("imap-plain"))
+    raw.send(f"a LOGIN {ALICE} x\r\n".encode())
+    out = raw.until(b"\r\n* BYE", timeout=30)
+    assert out.startswith(b"a NO [UNAVAILABLE]"), out
+    rest = out + raw.until(b"\r\n", timeout=10)
+    assert b"* BYE Disconnected for inactivity." in rest, rest
+    assert raw.sock.recv(100) == b""
+    p.wait_log("login did not finish before the pre-auth deadline")

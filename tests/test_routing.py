@@ -302,3 +302,36 @@ def test_a_move_without_every_confirmation_holds_the_user(database, make_postern
         except imaplib.IMAP4.error:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_a_hung_database_does_not_hang_the_admin_api(workdir, make_postern, certs):
+    """MariaDB frozen (SIGSTOP): the backend list answers from memory (the last counts,
+    marked stale), and cached users still log in."""
+    server = MariaDB(workdir / "db-hung", certs).start()
+    try:
+
+        def edit(c):
+            on_database(server.url())(c)
+            c["admin"] = {"bind": "127.0.0.1:0"}
+
+        p = make_postern(edit, seed=False, start=False)
+        assert p.cli("route", "pin", ALICE, "b2").returncode == 0
+        p.start()
+        assert login_backend(p, ALICE, certs) == "b2"
+
+        def backends():
+            with urllib.request.urlopen(p.admin_url + "/api/backends", timeout=30) as r:
+                return {b["name"]: b for b in json.loads(r.read())["backends"]}
+
+        assert backends()["b2"]["pinned_users"] == 1
+        assert backends()["b2"]["pinned_users_fresh"] is True
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            hung = backends()
+            assert hung["b2"]["pinned_users"] == 1, hung["b2"]
+            assert hung["b2"]["pinned_users_fresh"] is False, hung["b2"]
+            assert login_backend(p, ALICE, certs) == "b2"  # the cached route
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        server.stop()

@@ -778,6 +778,26 @@ impl Router {
         hash_pick(user, &tied)
     }
 
+    /// Pinned users per backend for status pages: the store's answer if it comes
+    /// within `limit`, else the last counts known (a hung database must not hang the
+    /// admin API). `None` when the store never answered.
+    pub async fn counts_within(&self, limit: Duration) -> Option<(HashMap<String, u64>, bool)> {
+        match tokio::time::timeout(limit, self.store.counts()).await {
+            Ok(Ok(rows)) => {
+                let fresh: HashMap<String, u64> = rows.into_iter().collect();
+                if let Ok(mut c) = self.counts.lock() {
+                    c.per_backend = fresh.clone();
+                    c.fetched = Some(Instant::now());
+                }
+                Some((fresh, true))
+            }
+            _ => {
+                let c = self.counts.lock().ok()?;
+                c.fetched.map(|_| (c.per_backend.clone(), false))
+            }
+        }
+    }
+
     async fn pinned_counts(&self) -> HashMap<String, u64> {
         if let Ok(c) = self.counts.lock()
             && c.fetched.is_some_and(|t| t.elapsed() < COUNTS_TTL)

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::proxy;
-use postern_proto::{ClientInfo, Event, FrontEnd, Limit, Shutdown};
+use postern_proto::{ClientInfo, Event, Failure, FrontEnd, Limit, Shutdown, Verdict};
 use postern_route::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -350,7 +350,23 @@ async fn session<D: Driver>(
                         number: attempts,
                         deadline,
                     };
-                    match login::<D>(ctx, driver, &front, creds, &attempt).await {
+                    // Every wait of the login — route lookups, penalty delays,
+                    // auth_http's Auth-Wait, backend connect and login — ends at the
+                    // pre-auth deadline; the client then hears a temporary failure and
+                    // the deadline's goodbye, never silence.
+                    let outcome = match timeout_at(
+                        deadline,
+                        login::<D>(ctx, driver, &front, creds, &attempt),
+                    )
+                    .await
+                    {
+                        Ok(outcome) => outcome,
+                        Err(_) => {
+                            warn!("login did not finish before the pre-auth deadline");
+                            Login::Verdict(Verdict::Failed(Failure::Unavailable))
+                        }
+                    };
+                    match outcome {
                         Login::Verdict(v) => front.handle_verdict(v),
                         Login::Close(v) => {
                             front.handle_verdict(v);

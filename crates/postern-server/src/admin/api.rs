@@ -188,6 +188,9 @@ async fn readyz(state: &State) -> Response<Body> {
     )
 }
 
+/// How long the backend list waits for the route store's counts.
+const COUNTS_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn backends(state: &State) -> Value {
     let settings = state.handle.settings();
     let runtime = state.handle.runtime();
@@ -196,11 +199,11 @@ async fn backends(state: &State) -> Value {
     // Postern's own pins are counted; an operator's lookup query cannot be (it answers
     // per user), which the output says rather than showing a misleading number. A
     // store that does not answer gives null.
-    let pinned: Option<HashMap<String, u64>> = store
-        .counts()
-        .await
-        .ok()
-        .map(|rows| rows.into_iter().collect());
+    // Bounded: a hung database must not hang the status page; the last counts known
+    // are shown instead, marked as such.
+    let counted = router.counts_within(COUNTS_WAIT).await;
+    let counts_fresh = counted.as_ref().is_some_and(|(_, fresh)| *fresh);
+    let pinned: Option<HashMap<String, u64>> = counted.map(|(c, _)| c);
     let uncounted = store.has_uncounted_pins();
     let sessions = runtime.registry.per_backend();
     let mut health: BTreeMap<String, Vec<crate::health::HealthReport>> = BTreeMap::new();
@@ -249,6 +252,7 @@ async fn backends(state: &State) -> Value {
                 "pinned_users": pinned
                     .as_ref()
                     .map(|p| p.get(&b.name).copied().unwrap_or(0)),
+                "pinned_users_fresh": counts_fresh,
                 "pinned_users_counted": if uncounted {
                     "routes table only (pins from routing.sql.lookup_query are not counted)"
                 } else {
