@@ -10,6 +10,7 @@ use postern_proto::Secret;
 
 use crate::UserName;
 
+pub mod breaker;
 pub mod sql;
 pub mod static_map;
 

@@ -17,6 +17,7 @@ use postern_proto::Secret;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Column, Executor, Row};
 
+use super::breaker::{Breaker, Gate};
 use super::{
     BackendRef, ChangeEvent, ChangeKind, InstanceRow, PinOrigin, PinRow, RouteRecord, RouteStore,
     StoreError, StoreFuture, now_secs,
@@ -227,6 +228,8 @@ pub struct SqlStore {
     /// How many times the user is bound into `lookup_query`.
     lookup_binds: usize,
     query_timeout: Duration,
+    /// Fails calls fast while the database cannot be reached.
+    breaker: Breaker,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -288,6 +291,7 @@ impl SqlStore {
             lookup_query: options.lookup_query.clone(),
             lookup_binds,
             query_timeout: options.query_timeout,
+            breaker: Breaker::default(),
         })
     }
 
@@ -319,9 +323,44 @@ impl SqlStore {
         &self,
         f: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
-        tokio_timeout(self.query_timeout, f)
-            .await?
-            .map_err(unavailable)
+        self.admit()?;
+        let answer = tokio_timeout(self.query_timeout, f).await;
+        self.observe(&answer);
+        answer?.map_err(unavailable)
+    }
+
+    /// Refuses at once while the breaker is open (see `breaker.rs`).
+    fn admit(&self) -> Result<(), StoreError> {
+        match self.breaker.gate(std::time::Instant::now()) {
+            Gate::Refuse => Err(StoreError::Unavailable(
+                "route store unreachable a moment ago; failing fast".into(),
+            )),
+            Gate::Pass | Gate::Probe => Ok(()),
+        }
+    }
+
+    /// Feeds the breaker: no answer in time, or no connection, opens it; any answer
+    /// from the database (an error of its own included) closes it.
+    fn observe<T>(&self, answer: &Result<Result<T, sqlx::Error>, StoreError>) {
+        let unreachable = match answer {
+            Err(_) => true,
+            Ok(Err(e)) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+            ),
+            Ok(Ok(_)) => false,
+        };
+        if unreachable {
+            if !self.breaker.is_open() {
+                warn!("route store unreachable; failing lookups fast, probing once a second");
+            }
+            self.breaker.unreachable(std::time::Instant::now());
+        } else {
+            self.breaker.success();
+        }
     }
 
     /// Runs a write transaction, again when the database aborted it to resolve a
@@ -338,8 +377,11 @@ impl SqlStore {
         let mut backoff = Duration::from_millis(10);
         let mut attempt = 1;
         loop {
+            self.admit()?;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio_timeout(left, work()).await? {
+            let answer = tokio_timeout(left, work()).await;
+            self.observe(&answer);
+            match answer? {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt < MAX_WRITE_ATTEMPTS && is_conflict(&e) => {
                     warn!(attempt, error = %e, "route store write conflict; retrying");
