@@ -4,6 +4,7 @@ the user's sessions on the other backend on every instance (with the protocol's
 goodbye); and a delivery whose backend's SMTP service is down gets a temporary failure
 instead of moving the pin under the user's live IMAP sessions."""
 
+import os
 import signal
 import smtplib
 import time
@@ -80,3 +81,21 @@ def test_mx_delivery_to_a_backend_whose_smtp_is_down_waits_and_moves_no_pin(smtp
     # alice is still pinned to b1, where her IMAP is served: no re-pin by a delivery.
     assert "alice@example.test\tb1" in p.cli("route", "list").stdout
     assert "re-pinned" not in p.log()
+
+
+def test_sigterm_says_goodbye_to_a_login_waiting_on_a_frozen_backend(start, own_cluster):
+    p = start()
+    b1 = own_cluster["b1"]
+    os.killpg(b1.proc.pid, signal.SIGSTOP)  # alice's backend freezes
+    try:
+        raw = Raw(p.addr("imap-plain"))
+        raw.send(f"a LOGIN {ALICE} {USERS[ALICE]}\r\n".encode())
+        time.sleep(1.0)  # the login waits for b1's greeting
+        p.proc.send_signal(signal.SIGTERM)
+        got = raw.until(b"\r\n", timeout=15)
+        assert got == b"* BYE Server shutting down.\r\n", got
+        assert raw.sock.recv(100) == b""
+        assert p.proc.wait(timeout=15) == 0, "exits without waiting for the frozen backend"
+        p.wait_log("goodbye to a login in flight")
+    finally:
+        os.killpg(b1.proc.pid, signal.SIGCONT)

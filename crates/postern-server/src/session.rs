@@ -354,16 +354,28 @@ async fn session<D: Driver>(
                     // auth_http's Auth-Wait, backend connect and login — ends at the
                     // pre-auth deadline; the client then hears a temporary failure and
                     // the deadline's goodbye, never silence.
-                    let outcome = match timeout_at(
-                        deadline,
-                        login::<D>(ctx, driver, &front, creds, &attempt),
-                    )
-                    .await
-                    {
-                        Ok(outcome) => outcome,
-                        Err(_) => {
+                    // A shutdown does not wait for a login in flight (a slow backend
+                    // would hold the exit): the client gets the goodbye and logs in
+                    // again elsewhere.
+                    let outcome = tokio::select! {
+                        r = timeout_at(deadline, login::<D>(ctx, driver, &front, creds, &attempt)) => Some(r),
+                        () = ctx.cancel.cancelled() => None,
+                    };
+                    let outcome = match outcome {
+                        Some(Ok(outcome)) => outcome,
+                        Some(Err(_)) => {
                             warn!("login did not finish before the pre-auth deadline");
                             Login::Verdict(Verdict::Failed(Failure::Unavailable))
+                        }
+                        None => {
+                            info!("server shutting down: goodbye to a login in flight");
+                            return goodbye(
+                                &mut front,
+                                &mut stream,
+                                Shutdown::ServerShutdown,
+                                "shutdown",
+                            )
+                            .await;
                         }
                     };
                     match outcome {
