@@ -220,3 +220,33 @@ def test_invalid_trusted_network_is_a_config_error(make_postern, bad):
     p = make_postern(limits(trusted_networks=[bad]), seed=False, start=False)
     r = p.cli("check")
     assert r.returncode != 0 and "limits.trusted_networks" in r.stderr, r.stderr
+
+
+def test_concurrent_guesses_cannot_beat_the_failure_limit(make_postern, cluster):
+    """Twelve wrong passwords at once from one address, limit 3: attempts in flight
+    count, so at most 3 reach the backend; the rest are refused by the limit."""
+    import threading
+
+    p = make_postern(limits(failure_delay="1s", max_failure_delay="1s",
+                            max_failures_per_ip=3, max_failures_per_user=0,
+                            max_connections_per_ip=0, connection_rate_per_ip=0))
+    conns = [Raw(p.addr("imap-plain"), source="127.0.0.60") for _ in range(12)]
+    barrier = threading.Barrier(len(conns))
+    answers = [None] * len(conns)
+
+    def guess(i):
+        barrier.wait()
+        answers[i] = conns[i].cmd(f'a LOGIN "new{i + 1:02}@example.test" "wrong"\r\n'.encode(), b"a")
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(len(conns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for c in conns:
+        c.close()
+    failed = sum(b"[AUTHENTICATIONFAILED]" in a for a in answers)
+    limited = sum(b"a NO [LIMIT]" in a for a in answers)
+    assert failed + limited == len(conns), answers
+    assert 1 <= failed <= 3, answers
+    p.wait_log(r"login refused by abuse control.*limit=\"?logins_in_flight")

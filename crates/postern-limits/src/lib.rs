@@ -101,12 +101,16 @@ struct IpEntry {
     connections: u32,
     rate: Window,
     failures: Window,
+    /// Login attempts not yet answered: each may still fail, so each counts against the
+    /// failure limit, and concurrency cannot beat it.
+    in_flight: u32,
 }
 
 #[derive(Debug)]
 struct UserEntry {
     sessions: u32,
     failures: Window,
+    in_flight: u32,
 }
 
 /// A map split into shards, so that sessions on different cores rarely wait for each
@@ -173,6 +177,21 @@ pub struct ConnectionGuard {
     limiter: Option<(Arc<Limiter>, IpKey)>,
 }
 
+/// A login attempt in flight, counted against the failure limits until dropped.
+#[derive(Debug)]
+pub struct LoginTicket {
+    limiter: Arc<Limiter>,
+    ip: Option<IpKey>,
+    user: Option<String>,
+}
+
+impl Drop for LoginTicket {
+    fn drop(&mut self) {
+        self.limiter
+            .end_login(self.ip.as_ref(), self.user.as_deref());
+    }
+}
+
 /// Holds one session slot of a user; dropping it frees the slot.
 #[derive(Debug)]
 pub struct SessionGuard {
@@ -230,6 +249,7 @@ impl Limiter {
             connections: 0,
             rate: Window::new(now),
             failures: Window::new(now),
+            in_flight: 0,
         }) else {
             self.overflows.fetch_add(1, Ordering::Relaxed);
             return Ok(ConnectionGuard { limiter: None });
@@ -295,6 +315,88 @@ impl Limiter {
         Ok(())
     }
 
+    /// Starts a login attempt from `ip` for `user` (normalized), if the failure limits
+    /// allow it: failures in the window plus the attempts still in flight, each of
+    /// which may yet fail, must stay under each limit. Hold the ticket until the
+    /// attempt is answered (its penalty delay included), so that concurrent guesses
+    /// count, and so do the connections they hold.
+    pub fn begin_login(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        user: &str,
+        now: Instant,
+    ) -> Result<LoginTicket, Limit> {
+        let s = &self.settings;
+        let window = s.failure_window;
+        let mut ticket = LoginTicket {
+            limiter: Arc::clone(self),
+            ip: None,
+            user: None,
+        };
+        if s.max_failures_per_ip > 0 && !self.is_trusted(ip) {
+            let key = self.key(ip);
+            let mut shard = self.ips.shard(&key);
+            if let Some(e) = entry_or_insert(&mut shard, key, self.ips_cap(), now, |now| IpEntry {
+                connections: 0,
+                rate: Window::new(now),
+                failures: Window::new(now),
+                in_flight: 0,
+            }) {
+                let failures = e.failures.count(now, window);
+                if failures >= s.max_failures_per_ip {
+                    return Err(Limit::AuthFailures);
+                }
+                if failures.saturating_add(e.in_flight) >= s.max_failures_per_ip {
+                    return Err(Limit::LoginsInFlight);
+                }
+                e.in_flight += 1;
+                ticket.ip = Some(key);
+            } else {
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if s.max_failures_per_user > 0 {
+            let mut shard = self.users.shard(user);
+            if let Some(e) =
+                entry_or_insert(&mut shard, user.to_owned(), self.users_cap(), now, |now| {
+                    UserEntry {
+                        sessions: 0,
+                        failures: Window::new(now),
+                        in_flight: 0,
+                    }
+                })
+            {
+                let failures = e.failures.count(now, window);
+                if failures >= s.max_failures_per_user {
+                    return Err(Limit::AuthFailures);
+                }
+                if failures.saturating_add(e.in_flight) >= s.max_failures_per_user {
+                    return Err(Limit::LoginsInFlight);
+                }
+                e.in_flight += 1;
+                ticket.user = Some(user.to_owned());
+            } else {
+                self.overflows.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(ticket)
+    }
+
+    fn end_login(&self, ip: Option<&IpKey>, user: Option<&str>) {
+        if let Some(key) = ip {
+            let mut shard = self.ips.shard(key);
+            if let Some(e) = shard.get_mut(key) {
+                e.in_flight = e.in_flight.saturating_sub(1);
+            }
+        }
+        if let Some(user) = user {
+            let mut shard = self.users.shard(user);
+            if let Some(e) = shard.get_mut(user) {
+                e.in_flight = e.in_flight.saturating_sub(1);
+            }
+        }
+    }
+
     /// Records a failed login (wrong password, unknown user) and returns how long to
     /// wait before answering it.
     /// `user` is `None` when the name was not even valid.
@@ -307,6 +409,7 @@ impl Limiter {
                 UserEntry {
                     sessions: 0,
                     failures: Window::new(now),
+                    in_flight: 0,
                 }
             }) {
                 Some(e) => e.failures.add(now, window),
@@ -324,6 +427,7 @@ impl Limiter {
             connections: 0,
             rate: Window::new(now),
             failures: Window::new(now),
+            in_flight: 0,
         }) {
             Some(e) => {
                 e.failures.add(now, window);
@@ -384,6 +488,7 @@ impl Limiter {
             UserEntry {
                 sessions: 0,
                 failures: Window::new(now),
+                in_flight: 0,
             }
         }) else {
             self.overflows.fetch_add(1, Ordering::Relaxed);
@@ -446,7 +551,10 @@ impl Limiter {
 }
 
 fn ip_idle(e: &mut IpEntry, now: Instant, window: Duration) -> bool {
-    e.connections == 0 && e.rate.is_empty(now, RATE_WINDOW) && e.failures.is_empty(now, window)
+    e.connections == 0
+        && e.in_flight == 0
+        && e.rate.is_empty(now, RATE_WINDOW)
+        && e.failures.is_empty(now, window)
 }
 
 /// The entry for `key`, inserted if missing; `None` when the shard is full of live
@@ -483,7 +591,7 @@ impl Idle for IpEntry {
 
 impl Idle for UserEntry {
     fn idle(&mut self, now: Instant, window: Duration) -> bool {
-        self.sessions == 0 && self.failures.is_empty(now, window)
+        self.sessions == 0 && self.in_flight == 0 && self.failures.is_empty(now, window)
     }
 }
 

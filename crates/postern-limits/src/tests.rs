@@ -214,3 +214,48 @@ fn zero_turns_limits_off() {
     let sessions: Vec<_> = (0..500).map(|_| l.session("u", t).unwrap()).collect();
     assert_eq!((conns.len(), sessions.len()), (500, 500));
 }
+
+#[test]
+fn attempts_in_flight_count_against_the_failure_limits() {
+    // max_failures_per_ip 5, per user 3.
+    let l = limiter(|_| {});
+    let t = Instant::now();
+    let a = ip("192.0.2.50");
+    // Five concurrent guesses for five users from one address: the limit is reached by
+    // the attempts alone, before any has failed.
+    let tickets: Vec<_> = (0..5)
+        .map(|i| l.begin_login(a, &format!("v{i}"), t).unwrap())
+        .collect();
+    assert_eq!(
+        l.begin_login(a, "v9", t).unwrap_err(),
+        Limit::LoginsInFlight
+    );
+    // Answered (successes here): the slots come back.
+    drop(tickets);
+    assert!(l.begin_login(a, "v9", t).is_ok());
+    // Per user, from many addresses: three in flight are the limit.
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            l.begin_login(ip(&format!("192.0.2.{}", 60 + i)), "victim", t)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        l.begin_login(ip("192.0.2.70"), "victim", t).unwrap_err(),
+        Limit::LoginsInFlight
+    );
+    // Failures recorded while the attempts were in flight: the real limit takes over.
+    for i in 0..3 {
+        l.failed(ip(&format!("192.0.2.{}", 60 + i)), Some("victim"), t);
+    }
+    drop(held);
+    assert_eq!(
+        l.begin_login(ip("192.0.2.70"), "victim", t).unwrap_err(),
+        Limit::AuthFailures
+    );
+    // Trusted networks are not counted per address.
+    let many: Vec<_> = (0..10)
+        .map(|i| l.begin_login(ip("10.1.2.3"), &format!("w{i}"), t).unwrap())
+        .collect();
+    assert_eq!(many.len(), 10);
+}

@@ -152,6 +152,9 @@ pub enum Limit {
     ConnectionRate,
     /// Too many concurrent sessions of this user.
     UserSessions,
+    /// Too many login attempts in progress from this address or for this user: each
+    /// could still fail, and together they would pass the failure limit.
+    LoginsInFlight,
 }
 
 impl Limit {
@@ -164,6 +167,7 @@ impl Limit {
             Limit::AuthFailures => "Too many failed logins",
             Limit::IpConnections => "Too many connections from your address",
             Limit::UserSessions => "Too many sessions for this user",
+            Limit::LoginsInFlight => "Too many logins in progress",
         };
         match retry_after {
             Some(wait) => format!(
@@ -182,6 +186,7 @@ impl Limit {
             Limit::IpConnections => "ip_connections",
             Limit::ConnectionRate => "connection_rate",
             Limit::UserSessions => "user_sessions",
+            Limit::LoginsInFlight => "logins_in_flight",
         }
     }
 }

@@ -107,16 +107,21 @@ async fn login_inner<D: Driver>(
             return failed(limiter, ip, None, Failure::AuthFailed).await;
         }
     };
-    if let Err(limit) = limiter.check_login(ip, user.as_str(), std::time::Instant::now()) {
-        warn!(
-            limit = limit.as_str(),
-            user = user.as_str(),
-            mechanism,
-            "login refused by abuse control"
-        );
-        tokio::time::sleep(limiter.penalty(ip, std::time::Instant::now())).await;
-        return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
-    }
+    // Held until this attempt is answered, penalty delay included: concurrent guesses
+    // count against the failure limits as they happen, not only once they failed.
+    let _attempt = match limiter.begin_login(ip, user.as_str(), std::time::Instant::now()) {
+        Ok(ticket) => ticket,
+        Err(limit) => {
+            warn!(
+                limit = limit.as_str(),
+                user = user.as_str(),
+                mechanism,
+                "login refused by abuse control"
+            );
+            tokio::time::sleep(limiter.penalty(ip, std::time::Instant::now())).await;
+            return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
+        }
+    };
     if mode == AuthMode::Proxy && creds.authzid.as_deref().is_some_and(|z| z != creds.user) {
         // Acting as another user needs the backend's authorization rules, which
         // Postern does not know; with proxy authentication there is no backend check.
