@@ -5,6 +5,7 @@ goodbye); and a delivery whose backend's SMTP service is down gets a temporary f
 instead of moving the pin under the user's live IMAP sessions."""
 
 import os
+import re
 import signal
 import smtplib
 import time
@@ -99,3 +100,41 @@ def test_sigterm_says_goodbye_to_a_login_waiting_on_a_frozen_backend(start, own_
         p.wait_log("goodbye to a login in flight")
     finally:
         os.killpg(b1.proc.pid, signal.SIGCONT)
+
+
+def test_without_checks_a_passive_down_recovers_by_itself_or_by_the_operator(
+    start, own_cluster, certs
+):
+    """[health] enabled = false: real logins are the only evidence. A backend they took
+    down lets one login through every 10 s (half-open) and comes back on its success;
+    `postern backend up` forgets the DOWN at once."""
+    from test_backends import until, which_backend
+
+    def edit(c):
+        c["health"] = {"enabled": False, "fall": 1, "rise": 1}
+
+    p = start(edit)
+    assert which_backend(p, ALICE, certs) == "b1"
+    for attempt in range(2):
+        own_cluster["b1"].kill()
+
+        def down():
+            try:
+                which_backend(p, ALICE, certs)
+            except Exception:  # noqa: BLE001 - the failing logins are the point
+                pass
+            return re.search(r"backend DOWN.*backend=\"?b1\b", p.log())
+
+        until(down, "a failed login takes b1 down")
+        own_cluster["b1"].start()
+        if attempt == 0:
+            # The operator says it is fixed: every instance forgets the DOWN at once.
+            assert p.cli("backend", "up", "b1").returncode == 0
+            p.wait_log("backend health reset by the operator", timeout=10)
+            assert which_backend(p, ALICE, certs) == "b1"
+            p.log_path.write_text("")  # start the next round's log afresh
+        else:
+            # Nobody says anything: a login gets through within a half-open period.
+            until(lambda: which_backend(p, ALICE, certs) == "b1", "half-open recovery",
+                  timeout=30)
+            p.wait_log(r"backend UP.*backend=\"?b1\b")

@@ -66,6 +66,16 @@ impl BackendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, BackendError::Connect(_))
     }
+
+    /// Whether the backend did not answer in time (slow, or frozen) or is not there.
+    pub fn kind(&self) -> crate::service_health::FailureKind {
+        let (BackendError::Connect(e) | BackendError::Tls(e) | BackendError::Login(e)) = self;
+        if e.kind() == io::ErrorKind::TimedOut {
+            crate::service_health::FailureKind::Timeout
+        } else {
+            crate::service_health::FailureKind::Hard
+        }
+    }
 }
 
 /// What the client side knows that a PROXY v2 header can carry.

@@ -24,8 +24,11 @@ use tracing::{info, warn};
 
 use crate::backend::{self, BackendStream, ClientTls};
 use crate::registry::Registry;
-pub use crate::service_health::{LastError, Seen};
+pub use crate::service_health::{FailureKind, LastError, Seen};
 use crate::service_health::{ServiceHealth, Thresholds, Transition};
+
+/// Without active checks, how often a down service gets one real login through.
+const HALF_OPEN_AFTER: Duration = Duration::from_secs(10);
 use crate::settings::{Backend, Endpoint, HealthSettings, Settings};
 
 /// An operator's decision about a backend.
@@ -67,6 +70,8 @@ pub struct HealthReport {
     pub up: bool,
     /// What the checks say: unknown (not answered since start), up or down.
     pub seen: Seen,
+    /// Timeouts lately, forgiven because the service was answering: slow, not dead.
+    pub degraded: bool,
     /// The operator's decision, if any.
     pub admin: Option<AdminState>,
     /// Since when it is in its current state.
@@ -83,6 +88,9 @@ pub struct Health {
     /// SMTP-family services: the extension lines each backend's EHLO/LHLO allows
     /// Postern to advertise, learned by the checks.
     ehlo: RwLock<HashMap<(String, Protocol), Vec<String>>>,
+    /// The last `up <time>` each backend's operator state said (`postern backend up`):
+    /// a new one resets that backend's health.
+    operator_ups: RwLock<HashMap<String, String>>,
     settings: HealthSettings,
     registry: Arc<Registry>,
 }
@@ -102,6 +110,7 @@ impl Health {
             checks: RwLock::new(checks),
             admin: RwLock::new(HashMap::new()),
             ehlo: RwLock::new(HashMap::new()),
+            operator_ups: RwLock::new(HashMap::new()),
             settings: settings.health.clone(),
             registry,
         })
@@ -114,6 +123,11 @@ impl Health {
         if let (Ok(mut mine), Ok(theirs)) = (self.checks.write(), old.checks.read()) {
             for (key, check) in mine.iter_mut() {
                 if let Some(prev) = theirs.get(key) {
+                    // Without active checks nothing but a real login would ever bring
+                    // a down service back: a reload gives it a fresh start instead.
+                    if !self.settings.enabled && prev.seen() == Seen::Down {
+                        continue;
+                    }
                     *check = prev.clone();
                 }
             }
@@ -131,15 +145,54 @@ impl Health {
     }
 
     fn thresholds(&self) -> Thresholds {
+        let s = &self.settings;
         Thresholds {
-            rise: self.settings.rise,
-            fall: self.settings.fall,
-            startup_grace: self.settings.startup_grace,
+            rise: s.rise,
+            fall: s.fall,
+            startup_grace: s.startup_grace,
+            // A timeout within `fall` check intervals of a success (plus one check's
+            // own bound) comes from a backend that was answering a moment ago.
+            evidence_window: s.interval.saturating_mul(s.fall) + s.timeout,
+            half_open_after: (!s.enabled).then_some(HALF_OPEN_AFTER),
         }
     }
 
-    /// Records the outcome of a check or of a real connection attempt.
+    /// Records the outcome of a check or of a real connection attempt; a failure is a
+    /// hard one (refused, reset, TLS, wrong greeting).
     pub fn report(&self, backend: &str, protocol: Protocol, result: Result<(), String>) {
+        self.record(
+            backend,
+            protocol,
+            result.map_err(|e| (FailureKind::Hard, e)),
+        );
+    }
+
+    /// Records a failure of a given kind (a timeout may be slowness, not death).
+    pub fn report_failure(
+        &self,
+        backend: &str,
+        protocol: Protocol,
+        kind: FailureKind,
+        message: String,
+    ) {
+        self.record(backend, protocol, Err((kind, message)));
+    }
+
+    /// An operator said the backend is up (`postern backend up`): forget what checks
+    /// and real logins said of it, so a stale passive DOWN does not outlive the fix.
+    pub fn reset(&self, backend: &str) {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        if let Ok(mut checks) = self.checks.write() {
+            for ((b, _), c) in checks.iter_mut() {
+                if b == backend {
+                    c.reset(now, wall);
+                }
+            }
+        }
+        info!(backend, "backend health reset by the operator");
+    }
+
+    fn record(&self, backend: &str, protocol: Protocol, result: Result<(), (FailureKind, String)>) {
         let t = self.thresholds();
         let (transition, first_failure) = {
             let Ok(mut checks) = self.checks.write() else {
@@ -150,9 +203,9 @@ impl Health {
             };
             let unknown_before = c.seen() == Seen::Unknown && c.last_error().is_none();
             match result {
-                Ok(()) => (c.success(&t, SystemTime::now()), false),
-                Err(e) => (
-                    c.failure(&t, e, Instant::now(), SystemTime::now()),
+                Ok(()) => (c.success(&t, Instant::now(), SystemTime::now()), false),
+                Err((kind, e)) => (
+                    c.failure(&t, kind, e, Instant::now(), SystemTime::now()),
                     unknown_before,
                 ),
             }
@@ -190,6 +243,21 @@ impl Health {
 
     /// Applies the operator states read from the database.
     pub fn set_admin(&self, states: &[(String, String)]) {
+        // `postern backend up` writes "up <unix time>": the backend is normal again, and
+        // whatever real logins said of it is forgotten (a passive DOWN would otherwise
+        // outlive the fix when active checks are off). Each new stamp resets once.
+        let fresh_ups: Vec<String> = {
+            let mut seen = self.operator_ups.write().unwrap_or_else(|e| e.into_inner());
+            states
+                .iter()
+                .filter(|(_, s)| s.starts_with("up"))
+                .filter(|(b, s)| seen.insert(b.clone(), s.clone()).as_deref() != Some(s.as_str()))
+                .map(|(b, _)| b.clone())
+                .collect()
+        };
+        for b in fresh_ups {
+            self.reset(&b);
+        }
         let new: HashMap<String, AdminState> = states
             .iter()
             .filter_map(|(b, s)| AdminState::parse(s).map(|s| (b.clone(), s)))
@@ -273,6 +341,7 @@ impl Health {
                         backend: b.clone(),
                         protocol: *p,
                         up: c.routable(&self.thresholds()),
+                        degraded: c.degraded(&self.thresholds(), Instant::now()),
                         seen: c.seen(),
                         admin: admin.get(b).copied(),
                         since: c.since(),
@@ -292,13 +361,14 @@ impl Availability for Health {
         if admin == Some(AdminState::Down) {
             return BackendState::Down;
         }
+        let t = self.thresholds();
         let up = self
             .checks
-            .read()
+            .write()
             .ok()
-            .and_then(|c| {
-                c.get(&(backend.to_owned(), protocol))
-                    .map(|c| c.routable(&self.thresholds()))
+            .and_then(|mut c| {
+                c.get_mut(&(backend.to_owned(), protocol))
+                    .map(|c| c.routable(&t) || c.half_open(&t, Instant::now()))
             })
             .unwrap_or(false);
         match (up, admin) {
@@ -340,7 +410,7 @@ pub async fn run(settings: Arc<Settings>, health: Arc<Health>, cancel: Cancellat
                             health.record_extensions(&backend.name, protocol, lines);
                         }
                     });
-                    health.report(&backend.name, protocol, result);
+                    health.record(&backend.name, protocol, result);
                     tokio::select! {
                         () = tokio::time::sleep(settings.health.interval) => {}
                         () = cancel.cancelled() => return,
@@ -364,11 +434,14 @@ async fn check(
     protocol: Protocol,
     s: &HealthSettings,
     hostname: &str,
-) -> Result<Option<Vec<String>>, String> {
+) -> Result<Option<Vec<String>>, (FailureKind, String)> {
+    let hard = |e: String| (FailureKind::Hard, e);
     let Some(endpoint) = endpoint(backend, protocol) else {
-        return Err("protocol not served".into());
+        return Err(hard("protocol not served".into()));
     };
-    let local = "127.0.0.1:0".parse().map_err(|_| "address".to_string())?;
+    let local = "127.0.0.1:0"
+        .parse()
+        .map_err(|_| hard("address".to_string()))?;
     let info = ClientInfo {
         client: local,
         local,
@@ -388,23 +461,33 @@ async fn check(
             s.timeout,
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| (e.kind(), e.to_string()))?;
         if matches!(
             protocol,
             Protocol::Submission | Protocol::Smtp | Protocol::Lmtp
         ) {
-            return ehlo(stream, protocol, hostname).await.map(Some);
+            return ehlo(stream, protocol, hostname)
+                .await
+                .map(Some)
+                .map_err(hard);
         }
         match &backend.probe {
-            None => greeting(stream, protocol).await.map(|()| None),
+            None => greeting(stream, protocol)
+                .await
+                .map(|()| None)
+                .map_err(hard),
             Some(probe) => probe_login(backend, protocol, stream, probe, &info)
                 .await
-                .map(|()| None),
+                .map(|()| None)
+                .map_err(hard),
         }
     };
-    timeout(s.timeout, work)
-        .await
-        .map_err(|_| format!("no answer within {:?}", s.timeout))?
+    timeout(s.timeout, work).await.map_err(|_| {
+        (
+            FailureKind::Timeout,
+            format!("no answer within {:?}", s.timeout),
+        )
+    })?
 }
 
 /// EHLO (LHLO) and QUIT: the backend is up, and this is what it supports.
@@ -520,7 +603,10 @@ mod tests {
                 rise,
                 fall,
                 startup_grace: Duration::ZERO,
+                evidence_window: Duration::ZERO,
+                half_open_after: None,
             },
+            Instant::now(),
             SystemTime::now(),
         );
         checks.insert(("b1".to_owned(), Protocol::Imap), b1);
@@ -528,6 +614,7 @@ mod tests {
             checks: RwLock::new(checks),
             admin: RwLock::new(HashMap::new()),
             ehlo: RwLock::new(HashMap::new()),
+            operator_ups: RwLock::new(HashMap::new()),
             settings: HealthSettings {
                 rise,
                 fall,

@@ -535,7 +535,7 @@ impl Session<'_> {
                     return Err((Trouble::Unavailable, guard));
                 }
                 ctx.health
-                    .report(target.name, D::PROTOCOL, Err(e.to_string()));
+                    .report_failure(target.name, D::PROTOCOL, e.kind(), e.to_string());
                 // The failure may just have taken the backend down: route again, and
                 // a shared pool hands the user to another backend.
                 let down = ctx.health.state(target.name, D::PROTOCOL) == BackendState::Down;
@@ -585,12 +585,21 @@ impl Session<'_> {
             Err(_) => {
                 warn!("backend login timed out");
                 if target.known {
-                    ctx.health
-                        .report(target.name, D::PROTOCOL, Err("login timed out".into()));
+                    ctx.health.report_failure(
+                        target.name,
+                        D::PROTOCOL,
+                        crate::health::FailureKind::Timeout,
+                        "login timed out".into(),
+                    );
                 }
                 return Err((Trouble::Unavailable, guard));
             }
         };
+        // The backend answered the login, yes or no: real traffic, as good a sign of
+        // life as a check (an overloaded backend whose checks time out is not dead).
+        if target.known {
+            ctx.health.report(target.name, D::PROTOCOL, Ok(()));
+        }
         if guard.token().is_cancelled() {
             info!("kicked during login");
             return Err((Trouble::Unavailable, guard));

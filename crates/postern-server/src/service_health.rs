@@ -14,6 +14,16 @@
 //! daemon starts a few seconds after Postern is not an outage, so it is neither logged
 //! nor shown as down. It is routed to as if up, except once it has failed `fall` times
 //! in a row (then logins go where the pool allows, as for a down service).
+//!
+//! Slow is not dead. A timeout while the service showed signs of life shortly before
+//! (a check or a real login succeeded within `evidence_window`) makes it *degraded*:
+//! shown, but not counted toward `fall`, so an overloaded Dovecot that answers in 3 s
+//! keeps its users. Hard failures (refused, reset, TLS, a wrong greeting) and timeouts
+//! with no sign of life (a frozen process) count as before.
+//!
+//! Without active checks nothing would bring a service taken down by real logins back;
+//! then a down service lets one login through every `half_open_after` (a half-open
+//! circuit breaker), and its success brings the service back.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -63,6 +73,19 @@ pub struct Thresholds {
     pub fall: u32,
     /// After start, how long a service never seen up stays unknown.
     pub startup_grace: Duration,
+    /// A timeout this soon after a success is slowness, not death.
+    pub evidence_window: Duration,
+    /// Without active checks: how often a down service gets one login through.
+    pub half_open_after: Option<Duration>,
+}
+
+/// What kind of failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Refused, reset, TLS failure, a wrong greeting: the service is not there.
+    Hard,
+    /// No answer in time: dead, or only slow.
+    Timeout,
 }
 
 /// The last failure, with when it happened.
@@ -85,6 +108,12 @@ pub struct ServiceHealth {
     /// When this instance started watching (monotonic, for the grace).
     started: Instant,
     last_error: Option<LastError>,
+    /// The last success (check or real login), for telling slow from dead.
+    last_alive: Option<Instant>,
+    /// The last timeout forgiven as slowness.
+    last_slow: Option<Instant>,
+    /// Down: when the next half-open login may go through.
+    next_probe: Option<Instant>,
 }
 
 impl ServiceHealth {
@@ -97,6 +126,41 @@ impl ServiceHealth {
             since: wall,
             started: now,
             last_error: None,
+            last_alive: None,
+            last_slow: None,
+            next_probe: None,
+        }
+    }
+
+    /// Forgets everything learnt (an operator said the backend is up, or a reload
+    /// without active checks): unknown again, with a fresh start-up grace.
+    pub fn reset(&mut self, now: Instant, wall: SystemTime) {
+        *self = Self::new(now, wall);
+    }
+
+    /// Whether recent timeouts were forgiven as slowness (shown as degraded).
+    pub fn degraded(&self, t: &Thresholds, now: Instant) -> bool {
+        self.seen != Seen::Down
+            && self
+                .last_slow
+                .is_some_and(|at| now.saturating_duration_since(at) < t.evidence_window)
+    }
+
+    /// A down service without active checks: whether this login may try it (one per
+    /// `half_open_after`). Takes the slot when it says yes.
+    pub fn half_open(&mut self, t: &Thresholds, now: Instant) -> bool {
+        let Some(every) = t.half_open_after else {
+            return false;
+        };
+        if self.seen != Seen::Down {
+            return false;
+        }
+        match self.next_probe {
+            Some(at) if now < at => false,
+            _ => {
+                self.next_probe = Some(now + every);
+                true
+            }
         }
     }
 
@@ -126,8 +190,20 @@ impl ServiceHealth {
         self.last_error.as_ref()
     }
 
-    /// Records a success (a check, a login, bytes from the backend).
-    pub fn success(&mut self, t: &Thresholds, wall: SystemTime) -> Option<Transition> {
+    /// Records a success (a check, a real login).
+    pub fn success(
+        &mut self,
+        t: &Thresholds,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Option<Transition> {
+        self.last_alive = Some(now);
+        // Without active checks one real login is all the evidence there will be.
+        let rise = if t.half_open_after.is_some() {
+            1
+        } else {
+            t.rise
+        };
         self.ok_streak = self.ok_streak.saturating_add(1);
         self.fail_streak = 0;
         if self.ok_streak >= t.rise {
@@ -139,8 +215,9 @@ impl ServiceHealth {
                 self.enter(Seen::Up, wall);
                 Some(Transition::Up { was_down: false })
             }
-            Seen::Down if self.ok_streak >= t.rise => {
+            Seen::Down if self.ok_streak >= rise => {
                 self.enter(Seen::Up, wall);
+                self.next_probe = None;
                 Some(Transition::Up { was_down: true })
             }
             Seen::Down => None,
@@ -151,10 +228,20 @@ impl ServiceHealth {
     pub fn failure(
         &mut self,
         t: &Thresholds,
+        kind: FailureKind,
         message: String,
         now: Instant,
         wall: SystemTime,
     ) -> Option<Transition> {
+        let alive_lately = self
+            .last_alive
+            .is_some_and(|at| now.saturating_duration_since(at) < t.evidence_window);
+        if kind == FailureKind::Timeout && alive_lately && self.seen != Seen::Down {
+            // Slow, not dead: shown, not counted.
+            self.last_slow = Some(now);
+            self.last_error = Some(LastError { message, at: wall });
+            return None;
+        }
         self.fail_streak = self.fail_streak.saturating_add(1);
         self.ok_streak = 0;
         self.last_error = Some(LastError { message, at: wall });
@@ -164,10 +251,12 @@ impl ServiceHealth {
         match self.seen {
             Seen::Up => {
                 self.enter(Seen::Down, wall);
+                self.next_probe = t.half_open_after.map(|d| now + d);
                 Some(Transition::Down { never_up: false })
             }
             Seen::Unknown if now.saturating_duration_since(self.started) >= t.startup_grace => {
                 self.enter(Seen::Down, wall);
+                self.next_probe = t.half_open_after.map(|d| now + d);
                 Some(Transition::Down { never_up: true })
             }
             Seen::Unknown | Seen::Down => None,
@@ -188,7 +277,10 @@ mod tests {
         rise: 2,
         fall: 2,
         startup_grace: Duration::from_secs(10),
+        evidence_window: Duration::from_secs(6),
+        half_open_after: None,
     };
+    const H: FailureKind = FailureKind::Hard;
 
     fn at(start: Instant, secs: u64) -> Instant {
         start + Duration::from_secs(secs)
@@ -202,7 +294,7 @@ mod tests {
         assert_eq!(h.seen(), Seen::Unknown);
         assert!(h.routable(&T));
         for s in 0..4 {
-            let tr = h.failure(&T, "connect: refused".into(), at(start, s * 2), wall);
+            let tr = h.failure(&T, H, "connect: refused".into(), at(start, s * 2), wall);
             assert_eq!(tr, None, "within the grace nothing goes down");
             assert_eq!(h.seen(), Seen::Unknown);
         }
@@ -213,13 +305,13 @@ mod tests {
             Some("connect: refused")
         );
         assert_eq!(
-            h.success(&T, wall),
+            h.success(&T, start, wall),
             Some(Transition::Up { was_down: false })
         );
         assert_eq!(h.seen(), Seen::Up);
         // One success is not yet proof of health: the error stays, with its time.
         assert!(h.last_error().is_some());
-        assert_eq!(h.success(&T, wall), None);
+        assert_eq!(h.success(&T, start, wall), None);
         assert_eq!(h.last_error(), None, "cleared once the service is up again");
     }
 
@@ -228,15 +320,18 @@ mod tests {
         let start = Instant::now();
         let wall = SystemTime::now();
         let mut h = ServiceHealth::new(start, wall);
-        assert_eq!(h.failure(&T, "x".into(), at(start, 8), wall), None);
-        assert_eq!(h.failure(&T, "x".into(), at(start, 9), wall), None);
+        assert_eq!(h.failure(&T, H, "x".into(), at(start, 8), wall), None);
+        assert_eq!(h.failure(&T, H, "x".into(), at(start, 9), wall), None);
         assert_eq!(
-            h.failure(&T, "x".into(), at(start, 11), wall),
+            h.failure(&T, H, "x".into(), at(start, 11), wall),
             Some(Transition::Down { never_up: true })
         );
         assert_eq!(h.seen(), Seen::Down);
-        assert_eq!(h.success(&T, wall), None);
-        assert_eq!(h.success(&T, wall), Some(Transition::Up { was_down: true }));
+        assert_eq!(h.success(&T, start, wall), None);
+        assert_eq!(
+            h.success(&T, start, wall),
+            Some(Transition::Up { was_down: true })
+        );
     }
 
     #[test]
@@ -244,21 +339,141 @@ mod tests {
         let start = Instant::now();
         let wall = SystemTime::now();
         let mut h = ServiceHealth::new(start, wall);
-        h.success(&T, wall);
-        assert_eq!(h.failure(&T, "x".into(), at(start, 1), wall), None);
+        h.success(&T, start, wall);
+        assert_eq!(h.failure(&T, H, "x".into(), at(start, 1), wall), None);
         assert_eq!(h.seen(), Seen::Up);
         // A success between failures resets the streak.
-        h.success(&T, wall);
-        assert_eq!(h.failure(&T, "x".into(), at(start, 2), wall), None);
+        h.success(&T, start, wall);
+        assert_eq!(h.failure(&T, H, "x".into(), at(start, 2), wall), None);
         assert_eq!(
-            h.failure(&T, "y".into(), at(start, 3), wall),
+            h.failure(&T, H, "y".into(), at(start, 3), wall),
             Some(Transition::Down { never_up: false })
         );
         assert!(!h.routable(&T));
         assert_eq!(h.last_error().map(|e| e.message.as_str()), Some("y"));
-        assert_eq!(h.success(&T, wall), None);
+        assert_eq!(h.success(&T, start, wall), None);
         assert_eq!(h.seen(), Seen::Down);
-        assert_eq!(h.success(&T, wall), Some(Transition::Up { was_down: true }));
+        assert_eq!(
+            h.success(&T, start, wall),
+            Some(Transition::Up { was_down: true })
+        );
         assert_eq!(h.last_error(), None);
+    }
+}
+
+#[cfg(test)]
+mod slow_and_dead {
+    use super::*;
+
+    const T: Thresholds = Thresholds {
+        rise: 2,
+        fall: 2,
+        startup_grace: Duration::ZERO,
+        evidence_window: Duration::from_secs(6),
+        half_open_after: None,
+    };
+
+    fn secs(start: Instant, s: u64) -> Instant {
+        start + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn timeouts_while_logins_succeed_are_slowness_not_death() {
+        let (t0, wall) = (Instant::now(), SystemTime::now());
+        let mut h = ServiceHealth::new(t0, wall);
+        h.success(&T, t0, wall);
+        // An overloaded backend: every check times out, real logins keep succeeding.
+        for s in 1..30 {
+            assert_eq!(
+                h.failure(
+                    &T,
+                    FailureKind::Timeout,
+                    "no answer".into(),
+                    secs(t0, s),
+                    wall
+                ),
+                None
+            );
+            assert!(h.degraded(&T, secs(t0, s)));
+            h.success(&T, secs(t0, s), wall);
+        }
+        assert_eq!(h.seen(), Seen::Up);
+        assert!(h.routable(&T));
+        // Hard failures are not forgiven, however alive it was.
+        h.failure(&T, FailureKind::Hard, "refused".into(), secs(t0, 31), wall);
+        assert_eq!(
+            h.failure(&T, FailureKind::Hard, "refused".into(), secs(t0, 31), wall),
+            Some(Transition::Down { never_up: false })
+        );
+    }
+
+    #[test]
+    fn a_frozen_backend_times_out_with_no_sign_of_life_and_goes_down() {
+        let (t0, wall) = (Instant::now(), SystemTime::now());
+        let mut h = ServiceHealth::new(t0, wall);
+        h.success(&T, t0, wall);
+        // Frozen at t0: timeouts only. Within the evidence window they are forgiven...
+        assert_eq!(
+            h.failure(&T, FailureKind::Timeout, "x".into(), secs(t0, 2), wall),
+            None
+        );
+        assert_eq!(h.seen(), Seen::Up);
+        // ...then they count: down after `fall` of them.
+        assert_eq!(
+            h.failure(&T, FailureKind::Timeout, "x".into(), secs(t0, 7), wall),
+            None
+        );
+        assert_eq!(
+            h.failure(&T, FailureKind::Timeout, "x".into(), secs(t0, 9), wall),
+            Some(Transition::Down { never_up: false })
+        );
+        assert!(!h.degraded(&T, secs(t0, 9)));
+    }
+
+    #[test]
+    fn without_checks_a_down_service_lets_one_login_through_per_period() {
+        let t = Thresholds {
+            half_open_after: Some(Duration::from_secs(10)),
+            ..T
+        };
+        let (t0, wall) = (Instant::now(), SystemTime::now());
+        let mut h = ServiceHealth::new(t0, wall);
+        h.success(&t, t0, wall);
+        h.failure(
+            &t,
+            FailureKind::Timeout,
+            "login timed out".into(),
+            secs(t0, 40),
+            wall,
+        );
+        h.failure(
+            &t,
+            FailureKind::Timeout,
+            "login timed out".into(),
+            secs(t0, 41),
+            wall,
+        );
+        assert_eq!(h.seen(), Seen::Down);
+        assert!(!h.half_open(&t, secs(t0, 45)), "not before the hold");
+        assert!(h.half_open(&t, secs(t0, 51)));
+        assert!(!h.half_open(&t, secs(t0, 52)), "one login per period");
+        // That login fails: the next one a period later.
+        h.failure(&t, FailureKind::Hard, "refused".into(), secs(t0, 52), wall);
+        assert!(h.half_open(&t, secs(t0, 62)));
+        // It succeeds: up at once (no checks will add evidence).
+        assert_eq!(
+            h.success(&t, secs(t0, 62), wall),
+            Some(Transition::Up { was_down: true })
+        );
+        // With active checks there is no half-open: the checks decide.
+        let mut c = ServiceHealth::new(t0, wall);
+        c.success(&T, t0, wall);
+        c.failure(&T, FailureKind::Hard, "x".into(), secs(t0, 1), wall);
+        c.failure(&T, FailureKind::Hard, "x".into(), secs(t0, 1), wall);
+        assert!(!c.half_open(&T, secs(t0, 100)));
+        // An operator's `backend up` (or a reload) forgets it all.
+        c.reset(secs(t0, 100), wall);
+        assert_eq!(c.seen(), Seen::Unknown);
+        assert!(c.routable(&T));
     }
 }

@@ -365,7 +365,8 @@ async fn connect(
         Ok(s) => Some(s),
         Err(e) => {
             warn!(backend = name, error = %e, "backend connect failed");
-            ctx.health.report(name, protocol, Err(e.to_string()));
+            ctx.health
+                .report_failure(name, protocol, e.kind(), e.to_string());
             None
         }
     }

@@ -678,7 +678,11 @@ async fn backend_cmd(config: &Config, action: BackendAction) -> Result<ExitCode>
                     b.name,
                     b.pool,
                     b.weight,
-                    states.get(&b.name).map_or("normal", String::as_str),
+                    states
+                        .get(&b.name)
+                        .map(String::as_str)
+                        .filter(|s| !s.starts_with("up"))
+                        .unwrap_or("normal"),
                     counts.get(&b.name).copied().unwrap_or(0),
                     services.join(", ")
                 );
@@ -694,10 +698,18 @@ async fn backend_cmd(config: &Config, action: BackendAction) -> Result<ExitCode>
             set(&backend, Some("down")).await?;
             println!("{backend}: down (sessions end; shared-pool users fail over)");
         }
-        BackendAction::Undrain { backend } | BackendAction::Up { backend } => {
+        BackendAction::Undrain { backend } => {
             exists(&backend)?;
             set(&backend, None).await?;
             println!("{backend}: back to normal (health checks decide)");
+        }
+        BackendAction::Up { backend } => {
+            exists(&backend)?;
+            // Normal again, and every instance forgets what real logins said of it
+            // (a stale passive DOWN): the timestamp makes each `up` a new event.
+            let stamp = format!("up {}", postern_route::store::now_secs());
+            store.set_backend_state(&backend, Some(&stamp)).await?;
+            println!("{backend}: up (health forgotten on every instance; checks decide)");
         }
         BackendAction::Evacuate { backend, batch } => {
             exists(&backend)?;

@@ -230,6 +230,7 @@ async fn backends(state: &State) -> Value {
                                 r.admin,
                             ),
                             "checks": r.seen.as_str(),
+                            "degraded": r.degraded,
                             "since": rfc3339(r.since),
                             "since_unix": unix(r.since),
                             "last_error": r.last_error.as_ref().map(|e| e.message.as_str()),
