@@ -6,15 +6,14 @@
 //!            ▼                                                          │
 //!  greet ─▶ Ready ──STARTTLS──▶ WaitTls ──handle_tls_ready──▶ Ready ────┘
 //!            │  │
-//!            │  └─AUTHENTICATE─▶ AuthPlain / AuthLoginUser ─▶ AuthLoginPass
-//!            │                              │ (SASL response lines)
-//!            ▼ LOGIN                        ▼
-//!        WaitVerdict ◀──────────────────────┘
+//!            │  └─AUTHENTICATE─▶ Auth ◀─┐ (a sasl::Exchange: `+ ` challenge,
+//!            │                     │  └──┘  one response line each)
+//!            ▼ LOGIN               ▼
+//!        WaitVerdict ◀─────────────┘
 //!            │ Accepted ─▶ Done (into_handoff)      Refused / Failed ─▶ Ready
 //!  LOGOUT, too many errors, input too long ─▶ Closed
 //! ```
 
-use std::collections::VecDeque;
 use std::mem;
 use std::sync::Arc;
 
@@ -22,10 +21,11 @@ use imap_codec::CommandCodec;
 use imap_codec::decode::Decoder;
 use imap_codec::imap_types::auth::AuthMechanism;
 use imap_codec::imap_types::command::CommandBody;
-use postern_proto::sasl::{self, SaslError};
+use postern_proto::lines::trim_eol;
+use postern_proto::sasl::{self, Exchange, SaslError, Step};
 use postern_proto::{
-    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Reply,
-    Secret, Shutdown, Verdict,
+    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Output,
+    Reply, Shutdown, Verdict,
 };
 
 use crate::framing::{self, Frame, Framer, Limits, Mode};
@@ -85,10 +85,7 @@ impl Default for Options {
 #[derive(Debug)]
 enum State {
     Ready,
-    AuthPlain { tag: String },
-    AuthLoginUser { tag: String },
-    AuthLoginPass { tag: String, user: String },
-    AuthOAuth { tag: String, mechanism: Mechanism },
+    Auth { tag: String, exchange: Exchange },
     WaitTls,
     WaitVerdict { tag: String },
     Done,
@@ -101,8 +98,7 @@ pub struct Front {
     opts: Arc<Options>,
     state: State,
     framer: Framer,
-    out: Vec<u8>,
-    events: VecDeque<Event>,
+    out: Output,
     tls: bool,
     bad_commands: u32,
     auth_failures: u32,
@@ -118,8 +114,7 @@ impl Front {
             opts,
             state: State::Ready,
             framer: Framer::new(),
-            out: Vec::new(),
-            events: VecDeque::new(),
+            out: Output::new(),
             tls,
             bad_commands: 0,
             auth_failures: 0,
@@ -179,15 +174,10 @@ impl Front {
         }
     }
 
-    fn send(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.out.extend_from_slice(b"\r\n");
-    }
-
     fn close(&mut self, reason: CloseReason) {
         self.state = State::Closed;
         self.framer.clear();
-        self.events.push_back(Event::Close(reason));
+        self.out.event(Event::Close(reason));
     }
 
     /// Runs every complete command in the buffer, in order, until one needs the driver.
@@ -195,17 +185,14 @@ impl Front {
         loop {
             let mode = match self.state {
                 State::Ready => Mode::Command,
-                State::AuthPlain { .. }
-                | State::AuthLoginUser { .. }
-                | State::AuthLoginPass { .. }
-                | State::AuthOAuth { .. } => Mode::Line,
+                State::Auth { .. } => Mode::Line,
                 State::WaitTls | State::WaitVerdict { .. } | State::Done | State::Closed => {
                     return;
                 }
             };
             match self.framer.poll(mode, self.limits()) {
                 Frame::Incomplete => return,
-                Frame::Continue => self.send("+ OK"),
+                Frame::Continue => self.out.line("+ OK"),
                 Frame::Message(len) => {
                     let message = self.framer.message(len).to_vec();
                     self.framer.consume(len);
@@ -219,24 +206,26 @@ impl Front {
                     let tag = framing::tag_of(self.framer.message(self.framer.buffered()))
                         .unwrap_or("*")
                         .to_owned();
-                    self.send(&format!("{tag} BAD Command line too long."));
-                    self.send("* BYE Input too long, closing connection.");
-                    self.events.push_back(Event::Rejected("line too long"));
+                    self.out.line(&format!("{tag} BAD Command line too long."));
+                    self.out.line("* BYE Input too long, closing connection.");
+                    self.out.event(Event::Rejected("line too long"));
                     self.close(CloseReason::InputTooLong);
                 }
                 Frame::LiteralTooLarge { sync } => {
                     let tag = framing::tag_of(self.framer.message(self.framer.buffered()))
                         .unwrap_or("*")
                         .to_owned();
-                    self.send(&format!("{tag} BAD [TOOBIG] Literal too large."));
-                    self.events.push_back(Event::Rejected("literal too large"));
+                    self.out
+                        .line(&format!("{tag} BAD [TOOBIG] Literal too large."));
+                    self.out.event(Event::Rejected("literal too large"));
                     if sync {
                         self.framer.discard_scanned();
                         self.count_bad();
                     } else {
                         // The data is already on its way and cannot be told apart from
                         // commands: the only safe answer is to close.
-                        self.send("* BYE Literal too large, closing connection.");
+                        self.out
+                            .line("* BYE Literal too large, closing connection.");
                         self.close(CloseReason::InputTooLong);
                     }
                 }
@@ -247,9 +236,9 @@ impl Front {
     fn command(&mut self, message: &[u8]) {
         self.commands = self.commands.saturating_add(1);
         if self.commands > self.opts.max_commands {
-            self.send("* BYE Too many commands before login.");
-            self.events
-                .push_back(Event::Rejected("too many commands before login"));
+            self.out.line("* BYE Too many commands before login.");
+            self.out
+                .event(Event::Rejected("too many commands before login"));
             return self.close(CloseReason::TooManyErrors);
         }
         let command = match CommandCodec::default().decode(message) {
@@ -266,13 +255,13 @@ impl Front {
         match command.body {
             CommandBody::Capability => {
                 let caps = format!("* CAPABILITY {}", self.capabilities());
-                self.send(&caps);
-                self.send(&format!("{tag} OK Capability completed."));
+                self.out.line(&caps);
+                self.out.line(&format!("{tag} OK Capability completed."));
             }
-            CommandBody::Noop => self.send(&format!("{tag} OK NOOP completed.")),
+            CommandBody::Noop => self.out.line(&format!("{tag} OK NOOP completed.")),
             CommandBody::Logout => {
-                self.send("* BYE Logging out.");
-                self.send(&format!("{tag} OK Logout completed."));
+                self.out.line("* BYE Logging out.");
+                self.out.line(&format!("{tag} OK Logout completed."));
                 self.close(CloseReason::Logout);
             }
             CommandBody::StartTLS => self.starttls(&tag),
@@ -282,8 +271,8 @@ impl Front {
                     (k.as_ref(), v)
                 });
                 self.client_id = Some(ClientId::sanitize(pairs));
-                self.send("* ID NIL");
-                self.send(&format!("{tag} OK ID completed."));
+                self.out.line("* ID NIL");
+                self.out.line(&format!("{tag} OK ID completed."));
             }
             CommandBody::Login { username, password } => {
                 if !self.auth_allowed() {
@@ -293,16 +282,7 @@ impl Front {
                     return self.undecodable(&tag);
                 };
                 let password = password.declassify().as_ref().to_vec();
-                self.authenticate(
-                    tag,
-                    Credentials {
-                        mechanism: Mechanism::Cleartext,
-                        authzid: None,
-                        user,
-                        password: Secret::new(password),
-                        challenge: None,
-                    },
-                );
+                self.authenticate(tag, Credentials::new(Mechanism::Cleartext, user, password));
             }
             CommandBody::Authenticate {
                 mechanism,
@@ -311,38 +291,19 @@ impl Front {
                 if !self.auth_allowed() {
                     return self.privacy_required(&tag);
                 }
-                let ir = initial_response.map(|ir| ir.declassify().to_vec());
-                match mechanism {
-                    AuthMechanism::Plain => match ir {
-                        Some(ir) => self.plain(tag, &ir),
-                        None => {
-                            self.send("+ ");
-                            self.state = State::AuthPlain { tag };
-                        }
-                    },
-                    AuthMechanism::Login => match ir {
-                        Some(user) => self.login_user(tag, &user),
-                        None => {
-                            self.send(&format!("+ {}", sasl::LOGIN_USER_PROMPT));
-                            self.state = State::AuthLoginUser { tag };
-                        }
-                    },
-                    AuthMechanism::XOAuth2 | AuthMechanism::OAuthBearer if self.opts.oauth => {
-                        let mechanism = if mechanism == AuthMechanism::XOAuth2 {
-                            Mechanism::XOAuth2
-                        } else {
-                            Mechanism::OAuthBearer
-                        };
-                        match ir {
-                            Some(message) => self.oauth(tag, mechanism, &message),
-                            None => {
-                                self.send("+ ");
-                                self.state = State::AuthOAuth { tag, mechanism };
-                            }
-                        }
+                let mechanism = match mechanism {
+                    AuthMechanism::Plain => Mechanism::Plain,
+                    AuthMechanism::Login => Mechanism::Login,
+                    AuthMechanism::XOAuth2 if self.opts.oauth => Mechanism::XOAuth2,
+                    AuthMechanism::OAuthBearer if self.opts.oauth => Mechanism::OAuthBearer,
+                    _ => {
+                        return self
+                            .out
+                            .line(&format!("{tag} NO Unsupported authentication mechanism."));
                     }
-                    _ => self.send(&format!("{tag} NO Unsupported authentication mechanism.")),
-                }
+                };
+                let ir = initial_response.map(|ir| ir.declassify().to_vec());
+                self.sasl_step(tag, Exchange::start_decoded(mechanism, ir));
             }
             _ => self.bad(&tag, "Command not permitted before authentication."),
         }
@@ -355,112 +316,65 @@ impl Front {
         if !self.opts.starttls {
             return self.bad(tag, "STARTTLS is not available.");
         }
-        self.send(&format!("{tag} OK Begin TLS negotiation now."));
+        self.out
+            .line(&format!("{tag} OK Begin TLS negotiation now."));
         if self.framer.buffered() > 0 {
-            self.events.push_back(Event::Rejected(
+            self.out.event(Event::Rejected(
                 "discarded plaintext pipelined after STARTTLS",
             ));
         }
         self.framer.clear();
         self.state = State::WaitTls;
-        self.events.push_back(Event::StartTls);
+        self.out.event(Event::StartTls);
     }
 
     fn sasl_response(&mut self, line: &[u8]) {
-        let state = mem::replace(&mut self.state, State::Ready);
-        let tag = match &state {
-            State::AuthPlain { tag }
-            | State::AuthLoginUser { tag }
-            | State::AuthLoginPass { tag, .. }
-            | State::AuthOAuth { tag, .. } => tag.clone(),
-            _ => {
-                self.state = state;
-                return;
+        match mem::replace(&mut self.state, State::Ready) {
+            State::Auth { tag, exchange } => self.sasl_step(tag, exchange.feed(line)),
+            other => self.state = other,
+        }
+    }
+
+    fn sasl_step(&mut self, tag: String, step: Step) {
+        match step {
+            Step::Challenge(exchange) => {
+                self.out
+                    .line(&format!("+ {}", sasl::encode(exchange.challenge())));
+                self.state = State::Auth { tag, exchange };
             }
-        };
-        let data = match sasl::decode_response(line) {
-            Ok(data) => data,
-            Err(SaslError::Cancelled) => {
-                return self.send(&format!("{tag} BAD Authentication cancelled."));
+            Step::Done(creds) => self.authenticate(tag, creds),
+            Step::Failed(SaslError::Cancelled) => self
+                .out
+                .line(&format!("{tag} BAD Authentication cancelled.")),
+            Step::Failed(SaslError::BadBase64) => {
+                self.bad(&tag, "Invalid base64 data in SASL response.");
             }
-            Err(_) => return self.bad(&tag, "Invalid base64 data in SASL response."),
-        };
-        match state {
-            State::AuthLoginUser { .. } => self.login_user(tag, &data),
-            State::AuthLoginPass { user, .. } => self.login_password(tag, user, data),
-            State::AuthOAuth { mechanism, .. } => self.oauth(tag, mechanism, &data),
-            _ => self.plain(tag, &data),
+            Step::Failed(_) => self.undecodable(&tag),
         }
-    }
-
-    fn oauth(&mut self, tag: String, mechanism: Mechanism, message: &[u8]) {
-        let creds = if mechanism == Mechanism::XOAuth2 {
-            sasl::decode_xoauth2(message)
-        } else {
-            sasl::decode_oauthbearer(message)
-        };
-        match creds {
-            Ok(creds) => self.authenticate(tag, creds),
-            Err(_) => self.undecodable(&tag),
-        }
-    }
-
-    fn plain(&mut self, tag: String, message: &[u8]) {
-        match sasl::decode_plain(message) {
-            Ok(creds) => self.authenticate(tag, creds),
-            Err(_) => self.undecodable(&tag),
-        }
-    }
-
-    fn login_user(&mut self, tag: String, user: &[u8]) {
-        match sasl::identity(user) {
-            Ok(user) => {
-                self.send(&format!("+ {}", sasl::LOGIN_PASS_PROMPT));
-                self.state = State::AuthLoginPass { tag, user };
-            }
-            Err(_) => self.undecodable(&tag),
-        }
-    }
-
-    fn login_password(&mut self, tag: String, user: String, password: Vec<u8>) {
-        if password.is_empty() {
-            return self.undecodable(&tag);
-        }
-        self.authenticate(
-            tag,
-            Credentials {
-                mechanism: Mechanism::Login,
-                authzid: None,
-                user,
-                password: Secret::new(password),
-                challenge: None,
-            },
-        );
     }
 
     fn authenticate(&mut self, tag: String, creds: Credentials) {
         self.state = State::WaitVerdict { tag };
-        self.events.push_back(Event::Authenticate(creds));
+        self.out.event(Event::Authenticate(creds));
     }
 
     fn privacy_required(&mut self, tag: &str) {
-        self.send(&format!(
+        self.out.line(&format!(
             "{tag} NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure connections; use STARTTLS first."
         ));
-        self.events
-            .push_back(Event::Rejected("plaintext authentication before TLS"));
+        self.out
+            .event(Event::Rejected("plaintext authentication before TLS"));
     }
 
     /// Undecodable credentials: the failed-login reply, and a log line, so that a
     /// guesser does not go unseen because its input was malformed.
     fn undecodable(&mut self, tag: &str) {
-        self.events
-            .push_back(Event::Rejected("undecodable credentials"));
+        self.out.event(Event::Rejected("undecodable credentials"));
         self.auth_failed(tag);
     }
 
     fn auth_failed(&mut self, tag: &str) {
-        self.send(&format!(
+        self.out.line(&format!(
             "{tag} NO [AUTHENTICATIONFAILED] Authentication failed."
         ));
         self.count_auth_failure();
@@ -469,29 +383,24 @@ impl Front {
     fn count_auth_failure(&mut self) {
         self.auth_failures += 1;
         if self.auth_failures >= self.opts.max_auth_failures {
-            self.send("* BYE Too many authentication failures.");
+            self.out.line("* BYE Too many authentication failures.");
             self.close(CloseReason::TooManyAuthFailures);
         }
     }
 
     fn bad(&mut self, tag: &str, text: &str) {
-        self.send(&format!("{tag} BAD {text}"));
-        self.events.push_back(Event::Rejected("invalid command"));
+        self.out.line(&format!("{tag} BAD {text}"));
+        self.out.event(Event::Rejected("invalid command"));
         self.count_bad();
     }
 
     fn count_bad(&mut self) {
         self.bad_commands += 1;
         if self.bad_commands > self.opts.max_bad_commands {
-            self.send("* BYE Too many invalid commands.");
+            self.out.line("* BYE Too many invalid commands.");
             self.close(CloseReason::TooManyErrors);
         }
     }
-}
-
-fn trim_eol(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 impl FrontEnd for Front {
@@ -539,17 +448,17 @@ impl FrontEnd for Front {
             }
             Verdict::Failed(Failure::AuthFailed) => self.auth_failed(&tag),
             Verdict::Failed(Failure::Limited(Limit::UserSessions)) => {
-                self.send(&format!(
+                self.out.line(&format!(
                     "{tag} NO [LIMIT] Too many sessions for this user."
                 ));
             }
             Verdict::Failed(Failure::Limited(_)) => {
-                self.send(&format!(
+                self.out.line(&format!(
                     "{tag} NO [LIMIT] Too many failed logins, try again later."
                 ));
                 self.count_auth_failure();
             }
-            Verdict::Failed(_) => self.send(&format!(
+            Verdict::Failed(_) => self.out.line(&format!(
                 "{tag} NO [UNAVAILABLE] Service temporarily unavailable, try again later."
             )),
         }
@@ -560,14 +469,13 @@ impl FrontEnd for Front {
         if matches!(self.state, State::Closed) {
             return;
         }
-        self.send(&format!("* BYE {}", why.text()));
+        self.out.line(&format!("* BYE {}", why.text()));
         self.close(CloseReason::Internal);
     }
 
     fn refuse(&mut self, limit: Limit, retry_after: Option<std::time::Duration>) {
         self.out.clear();
-        self.events.clear();
-        self.send(&format!(
+        self.out.line(&format!(
             "* BYE [LIMIT] {}",
             limit.refusal_text(retry_after)
         ));
@@ -575,15 +483,11 @@ impl FrontEnd for Front {
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {
-        if out.is_empty() {
-            mem::swap(out, &mut self.out);
-        } else {
-            out.append(&mut self.out);
-        }
+        self.out.poll_transmit(out);
     }
 
     fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.poll_event()
     }
 
     fn start_login(

@@ -344,6 +344,32 @@ fn authenticate_login_mechanism() {
 }
 
 #[test]
+fn authenticate_login_failures_at_each_step() {
+    let (mut t, _) = T::new(true);
+    // A user name with a line break is refused before any password is asked for.
+    assert_eq!(t.send(b"a AUTHENTICATE LOGIN\r\n"), "+ VXNlcm5hbWU6\r\n");
+    assert_eq!(
+        t.send(b"YWwKaWNl\r\n"),
+        "a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
+    );
+    // Cancelled or undecodable at the password prompt.
+    assert_eq!(
+        t.send(b"b AUTHENTICATE LOGIN YWxpY2U=\r\n"),
+        "+ UGFzc3dvcmQ6\r\n"
+    );
+    assert_eq!(t.send(b"*\r\n"), "b BAD Authentication cancelled.\r\n");
+    assert_eq!(t.send(b"c AUTHENTICATE LOGIN\r\n"), "+ VXNlcm5hbWU6\r\n");
+    assert_eq!(t.send(b"YWxpY2U=\r\n"), "+ UGFzc3dvcmQ6\r\n");
+    assert_eq!(
+        t.send(b"!!\r\n"),
+        "c BAD Invalid base64 data in SASL response.\r\n"
+    );
+    assert_eq!(t.send(b"d NOOP\r\n"), "d OK NOOP completed.\r\n");
+    assert!(!t.events.iter().any(|e| matches!(e, Event::Authenticate(_))));
+    assert_eq!(t.closed(), None);
+}
+
+#[test]
 fn accepted_login_hands_off_pipelined_bytes() {
     let (mut t, _) = T::new(true);
     assert_eq!(t.send(b"a1 LOGIN alice pw\r\na2 SELECT INBOX\r\na3 NO"), "");

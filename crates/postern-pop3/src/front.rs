@@ -8,10 +8,10 @@
 //!            ▼                                                            │
 //!  greet ─▶ Ready ──STLS──▶ WaitTls ──handle_tls_ready──▶ Ready ──────────┘
 //!            │  │
-//!            │  └─AUTH PLAIN / LOGIN─▶ AuthPlain / AuthLoginUser ─▶ AuthLoginPass
-//!            │                                  │ (SASL response lines; `*` ─▶ Ready)
-//!            ▼ PASS / APOP                      ▼
-//!        WaitVerdict ◀──────────────────────────┘
+//!            │  └─AUTH <mechanism>─▶ Auth ◀─┐ (a sasl::Exchange: `+ ` challenge,
+//!            │                         │  └──┘  one response line each; `*` ─▶ Ready)
+//!            ▼ PASS / APOP             ▼
+//!        WaitVerdict ◀─────────────────┘
 //!            │ Accepted ─▶ Done (into_handoff)      Refused / Failed ─▶ Ready
 //!  QUIT, too many errors or failures, line too long ─▶ Closed
 //! ```
@@ -20,15 +20,14 @@
 //! gets exactly one reply (one `+OK`/`-ERR` line, or a `.`-terminated list), and a
 //! closing session sends nothing after the reply to the command that closed it.
 
-use std::collections::VecDeque;
 use std::mem;
 use std::sync::Arc;
 
 use postern_proto::lines::{Line, LineBuf};
-use postern_proto::sasl::{self, SaslError};
+use postern_proto::sasl::{self, Exchange, SaslError, Step};
 use postern_proto::{
-    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Reply,
-    Secret, Shutdown, Verdict,
+    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Output,
+    Reply, Shutdown, Verdict,
 };
 
 use crate::login::{Login, LoginOptions};
@@ -128,10 +127,7 @@ pub fn apop_timestamp(unique: &str, host: &str) -> Option<String> {
 #[derive(Debug)]
 enum State {
     Ready,
-    AuthPlain,
-    AuthOAuth(Mechanism),
-    AuthLoginUser,
-    AuthLoginPass { user: String },
+    Auth(Exchange),
     WaitTls,
     WaitVerdict,
     Done,
@@ -146,8 +142,7 @@ pub struct Front {
     apop: Option<String>,
     state: State,
     lines: LineBuf,
-    out: Vec<u8>,
-    events: VecDeque<Event>,
+    out: Output,
     tls: bool,
     /// The name given by USER, waiting for PASS.
     user: Option<String>,
@@ -178,14 +173,14 @@ impl Front {
             greeting.push(' ');
             greeting.push_str(ts);
         }
-        greeting.push_str("\r\n");
+        let mut out = Output::new();
+        out.line(&greeting);
         Self {
             opts,
             apop,
             state: State::Ready,
             lines: LineBuf::new(),
-            out: greeting.into_bytes(),
-            events: VecDeque::new(),
+            out,
             tls,
             user: None,
             bad_commands: 0,
@@ -204,16 +199,11 @@ impl Front {
         self.tls || self.opts.insecure_plaintext_auth
     }
 
-    fn send(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.out.extend_from_slice(b"\r\n");
-    }
-
     fn close(&mut self, reason: CloseReason) {
         self.state = State::Closed;
         self.user = None;
         self.lines.clear();
-        self.events.push_back(Event::Close(reason));
+        self.out.event(Event::Close(reason));
     }
 
     /// Answers every complete line in the buffer, in order, until one needs the driver.
@@ -221,18 +211,15 @@ impl Front {
         loop {
             let command = match self.state {
                 State::Ready => true,
-                State::AuthPlain
-                | State::AuthOAuth(_)
-                | State::AuthLoginUser
-                | State::AuthLoginPass { .. } => false,
+                State::Auth(_) => false,
                 State::WaitTls | State::WaitVerdict | State::Done | State::Closed => return,
             };
             match self.lines.poll(self.opts.max_line) {
                 Line::Incomplete => return,
                 Line::TooLong => {
                     // The rest of the line could look like a command: no resync.
-                    self.send("-ERR Line too long, closing connection.");
-                    self.events.push_back(Event::Rejected("line too long"));
+                    self.out.line("-ERR Line too long, closing connection.");
+                    self.out.event(Event::Rejected("line too long"));
                     return self.close(CloseReason::InputTooLong);
                 }
                 Line::Complete(len) => {
@@ -251,9 +238,10 @@ impl Front {
     fn command(&mut self, line: &[u8]) {
         self.commands = self.commands.saturating_add(1);
         if self.commands > self.opts.max_commands {
-            self.send("-ERR Too many commands before login, closing connection.");
-            self.events
-                .push_back(Event::Rejected("too many commands before login"));
+            self.out
+                .line("-ERR Too many commands before login, closing connection.");
+            self.out
+                .event(Event::Rejected("too many commands before login"));
             return self.close(CloseReason::TooManyErrors);
         }
         let (verb, arg) = match line.iter().position(|&b| b == b' ') {
@@ -267,9 +255,9 @@ impl Front {
         if is("CAPA") && no_arg {
             self.capa();
         } else if is("NOOP") && no_arg {
-            self.send("+OK");
+            self.out.line("+OK");
         } else if is("QUIT") && no_arg {
-            self.send("+OK Logging out.");
+            self.out.line("+OK Logging out.");
             self.close(CloseReason::Logout);
         } else if is("STLS") && no_arg {
             self.stls();
@@ -321,15 +309,15 @@ impl Front {
         if !self.opts.starttls {
             return self.bad("STLS unavailable", "STLS is not available.");
         }
-        self.send("+OK Begin TLS negotiation");
+        self.out.line("+OK Begin TLS negotiation");
         // CVE-2011-0411: nothing sent in plaintext may be acted on inside TLS.
         if self.lines.clear() > 0 {
-            self.events
-                .push_back(Event::Rejected("discarded plaintext pipelined after STLS"));
+            self.out
+                .event(Event::Rejected("discarded plaintext pipelined after STLS"));
         }
         self.user = None;
         self.state = State::WaitTls;
-        self.events.push_back(Event::StartTls);
+        self.out.event(Event::StartTls);
     }
 
     fn user_command(&mut self, arg: Option<&[u8]>) {
@@ -344,7 +332,7 @@ impl Front {
             Ok(name) => {
                 self.user = Some(name);
                 // The same answer for every name: no user enumeration.
-                self.send("+OK");
+                self.out.line("+OK");
             }
             Err(_) => {
                 self.user = None;
@@ -365,13 +353,11 @@ impl Front {
         };
         // The rest of the line is the password, spaces included (RFC 1939 §7 allows
         // them), so it is never trimmed or split.
-        self.authenticate(Credentials {
-            mechanism: Mechanism::Cleartext,
-            authzid: None,
+        self.authenticate(Credentials::new(
+            Mechanism::Cleartext,
             user,
-            password: Secret::new(password.to_vec()),
-            challenge: None,
-        });
+            password.to_vec(),
+        ));
     }
 
     fn auth(&mut self, arg: Option<&[u8]>) {
@@ -390,52 +376,16 @@ impl Front {
             return self.privacy_required();
         }
         self.user = None;
-        let (mechanism, ir) = match arg.iter().position(|&b| b == b' ') {
+        let (name, ir) = match arg.iter().position(|&b| b == b' ') {
             Some(i) => (arg.get(..i).unwrap_or_default(), arg.get(i + 1..)),
             None => (arg, None),
         };
-        let plain = mechanism.eq_ignore_ascii_case(b"PLAIN");
-        let oauth = if !self.opts.oauth {
-            None
-        } else if mechanism.eq_ignore_ascii_case(b"XOAUTH2") {
-            Some(Mechanism::XOAuth2)
-        } else if mechanism.eq_ignore_ascii_case(b"OAUTHBEARER") {
-            Some(Mechanism::OAuthBearer)
-        } else {
-            None
+        let Some(mechanism) =
+            Mechanism::from_sasl_name(name).filter(|m| self.opts.oauth || !m.is_oauth())
+        else {
+            return self.out.line("-ERR Unsupported authentication mechanism.");
         };
-        if !plain && oauth.is_none() && !mechanism.eq_ignore_ascii_case(b"LOGIN") {
-            return self.send("-ERR Unsupported authentication mechanism.");
-        }
-        let ir = match ir.map(sasl::decode_response) {
-            None => None,
-            Some(Ok(data)) => Some(data),
-            Some(Err(SaslError::Cancelled)) => {
-                return self.send("-ERR Authentication cancelled.");
-            }
-            Some(Err(_)) => return self.bad("bad base64", "Invalid base64 data."),
-        };
-        if let Some(mechanism) = oauth {
-            return match ir {
-                Some(message) => self.oauth(mechanism, &message),
-                None => {
-                    self.send("+ ");
-                    self.state = State::AuthOAuth(mechanism);
-                }
-            };
-        }
-        match (plain, ir) {
-            (true, Some(message)) => self.plain(&message),
-            (true, None) => {
-                self.send("+ ");
-                self.state = State::AuthPlain;
-            }
-            (false, Some(user)) => self.login_user(&user),
-            (false, None) => {
-                self.send(&format!("+ {}", sasl::LOGIN_USER_PROMPT));
-                self.state = State::AuthLoginUser;
-            }
-        }
+        self.sasl_step(Exchange::start(mechanism, ir));
     }
 
     /// RFC 1939 §7. APOP is allowed before TLS: it never sends the password, which is
@@ -462,96 +412,56 @@ impl Front {
             return self.undecodable();
         };
         self.authenticate(Credentials {
-            mechanism: Mechanism::Apop,
-            authzid: None,
-            user,
-            // RFC 1939 says lower case; normalized so the driver compares hex to hex.
-            password: Secret::new(digest.to_ascii_lowercase()),
             challenge: Some(timestamp),
+            // RFC 1939 says lower case; normalized so the driver compares hex to hex.
+            ..Credentials::new(Mechanism::Apop, user, digest.to_ascii_lowercase())
         });
     }
 
     fn sasl_response(&mut self, line: &[u8]) {
-        let state = mem::replace(&mut self.state, State::Ready);
-        let data = match sasl::decode_response(line) {
-            Ok(data) => data,
-            Err(SaslError::Cancelled) => return self.send("-ERR Authentication cancelled."),
-            Err(_) => return self.bad("bad base64", "Invalid base64 data."),
-        };
-        match state {
-            State::AuthLoginUser => self.login_user(&data),
-            State::AuthLoginPass { user } => self.login_password(user, data),
-            State::AuthOAuth(mechanism) => self.oauth(mechanism, &data),
-            _ => self.plain(&data),
+        match mem::replace(&mut self.state, State::Ready) {
+            State::Auth(exchange) => self.sasl_step(exchange.feed(line)),
+            other => self.state = other,
         }
     }
 
-    fn oauth(&mut self, mechanism: Mechanism, message: &[u8]) {
-        let creds = if mechanism == Mechanism::XOAuth2 {
-            sasl::decode_xoauth2(message)
-        } else {
-            sasl::decode_oauthbearer(message)
-        };
-        match creds {
-            Ok(creds) => self.authenticate(creds),
-            Err(_) => self.undecodable(),
-        }
-    }
-
-    fn plain(&mut self, message: &[u8]) {
-        match sasl::decode_plain(message) {
-            Ok(creds) => self.authenticate(creds),
-            Err(_) => self.undecodable(),
-        }
-    }
-
-    fn login_user(&mut self, user: &[u8]) {
-        match sasl::identity(user) {
-            Ok(user) => {
-                self.send(&format!("+ {}", sasl::LOGIN_PASS_PROMPT));
-                self.state = State::AuthLoginPass { user };
+    fn sasl_step(&mut self, step: Step) {
+        match step {
+            Step::Challenge(exchange) => {
+                self.out
+                    .line(&format!("+ {}", sasl::encode(exchange.challenge())));
+                self.state = State::Auth(exchange);
             }
-            Err(_) => self.undecodable(),
+            Step::Done(creds) => self.authenticate(creds),
+            Step::Failed(SaslError::Cancelled) => self.out.line("-ERR Authentication cancelled."),
+            Step::Failed(SaslError::BadBase64) => self.bad("bad base64", "Invalid base64 data."),
+            Step::Failed(_) => self.undecodable(),
         }
-    }
-
-    fn login_password(&mut self, user: String, password: Vec<u8>) {
-        if password.is_empty() {
-            return self.undecodable();
-        }
-        self.authenticate(Credentials {
-            mechanism: Mechanism::Login,
-            authzid: None,
-            user,
-            password: Secret::new(password),
-            challenge: None,
-        });
     }
 
     fn authenticate(&mut self, creds: Credentials) {
         self.state = State::WaitVerdict;
-        self.events.push_back(Event::Authenticate(creds));
+        self.out.event(Event::Authenticate(creds));
     }
 
     fn privacy_required(&mut self) {
         self.user = None;
-        self.send(
+        self.out.line(
             "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS first.",
         );
-        self.events
-            .push_back(Event::Rejected("plaintext authentication before TLS"));
+        self.out
+            .event(Event::Rejected("plaintext authentication before TLS"));
     }
 
     /// Credentials that cannot be decoded get the failed-login reply, and a log line:
     /// a guesser must not go unseen because its input was malformed.
     fn undecodable(&mut self) {
-        self.events
-            .push_back(Event::Rejected("undecodable credentials"));
+        self.out.event(Event::Rejected("undecodable credentials"));
         self.auth_failed();
     }
 
     fn auth_failed(&mut self) {
-        self.send("-ERR [AUTH] Authentication failed.");
+        self.out.line("-ERR [AUTH] Authentication failed.");
         self.count_auth_failure();
     }
 
@@ -565,20 +475,21 @@ impl Front {
     /// Answers an invalid command. Over the budget, the answer says why the connection
     /// closes instead: POP3 has no untagged line to say it separately.
     fn bad(&mut self, reason: &'static str, text: &str) {
-        self.events.push_back(Event::Rejected(reason));
+        self.out.event(Event::Rejected(reason));
         self.bad_commands = self.bad_commands.saturating_add(1);
         if self.bad_commands > self.opts.max_bad_commands {
-            self.send("-ERR Too many invalid commands, closing connection.");
+            self.out
+                .line("-ERR Too many invalid commands, closing connection.");
             self.close(CloseReason::TooManyErrors);
         } else {
-            self.send(&format!("-ERR {text}"));
+            self.out.line(&format!("-ERR {text}"));
         }
     }
 
     /// `+OK`/`-ERR` with the backend's text, which cannot break the line.
     fn send_status(&mut self, status: &str, text: &[u8], default: &str) {
         self.out.extend_from_slice(status.as_bytes());
-        self.out.push(b' ');
+        self.out.extend_from_slice(b" ");
         if text.is_empty() {
             self.out.extend_from_slice(default.as_bytes());
         } else {
@@ -605,8 +516,8 @@ impl FrontEnd for Front {
                 // The driver should not read before the handshake; if it does, these
                 // bytes are plaintext and must not run inside TLS.
                 if !bytes.is_empty() {
-                    self.events
-                        .push_back(Event::Rejected("discarded plaintext pipelined after STLS"));
+                    self.out
+                        .event(Event::Rejected("discarded plaintext pipelined after STLS"));
                 }
             }
             // Kept for the relay (see `into_handoff`). Not bounded here: the session
@@ -649,15 +560,18 @@ impl FrontEnd for Front {
             }
             Verdict::Failed(Failure::AuthFailed) => self.auth_failed(),
             Verdict::Failed(Failure::Limited(Limit::UserSessions)) => {
-                self.send("-ERR [IN-USE] Too many sessions for this user.");
+                self.out
+                    .line("-ERR [IN-USE] Too many sessions for this user.");
             }
             Verdict::Failed(Failure::Limited(_)) => {
                 // RFC 2449 §8.1.1: the client should not retry at once.
-                self.send("-ERR [LOGIN-DELAY] Too many failed logins, try again later.");
+                self.out
+                    .line("-ERR [LOGIN-DELAY] Too many failed logins, try again later.");
                 self.count_auth_failure();
             }
             Verdict::Failed(_) => {
-                self.send("-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
+                self.out
+                    .line("-ERR [SYS/TEMP] Service temporarily unavailable, try again later.");
             }
         }
         self.process();
@@ -668,14 +582,13 @@ impl FrontEnd for Front {
             return;
         }
         // POP3 has no unsolicited replies, but Dovecot sends this and clients show it.
-        self.send(&format!("-ERR {}", why.text()));
+        self.out.line(&format!("-ERR {}", why.text()));
         self.close(CloseReason::Internal);
     }
 
     fn refuse(&mut self, limit: Limit, retry_after: Option<std::time::Duration>) {
         self.out.clear();
-        self.events.clear();
-        self.send(&format!(
+        self.out.line(&format!(
             "-ERR [SYS/TEMP] {}",
             limit.refusal_text(retry_after)
         ));
@@ -683,15 +596,11 @@ impl FrontEnd for Front {
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {
-        if out.is_empty() {
-            mem::swap(out, &mut self.out);
-        } else {
-            out.append(&mut self.out);
-        }
+        self.out.poll_transmit(out);
     }
 
     fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.poll_event()
     }
 
     fn start_login(

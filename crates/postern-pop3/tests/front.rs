@@ -453,6 +453,22 @@ fn auth_login_mechanism() {
 }
 
 #[test]
+fn auth_login_bad_user_name_and_bad_base64() {
+    let (mut t, _) = T::new(true);
+    // A user name with a line break is refused before any password is asked for.
+    assert_eq!(t.send(b"AUTH LOGIN\r\n"), "+ VXNlcm5hbWU6\r\n");
+    assert_eq!(
+        t.send(b"YWwKaWNl\r\n"),
+        "-ERR [AUTH] Authentication failed.\r\n"
+    );
+    assert_eq!(t.send(b"AUTH LOGIN YWxpY2U=\r\n"), "+ UGFzc3dvcmQ6\r\n");
+    assert_eq!(t.send(b"!!\r\n"), "-ERR Invalid base64 data.\r\n");
+    assert_eq!(t.rejected(), ["undecodable credentials", "bad base64"]);
+    assert_eq!(t.send(b"NOOP\r\n"), "+OK\r\n");
+    assert_eq!(t.auths(), 0);
+}
+
+#[test]
 fn apop_when_enabled() {
     // Allowed before TLS: the password never crosses the wire.
     let mut t = T::apop();

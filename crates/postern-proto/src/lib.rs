@@ -25,6 +25,7 @@
 
 pub mod lines;
 pub mod machine;
+pub mod output;
 pub mod protocol;
 pub mod proxy;
 pub mod sasl;
@@ -34,6 +35,7 @@ pub use machine::{
     BackendLogin, ClientInfo, CloseReason, Event, Failure, FrontEnd, Limit, LoginEvent, Reply,
     Shutdown, Verdict,
 };
+pub use output::Output;
 pub use protocol::Protocol;
 pub use sasl::{Credentials, Mechanism};
 pub use secret::Secret;

@@ -74,9 +74,7 @@ impl LineBuf {
 
     /// The content of a line reported by [`Line::Complete`], without CR LF.
     pub fn line(&self, len: usize) -> &[u8] {
-        let line = self.buf.get(..len).unwrap_or_default();
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
-        line.strip_suffix(b"\r").unwrap_or(line)
+        trim_eol(self.buf.get(..len).unwrap_or_default())
     }
 
     /// The raw bytes of a line reported by [`Line::Complete`], terminator included.
@@ -104,6 +102,14 @@ impl LineBuf {
     pub fn into_bytes(self) -> Vec<u8> {
         self.buf
     }
+}
+
+/// A line without its LF and the CR before it, as [`LineBuf::line`] gives it, for
+/// callers that had to keep the terminator (IMAP's framer, to tell a line from the
+/// literal it announces; SMTP, which parses commands with their CRLF).
+pub fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 #[cfg(test)]

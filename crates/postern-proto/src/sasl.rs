@@ -4,6 +4,12 @@
 //!
 //! A proxy only decodes and replays: it never runs a challenge-response mechanism itself,
 //! so only mechanisms that carry the password (or a bearer token) can be proxied.
+//!
+//! [`Exchange`] is the server side of the dialogue, shared by the IMAP `AUTHENTICATE`,
+//! POP3 `AUTH` and SMTP `AUTH` front ends: the rules (which mechanism prompts what, when
+//! the LOGIN user name is checked, what an empty password means) are the same in all
+//! three, and only the framing around them differs (`+ ` or `334 ` before a challenge,
+//! the protocol's own replies to a cancel or a failure).
 
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
@@ -56,6 +62,19 @@ impl Mechanism {
     pub fn is_oauth(self) -> bool {
         matches!(self, Mechanism::XOAuth2 | Mechanism::OAuthBearer)
     }
+
+    /// The SASL mechanism a client named, in any case (the mail protocols compare
+    /// mechanism names case-insensitively); `None` for a name Postern cannot proxy.
+    pub fn from_sasl_name(name: &[u8]) -> Option<Mechanism> {
+        [
+            Mechanism::Plain,
+            Mechanism::Login,
+            Mechanism::XOAuth2,
+            Mechanism::OAuthBearer,
+        ]
+        .into_iter()
+        .find(|m| name.eq_ignore_ascii_case(m.as_str().as_bytes()))
+    }
 }
 
 /// What a client authenticated with. The password never leaves its [`Secret`].
@@ -76,6 +95,17 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// Credentials that carry the password itself, with no authorization identity.
+    pub fn new(mechanism: Mechanism, user: String, password: Vec<u8>) -> Self {
+        Credentials {
+            mechanism,
+            authzid: None,
+            user,
+            password: Secret::new(password),
+            challenge: None,
+        }
+    }
+
     /// The identity whose mailbox the session opens: the authzid when one was given,
     /// otherwise the login name. Routing MUST use this, or a master-user login would be
     /// pinned by the wrong name.
@@ -103,6 +133,136 @@ pub enum SaslError {
     BadBase64,
     /// The decoded message does not have the mechanism's shape.
     Malformed,
+    /// The mechanism is not a SASL one ([`Mechanism::Cleartext`], [`Mechanism::Apop`]).
+    Unsupported,
+}
+
+/// The server side of one SASL exchange, between the client's command and the
+/// credentials. Sans-IO and protocol-neutral: the front end frames the challenge and
+/// reads the answer line; this decides what the bytes mean.
+///
+/// An exchange that has produced credentials or failed is gone (see [`Step`]), so a
+/// front end cannot feed a finished one by mistake.
+#[derive(Debug)]
+pub struct Exchange {
+    mechanism: Mechanism,
+    stage: Stage,
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// Waiting for the mechanism's one message (PLAIN, XOAUTH2, OAUTHBEARER).
+    Message,
+    /// LOGIN, first step.
+    LoginUser,
+    /// LOGIN, second step; the user name has already been checked, so a bad one is
+    /// refused before the client sends a password for it.
+    LoginPassword { user: String },
+}
+
+/// What the front end does next.
+#[derive(Debug)]
+#[must_use = "a challenge must be sent, credentials authenticated, a failure answered"]
+pub enum Step {
+    /// Send [`Exchange::challenge`], base64-encoded after the protocol's continuation
+    /// prefix, and feed the client's next line to the exchange.
+    Challenge(Exchange),
+    /// The client's credentials, decoded and checked; route them and log in.
+    Done(Credentials),
+    /// The exchange is over without credentials: [`SaslError::Cancelled`] is the client's
+    /// `*`, [`SaslError::BadBase64`] a line that is not base64, anything else
+    /// undecodable credentials (which count as a failed login).
+    Failed(SaslError),
+}
+
+impl Exchange {
+    /// Starts an exchange for the client's command. `initial_response` is the optional
+    /// initial response as it came on the command line, read like a response line
+    /// (base64, `=` for an empty one, `*` cancels).
+    pub fn start(mechanism: Mechanism, initial_response: Option<&[u8]>) -> Step {
+        // The mechanism first: a command naming one that cannot be run is refused as
+        // such, whatever its initial response holds.
+        let exchange = match Exchange::new(mechanism) {
+            Ok(exchange) => exchange,
+            Err(e) => return Step::Failed(e),
+        };
+        match initial_response {
+            None => Step::Challenge(exchange),
+            Some(line) => exchange.feed(line),
+        }
+    }
+
+    /// Like [`Exchange::start`], for a protocol parser that has already decoded the
+    /// initial response (imap-codec does, and rejects bad base64 as a syntax error).
+    pub fn start_decoded(mechanism: Mechanism, initial_response: Option<Vec<u8>>) -> Step {
+        let exchange = match Exchange::new(mechanism) {
+            Ok(exchange) => exchange,
+            Err(e) => return Step::Failed(e),
+        };
+        match initial_response {
+            None => Step::Challenge(exchange),
+            Some(data) => exchange.respond(data),
+        }
+    }
+
+    fn new(mechanism: Mechanism) -> Result<Exchange, SaslError> {
+        let stage = match mechanism {
+            Mechanism::Plain | Mechanism::XOAuth2 | Mechanism::OAuthBearer => Stage::Message,
+            Mechanism::Login => Stage::LoginUser,
+            Mechanism::Cleartext | Mechanism::Apop => return Err(SaslError::Unsupported),
+        };
+        Ok(Exchange { mechanism, stage })
+    }
+
+    /// The mechanism being run.
+    pub fn mechanism(&self) -> Mechanism {
+        self.mechanism
+    }
+
+    /// The challenge to send, before base64: empty for the client-first mechanisms
+    /// (their command came without an initial response), LOGIN's two prompts otherwise.
+    pub fn challenge(&self) -> &'static [u8] {
+        match self.stage {
+            Stage::Message => b"",
+            Stage::LoginUser => b"Username:",
+            Stage::LoginPassword { .. } => b"Password:",
+        }
+    }
+
+    /// Feeds the client's answer to [`Exchange::challenge`]: one line, without its CRLF.
+    pub fn feed(self, line: &[u8]) -> Step {
+        match decode_response(line) {
+            Ok(data) => self.respond(data),
+            Err(e) => Step::Failed(e),
+        }
+    }
+
+    fn respond(self, data: Vec<u8>) -> Step {
+        let done = |creds: Result<Credentials, SaslError>| match creds {
+            Ok(creds) => Step::Done(creds),
+            Err(e) => Step::Failed(e),
+        };
+        match self.stage {
+            Stage::Message => done(match self.mechanism {
+                Mechanism::XOAuth2 => decode_xoauth2(&data),
+                Mechanism::OAuthBearer => decode_oauthbearer(&data),
+                _ => decode_plain(&data),
+            }),
+            Stage::LoginUser => match identity(&data) {
+                Ok(user) => Step::Challenge(Exchange {
+                    stage: Stage::LoginPassword { user },
+                    ..self
+                }),
+                Err(e) => Step::Failed(e),
+            },
+            // Refused like an empty PLAIN password: there is nothing to replay, and
+            // refusing here saves a route lookup and a backend connection.
+            Stage::LoginPassword { .. } if data.is_empty() => Step::Failed(SaslError::Malformed),
+            Stage::LoginPassword { user } => {
+                Step::Done(Credentials::new(Mechanism::Login, user, data))
+            }
+        }
+    }
 }
 
 /// Decodes one client response line of a SASL exchange (`*` cancels, `=` or an empty
@@ -190,13 +350,7 @@ pub fn decode_oauthbearer(message: &[u8]) -> Result<Credentials, SaslError> {
 }
 
 fn oauth(mechanism: Mechanism, user: String, message: &[u8]) -> Credentials {
-    Credentials {
-        mechanism,
-        authzid: None,
-        user,
-        password: Secret::new(message.to_vec()),
-        challenge: None,
-    }
+    Credentials::new(mechanism, user, message.to_vec())
 }
 
 fn split_once(s: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
@@ -246,11 +400,6 @@ pub fn identity(raw: &[u8]) -> Result<String, SaslError> {
     }
     Ok(s.to_owned())
 }
-
-/// The two prompts of the LOGIN mechanism, base64 of `Username:` and `Password:`.
-pub const LOGIN_USER_PROMPT: &str = "VXNlcm5hbWU6";
-/// See [`LOGIN_USER_PROMPT`].
-pub const LOGIN_PASS_PROMPT: &str = "UGFzc3dvcmQ6";
 
 #[cfg(test)]
 mod tests {
@@ -336,7 +485,189 @@ mod tests {
             b"\0alice\0secret"
         );
         assert_eq!(decode_response(b"!!"), Err(SaslError::BadBase64));
-        assert_eq!(encode(b"Username:"), LOGIN_USER_PROMPT);
-        assert_eq!(encode(b"Password:"), LOGIN_PASS_PROMPT);
+    }
+
+    /// The challenge an exchange asks for; `None` once it has ended.
+    fn challenge(step: &Step) -> Option<&'static [u8]> {
+        match step {
+            Step::Challenge(exchange) => Some(exchange.challenge()),
+            _ => None,
+        }
+    }
+
+    fn feed(step: Step, line: &[u8]) -> Step {
+        match step {
+            Step::Challenge(exchange) => exchange.feed(line),
+            other => panic!("fed a finished exchange: {other:?}"),
+        }
+    }
+
+    fn done(step: Step) -> Credentials {
+        match step {
+            Step::Done(creds) => creds,
+            other => panic!("not done: {other:?}"),
+        }
+    }
+
+    fn failed(step: Step) -> SaslError {
+        match step {
+            Step::Failed(e) => e,
+            other => panic!("not failed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mechanism_names() {
+        assert_eq!(Mechanism::from_sasl_name(b"plain"), Some(Mechanism::Plain));
+        assert_eq!(Mechanism::from_sasl_name(b"LoGiN"), Some(Mechanism::Login));
+        assert_eq!(
+            Mechanism::from_sasl_name(b"XOAUTH2"),
+            Some(Mechanism::XOAuth2)
+        );
+        assert_eq!(
+            Mechanism::from_sasl_name(b"oauthbearer"),
+            Some(Mechanism::OAuthBearer)
+        );
+        for other in [&b"CRAM-MD5"[..], b"APOP", b"cleartext", b"", b"PLAIN "] {
+            assert_eq!(Mechanism::from_sasl_name(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn plain_exchange() {
+        let step = Exchange::start(Mechanism::Plain, None);
+        assert_eq!(challenge(&step), Some(&b""[..]));
+        let c = done(feed(step, b"AGFsaWNlAHNlY3JldA=="));
+        assert_eq!((c.mechanism, c.user.as_str()), (Mechanism::Plain, "alice"));
+        assert_eq!(c.password.expose(), b"secret");
+
+        let c = done(Exchange::start(Mechanism::Plain, Some(b"Ym9iAGFkbWluAHB3")));
+        assert_eq!(
+            (c.authzid.as_deref(), c.user.as_str()),
+            (Some("bob"), "admin")
+        );
+
+        // `=` is an empty message, which PLAIN cannot be.
+        assert_eq!(
+            failed(Exchange::start(Mechanism::Plain, Some(b"="))),
+            SaslError::Malformed
+        );
+        assert_eq!(
+            failed(feed(Exchange::start(Mechanism::Plain, None), b"")),
+            SaslError::Malformed
+        );
+    }
+
+    #[test]
+    fn login_exchange() {
+        let step = Exchange::start(Mechanism::Login, None);
+        assert_eq!(challenge(&step), Some(&b"Username:"[..]));
+        // What clients (and scripts written against Dovecot) expect on the wire.
+        assert_eq!(encode(challenge(&step).unwrap()), "VXNlcm5hbWU6");
+        let step = feed(step, b"YWxpY2U=");
+        assert_eq!(challenge(&step), Some(&b"Password:"[..]));
+        assert_eq!(encode(challenge(&step).unwrap()), "UGFzc3dvcmQ6");
+        let c = done(feed(step, b"c2VjcmV0"));
+        assert_eq!(
+            c,
+            Credentials::new(Mechanism::Login, "alice".into(), b"secret".to_vec())
+        );
+
+        // The initial response is the user name.
+        let step = Exchange::start(Mechanism::Login, Some(b"YWxpY2U"));
+        assert_eq!(challenge(&step), Some(&b"Password:"[..]));
+        assert_eq!(done(feed(step, b"cHc=")).user, "alice");
+
+        // A bad name ends the exchange before a password is asked for.
+        for user in [&b"="[..], b"AA==", b"YWwKaWNl"] {
+            let step = Exchange::start(Mechanism::Login, None);
+            assert_eq!(failed(feed(step, user)), SaslError::Malformed, "{user:?}");
+        }
+        let step = feed(Exchange::start(Mechanism::Login, None), b"YWxpY2U=");
+        assert_eq!(failed(feed(step, b"=")), SaslError::Malformed);
+    }
+
+    #[test]
+    fn oauth_exchanges() {
+        let message = b"user=alice@x\x01auth=Bearer tok\x01\x01";
+        let step = Exchange::start(Mechanism::XOAuth2, None);
+        assert_eq!(challenge(&step), Some(&b""[..]));
+        let c = done(feed(step, encode(message).as_bytes()));
+        assert_eq!(
+            (c.mechanism, c.user.as_str()),
+            (Mechanism::XOAuth2, "alice@x")
+        );
+        assert_eq!(c.password.expose(), message);
+
+        let message = b"n,a=bob,\x01auth=Bearer t\x01\x01";
+        let c = done(Exchange::start(
+            Mechanism::OAuthBearer,
+            Some(encode(message).as_bytes()),
+        ));
+        assert_eq!(
+            (c.mechanism, c.user.as_str()),
+            (Mechanism::OAuthBearer, "bob")
+        );
+
+        // Each mechanism reads its own format only.
+        let step = Exchange::start(Mechanism::OAuthBearer, None);
+        let xoauth2 = encode(b"user=alice@x\x01auth=Bearer tok\x01\x01");
+        assert_eq!(failed(feed(step, xoauth2.as_bytes())), SaslError::Malformed);
+    }
+
+    #[test]
+    fn exchange_cancel_and_bad_base64() {
+        for mechanism in [
+            Mechanism::Plain,
+            Mechanism::Login,
+            Mechanism::XOAuth2,
+            Mechanism::OAuthBearer,
+        ] {
+            assert_eq!(
+                failed(Exchange::start(mechanism, Some(b"*"))),
+                SaslError::Cancelled
+            );
+            assert_eq!(
+                failed(Exchange::start(mechanism, Some(b"!!"))),
+                SaslError::BadBase64
+            );
+            let step = Exchange::start(mechanism, None);
+            assert_eq!(failed(feed(step, b"*")), SaslError::Cancelled);
+            let step = Exchange::start(mechanism, None);
+            assert_eq!(failed(feed(step, b"a b")), SaslError::BadBase64);
+        }
+        // LOGIN can be cancelled at its second step too.
+        let step = feed(Exchange::start(Mechanism::Login, None), b"YWxpY2U=");
+        assert_eq!(failed(feed(step, b"*")), SaslError::Cancelled);
+    }
+
+    #[test]
+    fn exchange_unsupported_and_decoded() {
+        // Checked before the initial response is even looked at.
+        for mechanism in [Mechanism::Cleartext, Mechanism::Apop] {
+            assert_eq!(
+                failed(Exchange::start(mechanism, Some(b"!!"))),
+                SaslError::Unsupported
+            );
+            assert_eq!(
+                failed(Exchange::start_decoded(mechanism, None)),
+                SaslError::Unsupported
+            );
+        }
+        // An already-decoded initial response is taken as is: `*` is data there.
+        let step = Exchange::start_decoded(Mechanism::Login, Some(b"*".to_vec()));
+        assert_eq!(challenge(&step), Some(&b"Password:"[..]));
+        let c = done(Exchange::start_decoded(
+            Mechanism::Plain,
+            Some(b"\0alice\0secret".to_vec()),
+        ));
+        assert_eq!(c.user, "alice");
+        match Exchange::start_decoded(Mechanism::XOAuth2, None) {
+            Step::Challenge(exchange) => {
+                assert_eq!(exchange.mechanism(), Mechanism::XOAuth2);
+                assert_eq!(exchange.challenge(), b"");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

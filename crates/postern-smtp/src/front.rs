@@ -6,11 +6,10 @@
 //!            ▼                                                                │
 //!  220 ─▶ Ready ──STARTTLS──▶ WaitTls ──handle_tls_ready (EHLO forgotten)──▶ Ready
 //!            │  │
-//!            │  ├─AUTH PLAIN──▶ AuthPlain ──┐   (334 continuation lines)
-//!            │  └─AUTH LOGIN──▶ AuthLoginUser ─▶ AuthLoginPass
-//!            │                               │
-//!            ▼ AUTH with initial response    ▼
-//!        WaitVerdict ◀───────────────────────┘
+//!            │  └─AUTH <mechanism>──▶ Auth ◀─┐ (a sasl::Exchange: `334 ` challenge,
+//!            │                         │  └──┘  one response line each)
+//!            ▼ AUTH with initial response ▼
+//!        WaitVerdict ◀────────────────────┘
 //!            │ Accepted ─▶ 235, Done (into_handoff)    Refused / Failed ─▶ 535/454, Ready
 //!  BDAT before AUTH ─▶ 530, SkipChunk (the chunk's bytes are data, not commands) ─▶ Ready
 //!  QUIT, too many errors or failures, line too long ─▶ Closed
@@ -28,14 +27,13 @@
 //! only when they are well-formed with the expected code class (2 for Accepted, 4 or 5
 //! for Refused); otherwise it sends its own line.
 
-use std::collections::VecDeque;
 use std::mem;
 use std::sync::Arc;
 
-use postern_proto::lines::{Line, LineBuf};
-use postern_proto::sasl::{self, SaslError};
+use postern_proto::lines::{Line, LineBuf, trim_eol};
+use postern_proto::sasl::{self, Exchange, SaslError, Step};
 use postern_proto::{
-    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Secret,
+    ClientInfo, CloseReason, Credentials, Event, Failure, FrontEnd, Limit, Mechanism, Output,
     Verdict,
 };
 
@@ -113,14 +111,7 @@ const MAX_PIPELINED_AFTER_AUTH: usize = 64 * 1024;
 #[derive(Debug)]
 enum State {
     Ready,
-    AuthPlain,
-    AuthLoginUser,
-    AuthLoginPass {
-        user: String,
-    },
-    AuthOAuth {
-        mechanism: Mechanism,
-    },
+    Auth(Exchange),
     /// Discarding the data of a BDAT refused before authentication.
     SkipChunk {
         remaining: usize,
@@ -137,8 +128,7 @@ pub struct Front {
     opts: Arc<Options>,
     state: State,
     input: LineBuf,
-    out: Vec<u8>,
-    events: VecDeque<Event>,
+    out: Output,
     tls: bool,
     /// The client's greeting; AUTH needs EHLO, and the login replays the name.
     helo: Option<(Verb, String)>,
@@ -156,8 +146,7 @@ impl Front {
             opts,
             state: State::Ready,
             input: LineBuf::new(),
-            out: Vec::new(),
-            events: VecDeque::new(),
+            out: Output::new(),
             tls,
             helo: None,
             client_name: None,
@@ -166,7 +155,7 @@ impl Front {
             commands: 0,
         };
         let greeting = format!("220 {} ESMTP {}", front.opts.hostname, front.opts.greeting);
-        front.send(&greeting);
+        front.out.line(&greeting);
         front
     }
 
@@ -191,7 +180,7 @@ impl Front {
             return;
         }
         let line = crate::shutdown_reply(why, &self.opts.hostname);
-        self.send(&line);
+        self.out.line(&line);
         self.close(CloseReason::Internal);
     }
 
@@ -199,25 +188,16 @@ impl Front {
         self.tls || self.opts.insecure_plaintext_auth
     }
 
-    fn send(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.out.extend_from_slice(b"\r\n");
-    }
-
     fn close(&mut self, reason: CloseReason) {
         self.state = State::Closed;
         self.input.clear();
-        self.events.push_back(Event::Close(reason));
+        self.out.event(Event::Close(reason));
     }
 
     fn process(&mut self) {
         loop {
             match &mut self.state {
-                State::Ready
-                | State::AuthPlain
-                | State::AuthLoginUser
-                | State::AuthLoginPass { .. }
-                | State::AuthOAuth { .. } => {}
+                State::Ready | State::Auth(_) => {}
                 State::SkipChunk { remaining } => {
                     let n = (*remaining).min(self.input.len());
                     *remaining -= n;
@@ -240,8 +220,8 @@ impl Front {
             match self.input.poll(max) {
                 Line::Incomplete => return,
                 Line::TooLong => {
-                    self.send("500 5.5.0 Error: line too long");
-                    self.events.push_back(Event::Rejected("line too long"));
+                    self.out.line("500 5.5.0 Error: line too long");
+                    self.out.event(Event::Rejected("line too long"));
                     return self.close(CloseReason::InputTooLong);
                 }
                 Line::Complete(len) => {
@@ -265,9 +245,9 @@ impl Front {
                 "421 4.7.0 {} Error: too many commands before authentication",
                 self.opts.hostname
             );
-            self.send(&line);
-            self.events
-                .push_back(Event::Rejected("too many commands before authentication"));
+            self.out.line(&line);
+            self.out
+                .event(Event::Rejected("too many commands before authentication"));
             return self.close(CloseReason::TooManyErrors);
         }
         let cmd = match command::parse(raw) {
@@ -287,15 +267,15 @@ impl Front {
                     self.state = State::SkipChunk { remaining: size };
                 }
             }
-            Command::Rset | Command::Noop => self.send("250 2.0.0 Ok"),
+            Command::Rset | Command::Noop => self.out.line("250 2.0.0 Ok"),
             Command::Quit => {
-                self.send("221 2.0.0 Bye");
+                self.out.line("221 2.0.0 Bye");
                 self.close(CloseReason::Logout);
             }
-            Command::Vrfy => self.send("252 2.0.0 Cannot VRFY user"),
-            Command::Help => {
-                self.send("214 2.0.0 Commands: EHLO HELO STARTTLS AUTH NOOP RSET QUIT")
-            }
+            Command::Vrfy => self.out.line("252 2.0.0 Cannot VRFY user"),
+            Command::Help => self
+                .out
+                .line("214 2.0.0 Commands: EHLO HELO STARTTLS AUTH NOOP RSET QUIT"),
             Command::NotImplemented => {
                 self.bad(
                     "502 5.5.1 Error: command not implemented",
@@ -311,7 +291,7 @@ impl Front {
         }
         if verb == Verb::Helo {
             let line = format!("250 {}", self.opts.hostname);
-            self.send(&line);
+            self.out.line(&line);
         } else {
             let mut lines: Vec<String> = self
                 .opts
@@ -346,15 +326,15 @@ impl Front {
                 "STARTTLS not offered",
             );
         }
-        self.send("220 2.0.0 Ready to start TLS");
+        self.out.line("220 2.0.0 Ready to start TLS");
         if !self.input.is_empty() {
-            self.events.push_back(Event::Rejected(
+            self.out.event(Event::Rejected(
                 "discarded plaintext pipelined after STARTTLS",
             ));
         }
         self.input.clear();
         self.state = State::WaitTls;
-        self.events.push_back(Event::StartTls);
+        self.out.event(Event::StartTls);
     }
 
     fn auth(&mut self, mechanism: AuthMech, initial: Option<String>) {
@@ -362,139 +342,75 @@ impl Front {
             return self.bad("503 5.5.1 Error: send EHLO first", "AUTH before EHLO");
         }
         if !self.auth_allowed() {
-            self.send("530 5.7.0 Must issue a STARTTLS command first");
-            self.events
-                .push_back(Event::Rejected("plaintext authentication before TLS"));
+            self.out
+                .line("530 5.7.0 Must issue a STARTTLS command first");
+            self.out
+                .event(Event::Rejected("plaintext authentication before TLS"));
             return self.count_bad();
         }
-        let oauth = matches!(mechanism, AuthMech::XOAuth2 | AuthMech::OAuthBearer);
-        if mechanism == AuthMech::Other || (oauth && !self.opts.oauth) {
-            return self.send("504 5.5.4 Unrecognized authentication type");
-        }
-        let initial = match initial
-            .as_deref()
-            .map(|ir| sasl::decode_response(ir.as_bytes()))
-        {
-            None => None,
-            Some(Ok(data)) => Some(data),
-            Some(Err(SaslError::Cancelled)) => {
-                return self.send("501 5.7.0 Authentication aborted");
-            }
-            Some(Err(_)) => return self.bad("501 5.5.2 Cannot decode response", "bad base64"),
+        let mechanism = match mechanism {
+            AuthMech::Plain => Mechanism::Plain,
+            AuthMech::Login => Mechanism::Login,
+            AuthMech::XOAuth2 if self.opts.oauth => Mechanism::XOAuth2,
+            AuthMech::OAuthBearer if self.opts.oauth => Mechanism::OAuthBearer,
+            _ => return self.out.line("504 5.5.4 Unrecognized authentication type"),
         };
-        match (mechanism, initial) {
-            (AuthMech::Plain, Some(message)) => self.plain(&message),
-            (AuthMech::Plain, None) => {
-                self.send("334 ");
-                self.state = State::AuthPlain;
-            }
-            (AuthMech::Login, Some(user)) => self.login_user(&user),
-            (AuthMech::Login, None) => {
-                self.send(&format!("334 {}", sasl::LOGIN_USER_PROMPT));
-                self.state = State::AuthLoginUser;
-            }
-            (AuthMech::XOAuth2, Some(message)) => self.oauth(Mechanism::XOAuth2, &message),
-            (AuthMech::OAuthBearer, Some(message)) => self.oauth(Mechanism::OAuthBearer, &message),
-            (AuthMech::XOAuth2, None) => {
-                self.send("334 ");
-                self.state = State::AuthOAuth {
-                    mechanism: Mechanism::XOAuth2,
-                };
-            }
-            (AuthMech::OAuthBearer, None) => {
-                self.send("334 ");
-                self.state = State::AuthOAuth {
-                    mechanism: Mechanism::OAuthBearer,
-                };
-            }
-            (AuthMech::Other, _) => {}
-        }
+        let initial = initial.as_deref().map(str::as_bytes);
+        self.sasl_step(Exchange::start(mechanism, initial));
     }
 
     fn sasl_response(&mut self, line: &[u8]) {
-        let state = mem::replace(&mut self.state, State::Ready);
-        let data = match sasl::decode_response(line) {
-            Ok(data) => data,
-            Err(SaslError::Cancelled) => return self.send("501 5.7.0 Authentication aborted"),
-            Err(_) => return self.bad("501 5.5.2 Cannot decode response", "bad base64"),
-        };
-        match state {
-            State::AuthPlain => self.plain(&data),
-            State::AuthLoginUser => self.login_user(&data),
-            State::AuthLoginPass { user } => self.login_password(user, data),
-            State::AuthOAuth { mechanism } => self.oauth(mechanism, &data),
+        match mem::replace(&mut self.state, State::Ready) {
+            State::Auth(exchange) => self.sasl_step(exchange.feed(line)),
             other => self.state = other,
         }
     }
 
-    fn oauth(&mut self, mechanism: Mechanism, message: &[u8]) {
-        let creds = if mechanism == Mechanism::XOAuth2 {
-            sasl::decode_xoauth2(message)
-        } else {
-            sasl::decode_oauthbearer(message)
-        };
-        match creds {
-            Ok(creds) => self.authenticate(creds),
-            Err(_) => self.undecodable(),
-        }
-    }
-
-    fn plain(&mut self, message: &[u8]) {
-        match sasl::decode_plain(message) {
-            Ok(creds) => self.authenticate(creds),
-            Err(_) => self.undecodable(),
-        }
-    }
-
-    fn login_user(&mut self, user: &[u8]) {
-        match sasl::identity(user) {
-            Ok(user) => {
-                self.send(&format!("334 {}", sasl::LOGIN_PASS_PROMPT));
-                self.state = State::AuthLoginPass { user };
+    fn sasl_step(&mut self, step: Step) {
+        match step {
+            Step::Challenge(exchange) => {
+                self.out
+                    .line(&format!("334 {}", sasl::encode(exchange.challenge())));
+                self.state = State::Auth(exchange);
             }
-            Err(_) => self.undecodable(),
+            Step::Done(creds) => self.authenticate(creds),
+            Step::Failed(SaslError::Cancelled) => {
+                self.out.line("501 5.7.0 Authentication aborted");
+            }
+            Step::Failed(SaslError::BadBase64) => {
+                self.bad("501 5.5.2 Cannot decode response", "bad base64");
+            }
+            Step::Failed(_) => self.undecodable(),
         }
-    }
-
-    fn login_password(&mut self, user: String, password: Vec<u8>) {
-        if password.is_empty() {
-            return self.undecodable();
-        }
-        self.authenticate(Credentials {
-            mechanism: Mechanism::Login,
-            authzid: None,
-            user,
-            password: Secret::new(password),
-            challenge: None,
-        });
     }
 
     fn authenticate(&mut self, creds: Credentials) {
         self.state = State::WaitVerdict;
-        self.events.push_back(Event::Authenticate(creds));
+        self.out.event(Event::Authenticate(creds));
     }
 
     fn need_auth(&mut self) {
         if self.auth_allowed() {
-            self.send("530 5.7.0 Authentication required");
+            self.out.line("530 5.7.0 Authentication required");
         } else {
-            self.send("530 5.7.0 Must issue a STARTTLS command first");
+            self.out
+                .line("530 5.7.0 Must issue a STARTTLS command first");
         }
-        self.events
-            .push_back(Event::Rejected("mail transaction before authentication"));
+        self.out
+            .event(Event::Rejected("mail transaction before authentication"));
         self.count_bad();
     }
 
     /// Credentials that cannot be decoded get the failed-login reply, and a log line:
     /// a guesser must not go unseen because its input was malformed.
     fn undecodable(&mut self) {
-        self.events
-            .push_back(Event::Rejected("undecodable credentials"));
+        self.out.event(Event::Rejected("undecodable credentials"));
         self.auth_failed();
     }
 
     fn auth_failed(&mut self) {
-        self.send("535 5.7.8 Authentication credentials invalid");
+        self.out
+            .line("535 5.7.8 Authentication credentials invalid");
         self.count_auth_failure();
     }
 
@@ -505,14 +421,14 @@ impl Front {
                 "421 4.7.0 {} Error: too many authentication failures",
                 self.opts.hostname
             );
-            self.send(&line);
+            self.out.line(&line);
             self.close(CloseReason::TooManyAuthFailures);
         }
     }
 
     fn bad(&mut self, reply: &str, reason: &'static str) {
-        self.send(reply);
-        self.events.push_back(Event::Rejected(reason));
+        self.out.line(reply);
+        self.out.event(Event::Rejected(reason));
         self.count_bad();
     }
 
@@ -520,16 +436,10 @@ impl Front {
         self.bad_commands += 1;
         if self.bad_commands > self.opts.max_bad_commands {
             let line = format!("421 4.7.0 {} Error: too many errors", self.opts.hostname);
-            self.send(&line);
+            self.out.line(&line);
             self.close(CloseReason::TooManyErrors);
         }
     }
-}
-
-/// A line without its LF and the CR before it.
-fn trim_eol(raw: &[u8]) -> &[u8] {
-    let line = raw.strip_suffix(b"\n").unwrap_or(raw);
-    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// `code-first\r\ncode-line...\r\ncode last\r\n`.
@@ -554,7 +464,7 @@ impl FrontEnd for Front {
             // The driver runs the handshake on these bytes; should it pass them here
             // anyway, they are plaintext sent before TLS and must not become commands.
             State::WaitTls => {
-                self.events.push_back(Event::Rejected(
+                self.out.event(Event::Rejected(
                     "discarded plaintext pipelined after STARTTLS",
                 ));
             }
@@ -572,9 +482,9 @@ impl FrontEnd for Front {
                         "421 4.7.0 {} Error: too much pipelined input",
                         self.opts.hostname
                     );
-                    self.send(&line);
-                    self.events
-                        .push_back(Event::Rejected("too much input pipelined after AUTH"));
+                    self.out.line(&line);
+                    self.out
+                        .event(Event::Rejected("too much input pipelined after AUTH"));
                     self.close(CloseReason::InputTooLong);
                 }
             }
@@ -604,7 +514,7 @@ impl FrontEnd for Front {
                     self.out.extend_from_slice(&reply.text);
                     self.out.extend_from_slice(b"\r\n");
                 } else {
-                    self.send("235 2.7.0 Authentication successful");
+                    self.out.line("235 2.7.0 Authentication successful");
                 }
                 self.state = State::Done;
                 return;
@@ -621,14 +531,15 @@ impl FrontEnd for Front {
             }
             Verdict::Failed(Failure::AuthFailed) => self.auth_failed(),
             Verdict::Failed(Failure::Limited(Limit::UserSessions)) => {
-                self.send("454 4.7.0 Too many sessions for this user, try again later");
+                self.out
+                    .line("454 4.7.0 Too many sessions for this user, try again later");
             }
             Verdict::Failed(Failure::Limited(limit)) => {
                 let line = crate::connection_refused(&self.opts.hostname, limit, None);
-                self.send(&line);
+                self.out.line(&line);
                 return self.close(CloseReason::Limited);
             }
-            Verdict::Failed(_) => self.send("454 4.7.0 Temporary authentication failure"),
+            Verdict::Failed(_) => self.out.line("454 4.7.0 Temporary authentication failure"),
         }
         self.process();
     }
@@ -639,22 +550,17 @@ impl FrontEnd for Front {
 
     fn refuse(&mut self, limit: Limit, retry_after: Option<std::time::Duration>) {
         self.out.clear();
-        self.events.clear();
         let line = crate::connection_refused(&self.opts.hostname, limit, retry_after);
-        self.send(&line);
+        self.out.line(&line);
         self.close(CloseReason::Limited);
     }
 
     fn poll_transmit(&mut self, out: &mut Vec<u8>) {
-        if out.is_empty() {
-            mem::swap(out, &mut self.out);
-        } else {
-            out.append(&mut self.out);
-        }
+        self.out.poll_transmit(out);
     }
 
     fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.out.poll_event()
     }
 
     fn start_login(

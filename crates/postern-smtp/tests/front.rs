@@ -233,6 +233,24 @@ fn auth_login_forms() {
 }
 
 #[test]
+fn auth_login_failures_at_each_step() {
+    let (mut t, _) = T::new(true);
+    t.send(b"EHLO c\r\n");
+    // A user name with a line break is refused before any password is asked for.
+    assert_eq!(t.send(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+    assert_eq!(
+        t.send(b"YWwKaWNl\r\n"),
+        "535 5.7.8 Authentication credentials invalid\r\n"
+    );
+    assert_eq!(t.send(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+    assert_eq!(t.send(b"YWxpY2U=\r\n"), "334 UGFzc3dvcmQ6\r\n");
+    assert_eq!(t.send(b"!!\r\n"), "501 5.5.2 Cannot decode response\r\n");
+    assert_eq!(t.send(b"NOOP\r\n"), "250 2.0.0 Ok\r\n");
+    assert!(!t.has_auth());
+    assert_eq!(t.closed(), None);
+}
+
+#[test]
 fn verdicts() {
     let accepted = |reply: Reply| {
         let (mut t, _) = T::new(true);
