@@ -4,8 +4,8 @@
 //!
 //! Three steps, each testable alone: [`parse`] reads nginx's syntax (includes resolved,
 //! errors with file and line), `translate` turns the mail and stream directives into a
-//! plan of Postern keys plus warnings, `emit` writes the plan as TOML with the warnings
-//! as comments. Only keys `config::file` knows are produced; the tests load every
+//! plan of Postern keys plus warnings (one module per block), `emit` writes the plan
+//! as TOML through the `toml` crate, with the warnings and notes as comments. Only keys `config::file` knows are produced; the tests load every
 //! result with the real loader. docs/migrating-from-nginx.md is the directive table.
 
 mod emit;
