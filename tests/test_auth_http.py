@@ -162,7 +162,7 @@ def test_auth_user_renames_the_backend_login(make_postern, cluster, auth_server)
     m = SourceIMAP4(*p.addr("imap-plain"))
     assert m.login("alice", HTTP_PW[ALICE])[0] == "OK"
     m.logout()
-    assert ALICE in cluster["b1"].logins()
+    assert ALICE in cluster["b1"].wait_login(ALICE)
 
 
 def test_pop3_user_pass_and_apop(make_postern, cluster, certs, auth_server):

@@ -213,7 +213,7 @@ def test_dovecot_sees_the_client_through_proxy_protocol(workdir, certs, version)
             m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context(), source="127.0.0.2")
             m.login(ALICE, USERS[ALICE])
             m.logout()
-            assert "rip=127.0.0.2" in cluster["b1"].log()
+            assert "rip=127.0.0.2" in cluster["b1"].wait_log("rip=127.0.0.2")
         finally:
             p.stop()
     finally:
@@ -245,7 +245,8 @@ def test_proxy_protocol_in_from_trusted_and_untrusted_peers(start, own_cluster, 
         s.sendall(f"b LOGIN {ALICE} {USERS[ALICE]}\r\n".encode())
         assert read_until(s, b"\r\n").startswith(b"b OK")
         s.close()
-    log = own_cluster["b1"].log()
+    own_cluster["b1"].wait_log("rip=203.0.113.9")
+    log = own_cluster["b1"].wait_log("rip=198.51.100.7")
     assert "rip=203.0.113.9" in log and "rip=198.51.100.7" in log
     p.wait_log(r"client=203\.0\.113\.9:5555 via=127\.0\.0\.1")
     # From anywhere else a PROXY header is refused.

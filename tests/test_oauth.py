@@ -118,7 +118,7 @@ def test_imap_xoauth2_and_oauthbearer(oauth_stack, certs):
     assert typ == "OK"
     assert m.select("INBOX")[0] == "OK"
     m.logout()
-    assert ALICE in b1.logins()
+    assert ALICE in b1.wait_login(ALICE)
 
     m = imaplib.IMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
     typ, _ = m.authenticate("OAUTHBEARER", lambda _: oauthbearer(ALICE, LONG))

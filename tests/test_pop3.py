@@ -74,7 +74,7 @@ def test_user_pass_after_stls_reaches_the_pinned_backend(postern, cluster, certs
     assert m.pass_(USERS[ALICE]).startswith(b"+OK")
     assert m.stat()[0] >= 0
     m.quit()
-    log = cluster["b1"].log()
+    log = cluster["b1"].wait_log("rip=127.0.0.2")
     assert f"pop3-login: Info: Login: user=<{ALICE}>" in log
     assert "rip=127.0.0.2" in log  # XCLIENT carried the client's address
 
@@ -84,7 +84,7 @@ def test_pop3s_lands_on_backend_2(postern, cluster, certs):
     m.user(BOB)
     m.pass_(USERS[BOB])
     m.quit()
-    assert BOB in cluster["b2"].logins()
+    assert BOB in cluster["b2"].wait_login(BOB)
 
 
 def test_wrong_password(postern, certs):

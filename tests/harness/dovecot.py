@@ -54,6 +54,28 @@ class Dovecot:
         """The user names of the successful logins this backend logged."""
         return re.findall(r"-login: Info: Login: user=<([^>]*)>", self.log())
 
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """Waits until the log holds `text` (see wait_login for why); returns the log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if text in log or time.monotonic() > deadline:
+                return log
+            time.sleep(0.05)
+
+    def wait_login(self, user: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """Waits until this backend logged `count` logins of `user`; returns all logins.
+
+        Dovecot's log process writes a login line a moment after the client saw OK, so a
+        check made right after LOGOUT can read the log before the line is there.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.logins()
+            if seen.count(user) >= count or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.05)
+
     def _render(self) -> Path:
         out = subprocess.run(
             [str(RENDER), self.name, str(self.dir), str(self.mailroot),
