@@ -133,6 +133,25 @@ def test_spellings_of_one_user_share_one_pin(database, make_postern, certs):
     assert rows == ["new01@example.test", first]
 
 
+def test_only_a_login_the_backend_accepts_creates_a_pin(database, make_postern, certs):
+    """A name that never logs in leaves no pin: anyone could otherwise fill the routes
+    table with guesses. The reservation a first login writes is deleted when Dovecot
+    refuses the login, and kept when it accepts."""
+    server, db = database
+    p = make_postern(on_database(server.url(db), unknown_users="assign"), seed=False)
+    for user, password in [("ghost@example.test", "anything"), ("new03@example.test", "wrong")]:
+        m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            m.login(user, password)
+        m.logout()
+    assert server.sql("SELECT username FROM routes", db).split() == []
+    backend = login_backend(p, "new03", certs)
+    # The confirmed pin, with no reservation mark left.
+    rows = server.sql("SELECT username, backend FROM routes WHERE tentative_until IS NULL", db)
+    assert rows.split() == ["new03@example.test", backend]
+    p.wait_log("first login: user pinned")
+
+
 def test_concurrent_first_logins_on_two_instances_end_with_one_pin(
     database, make_postern, certs
 ):

@@ -66,6 +66,9 @@ pub enum Source {
     Hashed,
     /// No pin; chosen now and written to the store.
     Assigned,
+    /// No pin; reserved here for this login (tentative in the store): the login must
+    /// [`Router::confirm`] it once the backend accepts, or [`Router::release`] it.
+    Reserved,
     /// No pin; this is where the user would be assigned (a dry run, nothing written).
     Proposed,
     /// The pinned backend is down; re-pinned here (shared pool).
@@ -84,6 +87,7 @@ impl Source {
             Source::Stale => "stale",
             Source::Hashed => "hashed",
             Source::Assigned => "assigned",
+            Source::Reserved => "reserved",
             Source::Proposed => "proposed",
             Source::FailedOver => "failed_over",
             Source::Temporary => "temporary",
@@ -252,6 +256,11 @@ enum Mode {
     /// decides whether the mailbox exists).
     Delivery,
 }
+
+/// Stored with a reservation: when its login should have settled it, longer than any
+/// login's deadline. A reservation whose instance died mid-login is never deleted by
+/// age (a session may have been served on it); it simply stands as the user's pin.
+const RESERVATION_SECS: i64 = 300;
 
 /// How long pinned-user counts are reused for least-loaded assignment: counting is a
 /// GROUP BY over the whole routes table, too heavy per login.
@@ -479,10 +488,17 @@ impl Router {
                 .find(|b| b.host.eq_ignore_ascii_case(host))
                 .ok_or_else(|| RouteError::UnknownBackend(host.clone()))?,
         };
+        let source = match (stale, record.tentative) {
+            (true, _) => Source::Stale,
+            // Another login's reservation: this login settles it as well (confirms it
+            // if the backend accepts, releases it if not), as the reserving one does.
+            (false, true) if mode == Mode::Login => Source::Reserved,
+            (false, _) => Source::Pinned,
+        };
         let decision = Decision {
             user,
             backend: backend.name.clone(),
-            source: if stale { Source::Stale } else { Source::Pinned },
+            source,
             record: Some(record),
             pinned: None,
         };
@@ -672,6 +688,9 @@ impl Router {
                     // must be seen by the next login, not one cache TTL later, and a
                     // failed move must not lock the user out any longer than it lasts.
                     Some(r) if r.moving => self.cache.invalidate(user),
+                    // Nor is a reservation: its login settles it within seconds, and a
+                    // released one must not route this instance's next login.
+                    Some(r) if r.tentative => self.cache.invalidate(user),
                     Some(r) => self.cache.put(user.clone(), Cached::Found(Arc::clone(r))),
                     None => self.cache.put(user.clone(), Cached::Absent),
                 }
@@ -739,23 +758,48 @@ impl Router {
                 pinned: None,
             });
         }
-        // Race-safe: if another instance pinned the user first, its pin comes back.
-        let backend = self.store.assign(&user, &choice).await?;
+        // Race-safe: if another instance pinned (or reserved) the user first, its pin
+        // comes back, and this login goes there too. Not cached until confirmed: a
+        // released reservation must not live on in the cache.
+        let until = crate::store::now_secs() + RESERVATION_SECS;
+        let backend = self.store.reserve(&user, &choice, until).await?;
+        Ok(Decision {
+            user,
+            backend,
+            source: Source::Reserved,
+            record,
+            pinned: None,
+        })
+    }
+
+    /// Turns a [`Source::Reserved`] decision into a pin once the backend accepted the
+    /// login. Returns the pin in force; when it is not `decision.backend` (the
+    /// reservation was released by a failed login of the same name and another login
+    /// pinned the user elsewhere meanwhile), the session must not be served.
+    pub async fn confirm(&self, decision: &Decision) -> Result<String, RouteError> {
+        let backend = self
+            .store
+            .confirm(&decision.user, &decision.backend)
+            .await?;
         self.stats.record(Outcome::Assigned);
         if let Ok(mut c) = self.counts.lock() {
             *c.per_backend.entry(backend.clone()).or_default() += 1;
         }
-        let mut new_record = record.as_deref().cloned().unwrap_or_default();
-        new_record.backend = Some(BackendRef::Name(backend.clone()));
+        let mut record = decision.record.as_deref().cloned().unwrap_or_default();
+        record.backend = Some(BackendRef::Name(backend.clone()));
         self.cache
-            .put(user.clone(), Cached::Found(Arc::new(new_record)));
-        Ok(Decision {
-            user,
-            backend,
-            source: Source::Assigned,
-            record,
-            pinned: None,
-        })
+            .put(decision.user.clone(), Cached::Found(Arc::new(record)));
+        Ok(backend)
+    }
+
+    /// Drops a [`Source::Reserved`] decision's reservation: the login failed, and a
+    /// name that never logged in must not keep a pin. `true` if a row was deleted.
+    pub async fn release(&self, decision: &Decision) -> Result<bool, RouteError> {
+        self.cache.invalidate(&decision.user);
+        Ok(self
+            .store
+            .release(&decision.user, &decision.backend)
+            .await?)
     }
 
     async fn least_loaded(&self, user: &UserName, candidates: &[&BackendEntry]) -> Option<String> {

@@ -94,7 +94,7 @@ async fn two_instances_assigning_at_once_agree_on_one_pin() {
         assert_eq!(rows[0].backend, pair[0].backend);
     }
     // Both preferences won some races: the test really raced.
-    assert!(decisions.iter().any(|d| d.source == Source::Assigned));
+    assert!(decisions.iter().any(|d| d.source == Source::Reserved));
 }
 
 /// A store that can be switched off, to play a database outage.
@@ -367,4 +367,52 @@ async fn a_delivery_to_a_down_service_never_moves_the_pin() {
     // A login in the shared pool still fails over.
     let d = router.resolve("alice", Protocol::Imap).await.unwrap();
     assert_eq!((d.backend.as_str(), d.source), ("b2", Source::FailedOver));
+}
+
+/// A first login reserves its pin; only a login the backend accepted keeps it, so a
+/// name tried with a wrong password (or one that does not exist) leaves no row behind.
+#[tokio::test]
+async fn first_login_pins_only_when_the_backend_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir.path().join("routes.db")).await;
+    let options = RouterOptions {
+        unknown_users: UnknownUsers::Assign(AssignPolicy::Hash),
+        ..RouterOptions::default()
+    };
+    let router = Router::new(
+        Normalizer::default(),
+        Arc::clone(&store) as Arc<dyn RouteStore>,
+        options,
+        backends(1, 1),
+    );
+    let failed = router.resolve("nobody@x", Protocol::Imap).await.unwrap();
+    assert_eq!(failed.source, Source::Reserved);
+    // A second login racing the first one meets it on the same backend.
+    let racing = router.resolve("Nobody@X", Protocol::Imap).await.unwrap();
+    assert_eq!(racing.backend, failed.backend);
+    assert!(router.release(&failed).await.unwrap());
+    assert!(
+        store.list(None).await.unwrap().is_empty(),
+        "a failed login left a pin"
+    );
+
+    let ok = router.resolve("somebody@x", Protocol::Imap).await.unwrap();
+    assert_eq!(router.confirm(&ok).await.unwrap(), ok.backend);
+    // Released after a confirm (a second, failed login of the same user): the pin stays.
+    assert!(!router.release(&ok).await.unwrap());
+    let rows = store.list(None).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].backend, ok.backend);
+    let again = router.resolve("somebody@x", Protocol::Imap).await.unwrap();
+    assert_eq!(
+        (again.source, again.backend),
+        (Source::Pinned, ok.backend.clone())
+    );
+
+    // A reservation released under a login that then succeeds: its confirm pins anew.
+    let first = router.resolve("third@x", Protocol::Imap).await.unwrap();
+    let second = router.resolve("third@x", Protocol::Imap).await.unwrap();
+    assert!(router.release(&first).await.unwrap());
+    assert_eq!(router.confirm(&second).await.unwrap(), second.backend);
+    assert_eq!(store.list(None).await.unwrap().len(), 2);
 }

@@ -236,8 +236,29 @@ impl Session<'_> {
         self,
         driver: &D,
         front: &D::Front,
+        creds: Credentials,
+        mode: AuthMode,
+    ) -> Login {
+        let ctx = self.ctx;
+        let mut reserved = None;
+        let login = self
+            .route_and_login(driver, front, creds, mode, &mut reserved)
+            .await;
+        match reserved {
+            Some(decision) => settle(ctx, &decision, login).await,
+            None => login,
+        }
+    }
+
+    /// The body of [`Self::via_router`]; a first login's reservation is left in
+    /// `reserved` for the caller to settle, whatever the way out.
+    async fn route_and_login<D: Driver>(
+        self,
+        driver: &D,
+        front: &D::Front,
         mut creds: Credentials,
         mode: AuthMode,
+        reserved: &mut Option<postern_route::Decision>,
     ) -> Login {
         let ctx = self.ctx;
         let mechanism = self.mechanism;
@@ -245,6 +266,10 @@ impl Session<'_> {
         let mut guard = self.register(D::PROTOCOL);
         let mut password_checked = false;
         for attempt in 0..ATTEMPTS {
+            if let Some(previous) = reserved.take() {
+                // The reserved backend failed to connect: another may take the user.
+                release(ctx, &previous).await;
+            }
             let decision = match route(ctx, &self.user, D::PROTOCOL, mechanism).await {
                 Ok(d) => d,
                 Err(Failure::AuthFailed) => {
@@ -256,6 +281,9 @@ impl Session<'_> {
                 }
                 Err(failure) => return Login::Verdict(Verdict::Failed(failure)),
             };
+            if decision.source == Source::Reserved {
+                *reserved = Some(decision.clone());
+            }
             if decision.source == Source::Moved {
                 // This login moved the user off a draining backend, and the move's kick
                 // ended every session of the user, this one included: it starts afresh
@@ -675,6 +703,49 @@ async fn failed(
         tokio::time::sleep(delay).await;
     }
     Login::Verdict(Verdict::Failed(failure))
+}
+
+/// Settles a first login's reservation: a pin if the backend accepted the login, gone
+/// if not. A session whose user was pinned elsewhere meanwhile is not served.
+async fn settle(ctx: &Ctx, decision: &postern_route::Decision, login: Login) -> Login {
+    if !matches!(login, Login::Accepted { .. }) {
+        release(ctx, decision).await;
+        return login;
+    }
+    match ctx.router.confirm(decision).await {
+        Ok(pin) if pin == decision.backend => {
+            info!(
+                backend = decision.backend.as_str(),
+                "first login: user pinned"
+            );
+            login
+        }
+        Ok(pin) => {
+            // Only a failed login of the same name, releasing the reservation while
+            // this one was under way, and a third login pinning elsewhere get here.
+            warn!(
+                backend = decision.backend.as_str(),
+                pinned = pin.as_str(),
+                "user pinned elsewhere during the login; not serving this session"
+            );
+            unavailable()
+        }
+        Err(e) => {
+            // The reservation is still stored and routes every login here, as a pin
+            // does; serving the session is safe.
+            warn!(error = %e, "cannot confirm the first login's pin; serving on the reservation");
+            login
+        }
+    }
+}
+
+/// Drops a failed login's reservation, so a name that never logs in keeps no pin.
+async fn release(ctx: &Ctx, decision: &postern_route::Decision) {
+    match ctx.router.release(decision).await {
+        Ok(true) => debug!(backend = decision.backend.as_str(), "reservation released"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "cannot release the reservation; it stands as a pin"),
+    }
 }
 
 /// Asks the router, and logs a refusal at the level it deserves.

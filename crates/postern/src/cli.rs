@@ -585,7 +585,7 @@ async fn show(
                 Source::Hashed => {
                     "no pin; chosen by hash (routing.unknown_users = \"hash\")".to_owned()
                 }
-                Source::Assigned => "assigned just now".to_owned(),
+                Source::Assigned | Source::Reserved => "assigned just now".to_owned(),
                 Source::Proposed => {
                     "no pin yet; would be assigned there at the first login".to_owned()
                 }

@@ -41,6 +41,8 @@ pub struct RouteRecord {
     pub disabled: bool,
     /// A move is in progress: logins get a temporary failure until it completes.
     pub moving: bool,
+    /// The pin is a first login's reservation, not yet confirmed by a backend login.
+    pub tentative: bool,
     /// Where the pin came from, for `postern route USER` and the admin API.
     pub origin: PinOrigin,
 }
@@ -154,6 +156,33 @@ pub trait RouteStore: Send + Sync + fmt::Debug {
     /// same user at once, exactly one pin is written and every caller gets it back.
     fn assign<'a>(&'a self, _user: &'a UserName, _backend: &'a str) -> StoreFuture<'a, String> {
         read_only(self.kind())
+    }
+
+    /// Reserves a first login's pin until `until` (Unix seconds): race-safe like
+    /// [`RouteStore::assign`], so concurrent first logins of one user meet on one
+    /// backend, but the row stays tentative until [`RouteStore::confirm`] and goes away
+    /// on [`RouteStore::release`]. Returns the pin in force. Stores without
+    /// reservations pin at once.
+    fn reserve<'a>(
+        &'a self,
+        user: &'a UserName,
+        backend: &'a str,
+        _until: i64,
+    ) -> StoreFuture<'a, String> {
+        self.assign(user, backend)
+    }
+
+    /// Makes a reservation a pin, once the backend accepted the login. Returns the pin
+    /// in force: if the reservation was released meanwhile and another login pinned the
+    /// user elsewhere, that backend, and this session must not be served.
+    fn confirm<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, String> {
+        self.assign(user, backend)
+    }
+
+    /// Deletes a reservation whose login failed (a name that does not log in leaves no
+    /// pin). A pin that was confirmed meanwhile stays. `true` if a row was deleted.
+    fn release<'a>(&'a self, _user: &'a UserName, _backend: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async { Ok(false) })
     }
 
     /// Pins a user to a backend, replacing any pin, and logs a `Pin` change.

@@ -128,6 +128,9 @@ struct Statements {
     instances: String,
     prune_events: String,
     prune_instances: String,
+    reserve: String,
+    confirm: String,
+    release: String,
     repin: String,
     backend_states: String,
     set_backend_state: String,
@@ -148,7 +151,10 @@ impl Statements {
             Dialect::Sqlite | Dialect::Postgres => " RETURNING id",
         };
         Self {
-            lookup: d.sql("SELECT backend, moving_to, hold_until FROM routes WHERE username = ?"),
+            lookup: d.sql(
+                "SELECT backend, moving_to, hold_until, tentative_until FROM routes \
+                 WHERE username = ?",
+            ),
             assign: d.sql(&upsert(
                 "INSERT INTO routes (username, backend) VALUES (?, ?)",
                 "username",
@@ -160,9 +166,9 @@ impl Statements {
                 "INSERT INTO routes (username, backend) VALUES (?, ?)",
                 "username",
                 "backend = VALUES(backend), moving_to = NULL, hold_until = NULL, \
-                 updated_at = CURRENT_TIMESTAMP",
+                 tentative_until = NULL, updated_at = CURRENT_TIMESTAMP",
                 "UPDATE SET backend = excluded.backend, moving_to = NULL, hold_until = NULL, \
-                 updated_at = CURRENT_TIMESTAMP",
+                 tentative_until = NULL, updated_at = CURRENT_TIMESTAMP",
             )),
             unpin: d.sql("DELETE FROM routes WHERE username = ?"),
             begin_move: d.sql(&upsert(
@@ -173,7 +179,7 @@ impl Statements {
             )),
             finish_move: d.sql(
                 "UPDATE routes SET backend = ?, moving_to = NULL, hold_until = NULL, \
-                 updated_at = CURRENT_TIMESTAMP WHERE username = ?",
+                 tentative_until = NULL, updated_at = CURRENT_TIMESTAMP WHERE username = ?",
             ),
             insert_event: d.sql(&format!(
                 "INSERT INTO route_events (username, kind, backend, created_at) \
@@ -202,6 +208,19 @@ impl Statements {
                 .to_owned(),
             prune_events: d.sql("DELETE FROM route_events WHERE created_at < ?"),
             prune_instances: d.sql("DELETE FROM instances WHERE heartbeat_at < ?"),
+            reserve: d.sql(&upsert(
+                "INSERT INTO routes (username, backend, tentative_until) VALUES (?, ?, ?)",
+                "username",
+                // As `assign`: the first writer wins, the others read its pin back.
+                "username = username",
+                "NOTHING",
+            )),
+            confirm: d
+                .sql("UPDATE routes SET tentative_until = NULL WHERE username = ? AND backend = ?"),
+            release: d.sql(
+                "DELETE FROM routes WHERE username = ? AND backend = ? \
+                 AND tentative_until IS NOT NULL",
+            ),
             repin: d.sql(
                 "UPDATE routes SET backend = ?, updated_at = CURRENT_TIMESTAMP \
                  WHERE username = ? AND backend = ? AND moving_to IS NULL",
@@ -230,6 +249,13 @@ pub struct SqlStore {
     query_timeout: Duration,
     /// Fails calls fast while the database cannot be reached.
     breaker: Breaker,
+}
+
+/// A row of Postern's own `routes` table.
+struct OwnRoute {
+    backend: String,
+    moving: bool,
+    tentative: bool,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -406,7 +432,7 @@ impl SqlStore {
         }
     }
 
-    async fn own_route(&self, user: &UserName) -> Result<Option<(String, bool)>, StoreError> {
+    async fn own_route(&self, user: &UserName) -> Result<Option<OwnRoute>, StoreError> {
         let row = self
             .timed(
                 sqlx::query(sqlx::AssertSqlSafe(self.statements.lookup.clone()))
@@ -418,8 +444,12 @@ impl SqlStore {
         let backend: String = row.try_get(0).map_err(unavailable)?;
         let moving_to: Option<String> = row.try_get(1).map_err(unavailable)?;
         let hold_until: Option<i64> = row.try_get(2).map_err(unavailable)?;
-        let moving = moving_to.is_some() && hold_until.is_some_and(|t| t > now_secs());
-        Ok(Some((backend, moving)))
+        let tentative: Option<i64> = row.try_get(3).map_err(unavailable)?;
+        Ok(Some(OwnRoute {
+            moving: moving_to.is_some() && hold_until.is_some_and(|t| t > now_secs()),
+            tentative: tentative.is_some(),
+            backend,
+        }))
     }
 
     async fn operator_route(
@@ -495,8 +525,8 @@ fn operator_record(row: &AnyRow) -> Result<RouteRecord, StoreError> {
         pool: text("pool")?,
         password: text("password")?.map(Secret::new),
         disabled,
-        moving: false,
         origin: PinOrigin::LookupQuery,
+        ..RouteRecord::default()
     })
 }
 
@@ -584,10 +614,11 @@ impl RouteStore for SqlStore {
                 Some(q) => self.operator_route(q, user).await?,
                 None => None,
             };
-            if let Some((backend, moving)) = own {
+            if let Some(own) = own {
                 let r = record.get_or_insert_with(RouteRecord::default);
-                r.backend = Some(BackendRef::Name(backend));
-                r.moving = moving;
+                r.backend = Some(BackendRef::Name(own.backend));
+                r.moving = own.moving;
+                r.tentative = own.tentative;
                 r.origin = PinOrigin::Table;
             }
             Ok(record)
@@ -621,9 +652,64 @@ impl RouteStore for SqlStore {
             .await?;
             // Whoever won the insert, this is the pin everyone uses.
             match self.own_route(user).await? {
-                Some((winner, _)) => Ok(winner),
+                Some(own) => Ok(own.backend),
                 None => Err(StoreError::Unavailable("pin vanished after insert".into())),
             }
+        })
+    }
+
+    fn reserve<'a>(
+        &'a self,
+        user: &'a UserName,
+        backend: &'a str,
+        until: i64,
+    ) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            self.write(move || {
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.reserve.clone()))
+                    .bind(user.as_str())
+                    .bind(backend)
+                    .bind(until)
+                    .execute(&self.pool)
+            })
+            .await?;
+            match self.own_route(user).await? {
+                Some(own) => Ok(own.backend),
+                None => Err(StoreError::Unavailable("pin vanished after insert".into())),
+            }
+        })
+    }
+
+    fn confirm<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            let done = self
+                .write(move || {
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.confirm.clone()))
+                        .bind(user.as_str())
+                        .bind(backend)
+                        .execute(&self.pool)
+                })
+                .await?;
+            if done.rows_affected() > 0 {
+                return Ok(backend.to_owned());
+            }
+            // The reservation is gone (released by a failed login of the same name, or
+            // pruned) or was never ours: pin now, unless someone else did.
+            self.assign(user, backend).await
+        })
+    }
+
+    fn release<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let done = self
+                .write(move || {
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.release.clone()))
+                        .bind(user.as_str())
+                        .bind(backend)
+                        .execute(&self.pool)
+                })
+                .await?;
+            Ok(done.rows_affected() > 0)
         })
     }
 
@@ -675,7 +761,7 @@ impl RouteStore for SqlStore {
             self.write(work).await?;
             // Whoever won, this is the pin in force.
             match self.own_route(user).await? {
-                Some((winner, _)) => Ok(winner),
+                Some(own) => Ok(own.backend),
                 None => Err(StoreError::Unavailable("pin vanished after repin".into())),
             }
         })
