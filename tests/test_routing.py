@@ -6,6 +6,7 @@ both databases (the `database` fixture), each in a fresh database."""
 import imaplib
 import json
 import signal
+import subprocess
 import threading
 import urllib.request
 import time
@@ -16,6 +17,7 @@ from conftest import USERS
 from harness.databases import MariaDB, Postgres
 from imap_client import Raw, SourceIMAP4_SSL, backend_id
 from harness.net import read_all
+from harness.postern import binary
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 
@@ -37,6 +39,20 @@ def login_backend(p, user, certs, listener="imaps"):
     name = backend_id(m)
     m.logout()
     return name.split('"')[-2].rsplit("-", 1)[-1]
+
+
+def eventually_on(p, user, certs, want, timeout=15):
+    """Logs `user` in until it lands on `want`: right after a database outage or a
+    pin change a login may get the temporary failure, or be ended by the change."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if login_backend(p, user, certs) == want:
+                return
+        except (imaplib.IMAP4.error, imaplib.IMAP4.abort) as e:
+            assert "UNAVAILABLE" in str(e), e
+        assert time.monotonic() < deadline, f"{user} never landed on {want}"
+        time.sleep(0.2)
 
 
 def test_pins_in_the_database_route_logins(database, make_postern, certs):
@@ -109,17 +125,9 @@ def test_operator_query_over_an_existing_user_table(database, make_postern, cert
     # A pin written by Postern overrides the operator's host, and reaches the running
     # instance through the change log (its cached route is dropped).
     assert p.cli("route", "pin", ALICE, "b2").returncode == 0
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            if login_backend(p, ALICE, certs) == "b2":
-                break
-        except imaplib.IMAP4.abort as e:
-            # A login that raced the change landed on b1 under the old route; the pin
-            # event then ends it, because the user now belongs to b2.
-            assert "UNAVAILABLE" in str(e), e
-        assert time.monotonic() < deadline, "the pin change never reached the instance"
-        time.sleep(0.2)
+    # A login that raced the change may land on b1 under the old route; the pin event
+    # then ends it ([UNAVAILABLE]), because the user now belongs to b2.
+    eventually_on(p, ALICE, certs, "b2", timeout=5)
     assert "pinned by Postern's routes table" in p.cli("route", ALICE).stdout
 
 
@@ -283,6 +291,98 @@ def test_move_kicks_the_user_on_every_instance(database, make_postern, certs):
     b.wait_log("kick: ending the user's sessions")
 
 
+def test_a_move_right_after_a_reload_is_applied_by_the_reloaded_instance(
+    database, make_postern, certs
+):
+    """SIGHUP to an instance, then a move within the next moments: the reloaded
+    instance keeps its id and its place in the change log, so it applies the kick (its
+    IDLE session on the old backend ends) and only then counts as confirming."""
+    server, db = database
+    a, b = two_instances(server, db, make_postern)
+    assert a.cli("route", "pin", ALICE, "b1").returncode == 0
+    for trial in range(3):
+        old, new = ("b1", "b2") if trial % 2 == 0 else ("b2", "b1")
+        on_b = idle_session(b, ALICE, certs)
+        b.proc.send_signal(signal.SIGHUP)
+        r = a.cli("route", "move", ALICE, new)
+        assert r.returncode == 0 and "2 instance(s)" in r.stdout, r.stdout + r.stderr
+        # The session on the old backend was ended by the reloaded instance.
+        assert b"* BYE" in read_all(on_b.sock, timeout=10)
+        assert login_backend(b, ALICE, certs) == new, old
+    rows = server.sql("SELECT COUNT(*) FROM instances", db).split()
+    assert rows == ["2"], f"reloads added instance rows: {rows}"
+
+
+def test_a_crashed_instance_stops_blocking_moves_and_a_clean_exit_leaves_at_once(
+    database, make_postern, certs
+):
+    server, db = database
+    a, b = two_instances(server, db, make_postern)
+    assert a.cli("route", "pin", ALICE, "b1").returncode == 0
+
+    def instances(n):
+        deadline = time.monotonic() + 15
+        while server.sql("SELECT COUNT(*) FROM instances", db).split() != [str(n)]:
+            assert time.monotonic() < deadline, f"never {n} instance rows"
+            time.sleep(0.1)
+
+    instances(2)
+    # A clean exit removes the instance's row (checked at once: nobody waits for it).
+    b.stop()
+    assert server.sql("SELECT COUNT(*) FROM instances", db).split() == ["1"]
+    # A crash leaves the row; once its heartbeat is older than live_within (5 s), the
+    # instance is presumed dead and moves no longer wait for it.
+    c = make_postern(on_database(server.url(db)), seed=False)
+    instances(2)
+    c.proc.kill()
+    c.proc.wait()
+    deadline = time.monotonic() + 30
+    while True:
+        stale = server.sql(
+            "SELECT COUNT(*) FROM instances WHERE heartbeat_at < "
+            f"{int(time.time()) - 6}", db).split()
+        if stale == ["1"]:
+            break
+        assert time.monotonic() < deadline, "the crashed instance's heartbeat never aged"
+        time.sleep(0.5)
+    r = a.cli("route", "move", ALICE, "b2")
+    assert r.returncode == 0 and "1 instance(s)" in r.stdout, r.stdout + r.stderr
+    assert login_backend(a, ALICE, certs) == "b2"
+
+
+def test_a_frozen_instance_presumed_dead_catches_up_before_it_serves(
+    database, make_postern, certs
+):
+    """Instance B frozen (SIGSTOP) past live_within while A moves a user B had cached
+    and served: the move goes on without B (presumed dead) and finishes. When B wakes
+    up, it ends its session on the old backend and sends no login there: until it has
+    read the change log, logins get the temporary failure."""
+    server, db = database
+    a, b = two_instances(server, db, make_postern)
+    assert a.cli("route", "pin", ALICE, "b1").returncode == 0
+    eventually_on(b, ALICE, certs, "b1")  # B caches alice -> b1
+    on_b = idle_session(b, ALICE, certs)
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        r = a.cli("route", "move", ALICE, "b2")
+        assert r.returncode == 0 and "1 instance(s)" in r.stdout, r.stdout + r.stderr
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    landed = []
+    for _ in range(20):
+        try:
+            landed.append(login_backend(b, ALICE, certs))
+        except (imaplib.IMAP4.error, imaplib.IMAP4.abort) as e:
+            assert "UNAVAILABLE" in str(e), e
+            landed.append("refused")
+        if landed[-1] == "b2":
+            break
+        time.sleep(0.1)
+    assert "b1" not in landed and landed[-1] == "b2", landed
+    assert b"* BYE" in read_all(on_b.sock, timeout=10)
+    b.wait_log("stood still")
+
+
 def test_kick_ends_sessions_everywhere(database, make_postern, certs):
     server, db = database
     a, b = two_instances(server, db, make_postern)
@@ -295,7 +395,10 @@ def test_kick_ends_sessions_everywhere(database, make_postern, certs):
     assert login_backend(a, BOB, certs) == "b2"
 
 
-def test_a_move_without_every_confirmation_holds_the_user(database, make_postern, certs):
+def test_a_move_without_every_confirmation_is_rolled_back(database, make_postern, certs):
+    """A live instance that never confirms the kick: the move is rolled back (the pin
+    stays, the hold is cleared), so the user logs in to the old backend again at once
+    instead of being locked out until the hold ends."""
     server, db = database
 
     def edit(c):
@@ -309,20 +412,11 @@ def test_a_move_without_every_confirmation_holds_the_user(database, make_postern
     server.sql(f"INSERT INTO instances VALUES ('stuck-instance', {now + 3600}, 0)", db)
     r = p.cli("route", "move", ALICE, "b2")
     assert r.returncode == 1 and "NOT moved" in r.stderr and "stuck-instance" in r.stderr
-    # Meanwhile the user is on hold: a temporary failure, on neither backend.
-    m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            m.login(ALICE, USERS[ALICE])
-        except imaplib.IMAP4.error as e:
-            assert "UNAVAILABLE" in str(e)
-            break
-        m.logout()
-        assert time.monotonic() < deadline, "logins were not held during the move"
-        m = SourceIMAP4_SSL(*p.addr("imaps"), ssl_context=certs.client_context())
-        time.sleep(0.2)
-    assert "a move is in progress" in p.cli("route", "show", ALICE).stdout
+    assert "rolled back" in r.stderr, r.stderr
+    assert server.sql("SELECT backend, moving_to FROM routes", db).split() in (
+        ["b1", "NULL"], ["b1"])
+    assert login_backend(p, ALICE, certs) == "b1"
+    assert "a move is in progress" not in p.cli("route", "show", ALICE).stdout
     r = p.cli("route", "move", ALICE, "b2", "--force")
     assert r.returncode == 0, r.stderr
     deadline = time.monotonic() + 5
@@ -330,9 +424,75 @@ def test_a_move_without_every_confirmation_holds_the_user(database, make_postern
         try:
             assert login_backend(p, ALICE, certs) == "b2"
             break
-        except imaplib.IMAP4.error:
+        except (imaplib.IMAP4.error, AssertionError):
             assert time.monotonic() < deadline
             time.sleep(0.2)
+
+
+def test_a_move_cut_off_by_the_database_says_what_it_left_and_resumes_or_aborts(
+    workdir, make_postern, certs
+):
+    """MariaDB frozen (SIGSTOP) while a move waits for confirmations: the CLI says
+    exactly what is written and how to finish; `--abort` rolls it back, `--resume`
+    finishes it, and a plain move refuses to start over an interrupted one."""
+    server = MariaDB(workdir / "db-move", certs).start()
+    try:
+
+        def edit(c):
+            on_database(server.url())(c)
+            c["routing"]["moves"] = {"hold": "120s", "ack_timeout": "60s",
+                                     "store_patience": "2s"}
+
+        p = make_postern(edit, seed=False)
+        assert p.cli("route", "pin", ALICE, "b1").returncode == 0
+        assert p.cli("route", "pin", BOB, "b2").returncode == 0
+
+        def interrupted_move(user, to):
+            # A live instance that never confirms keeps the move waiting...
+            now = int(time.time())
+            server.sql(f"REPLACE INTO instances VALUES ('stuck', {now + 3600}, 0)")
+            mover = subprocess.Popen(
+                [str(binary()), "-c", str(p.config_path), "route", "move", user, to],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 20
+            while "NULL" in server.sql(f"SELECT COALESCE(moving_to, 'NULL') FROM routes "
+                                       f"WHERE username = '{user}'"):
+                assert time.monotonic() < deadline, "the move never began"
+                time.sleep(0.1)
+            # ...until the database stops answering.
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                out, err = mover.communicate(timeout=60)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            # The first statements after SIGCONT may meet connections the server is
+            # still waking up to: bounded retries.
+            for attempt in range(20):
+                try:
+                    server.sql("DELETE FROM instances WHERE id = 'stuck'")
+                    break
+                except subprocess.CalledProcessError as e:
+                    assert attempt < 19, e.stderr
+                    time.sleep(0.5)
+            assert mover.returncode == 1, (out, err)
+            return err
+
+        err = interrupted_move(ALICE, "b2")
+        assert "move interrupted" in err and "the hold and the kick are written" in err, err
+        assert "--resume" in err and "--abort" in err and "stays on b1" in err, err
+        r = p.cli("route", "move", ALICE, "b2")
+        assert r.returncode == 1 and "--resume" in r.stderr, r.stderr
+        r = p.cli("route", "move", ALICE, "b2", "--abort")
+        assert r.returncode == 0 and "rolled back" in r.stdout, r.stderr
+        eventually_on(p, ALICE, certs, "b1")
+
+        err = interrupted_move(BOB, "b1")
+        assert "move interrupted" in err, err
+        r = p.cli("route", "move", BOB, "b1", "--resume")
+        assert r.returncode == 0 and "moved from b2 to b1" in r.stdout, (r.stdout, r.stderr)
+        eventually_on(p, BOB, certs, "b1")
+    finally:
+        server.stop()
 
 
 def test_a_hung_database_does_not_hang_the_admin_api(workdir, make_postern, certs):

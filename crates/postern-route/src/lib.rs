@@ -11,6 +11,7 @@
 //! through the store's change log ([`moves`]), which every instance polls.
 
 pub mod cache;
+pub mod fence;
 pub mod hash;
 pub mod moves;
 pub mod normalize;

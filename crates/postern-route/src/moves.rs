@@ -1,53 +1,24 @@
-//! Fenced moves and kicks across Postern instances, through the database only.
+//! Fenced moves and kicks across Postern instances, through the database only: the
+//! runtime side of `fence.rs`, which decides every step.
 //!
 //! ```text
 //!  move USER B2:   begin_move (moving_to = B2, hold, Kick logged)   ── logins: temporary failure
 //!                  every live instance applies the Kick: ends USER's sessions, forgets the
 //!                  cached route, and reports the log position it reached (heartbeat)
-//!                  all live instances past the Kick?  ── no, within ack_timeout: stop, report
-//!                  finish_move (backend = B2, hold cleared, Pin logged)
+//!                  all live instances past the Kick? ── yes: finish_move (pin = B2, Pin logged)
+//!                                                     ── no, by ack_timeout: abort_move
 //! ```
-//! An instance is live when its heartbeat is recent; a dead one holds no sessions. If a
-//! live instance does not confirm in time the move stops half way: the user stays on
-//! the old backend with logins refused until the hold expires, never on two backends.
+//! An instance is live when its heartbeat is recent; a dead one holds no sessions. A
+//! move that a live instance does not confirm is rolled back (the pin stays, logins go
+//! there again at once), so a user is never on two backends and never locked out
+//! longer than the move took; one the store interrupts says what it left written.
 
-use std::time::Duration;
-
-use tokio::time::{Instant, sleep};
+use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::UserName;
+pub use crate::fence::{Acks, FenceOptions, Left, Outcome as MoveOutcome};
+use crate::fence::{Input, MovePlan, Step};
 use crate::store::{RouteStore, StoreError, now_secs};
-
-/// Timing of a fenced operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FenceOptions {
-    /// How long new logins are held off while a move is in progress (a safety bound if
-    /// the mover dies half way; a completed move clears it at once).
-    pub hold: Duration,
-    /// How long to wait for every live instance to confirm.
-    pub ack_timeout: Duration,
-    /// An instance whose heartbeat is older than this is considered gone.
-    pub live_within: Duration,
-}
-
-impl Default for FenceOptions {
-    fn default() -> Self {
-        Self {
-            hold: Duration::from_secs(60),
-            ack_timeout: Duration::from_secs(15),
-            live_within: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Which instances confirmed a change-log entry.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Acks {
-    /// Live instances that applied it.
-    pub confirmed: Vec<String>,
-    /// Live instances that did not, within the timeout.
-    pub missing: Vec<String>,
-}
 
 /// Waits until every live instance has applied change-log entry `id`.
 pub async fn wait_for_acks(
@@ -56,44 +27,22 @@ pub async fn wait_for_acks(
     options: FenceOptions,
 ) -> Result<Acks, StoreError> {
     let deadline = Instant::now() + options.ack_timeout;
-    let live_secs = i64::try_from(options.live_within.as_secs()).unwrap_or(i64::MAX);
     loop {
-        let now = now_secs();
-        let mut acks = Acks::default();
-        for i in store.instances().await? {
-            if i.heartbeat_at < now.saturating_sub(live_secs) {
-                continue;
-            }
-            if i.last_event_id >= id {
-                acks.confirmed.push(i.id);
-            } else {
-                acks.missing.push(i.id);
-            }
-        }
+        let rows = store.instances().await?;
+        // A kick has no plan: it presumes silent instances dead at once (it waits for
+        // nothing it could get wrong; a move is what must not).
+        let acks = crate::fence::acks(&rows, id, now_secs(), options.live_within, true);
         if acks.missing.is_empty() || Instant::now() >= deadline {
             return Ok(acks);
         }
-        sleep(Duration::from_millis(200)).await;
+        sleep(crate::fence::ACK_POLL).await;
     }
 }
 
-/// The outcome of a fenced move.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MoveOutcome {
-    /// The pin now points to the new backend; these instances ended the old sessions.
-    Moved(Acks),
-    /// Some live instance did not confirm: the pin was not switched, and logins stay
-    /// on hold until it expires (Unix seconds).
-    Stalled {
-        /// Who confirmed and who did not.
-        acks: Acks,
-        /// When the hold ends.
-        hold_until: i64,
-    },
-}
-
-/// Moves `user` from `from` to `to`, fenced (see the module documentation). With
-/// `force`, the pin is switched even if some instance did not confirm.
+/// Moves `user` from `from` to `to` by executing a [`MovePlan`] (see `fence.rs`): it
+/// finishes, rolls back, or stops after the store failed for `store_patience` and says
+/// what it left written. With `force`, the pin is switched even if some live instance
+/// did not confirm.
 pub async fn move_user(
     store: &dyn RouteStore,
     user: &UserName,
@@ -101,15 +50,48 @@ pub async fn move_user(
     to: &str,
     options: FenceOptions,
     force: bool,
-) -> Result<MoveOutcome, StoreError> {
-    let hold_until = now_secs() + i64::try_from(options.hold.as_secs()).unwrap_or(60);
-    let kick = store.begin_move(user, from, to, hold_until).await?;
-    let acks = wait_for_acks(store, kick, options).await?;
-    if !acks.missing.is_empty() && !force {
-        return Ok(MoveOutcome::Stalled { acks, hold_until });
+) -> MoveOutcome {
+    let mut plan = MovePlan::new(options, force, now_secs());
+    let mut input = Input::Start;
+    loop {
+        let now = Instant::now().into_std();
+        input = match plan.next(now, input) {
+            Step::Begin { hold_until } => Input::Begun(
+                store
+                    .begin_move(user, from, to, hold_until)
+                    .await
+                    .inspect_err(|e| tracing::warn!(error = %e, "move: cannot write the hold"))
+                    .ok(),
+            ),
+            Step::ReadInstances => Input::Instances(
+                store
+                    .instances()
+                    .await
+                    .inspect_err(|e| tracing::warn!(error = %e, "move: cannot read the instances"))
+                    .ok()
+                    .map(|rows| (rows, now_secs())),
+            ),
+            Step::Finish => Input::Written(
+                store
+                    .finish_move(user, to)
+                    .await
+                    .inspect_err(|e| tracing::warn!(error = %e, "move: cannot write the new pin"))
+                    .is_ok(),
+            ),
+            Step::Abort => Input::Written(
+                store
+                    .abort_move(user)
+                    .await
+                    .inspect_err(|e| tracing::warn!(error = %e, "move: cannot clear the hold"))
+                    .is_ok(),
+            ),
+            Step::WaitUntil(at) => {
+                sleep_until(Instant::from_std(at)).await;
+                Input::Woke
+            }
+            Step::Done(outcome) => return outcome,
+        };
     }
-    store.finish_move(user, to).await?;
-    Ok(MoveOutcome::Moved(acks))
 }
 
 /// Ends `user`'s sessions on every instance; returns who confirmed.
@@ -127,8 +109,8 @@ pub async fn kick_user(
 pub struct Evacuation {
     /// Users moved, with their new backend.
     pub moved: Vec<(String, String)>,
-    /// Users whose move stalled (a live instance did not confirm): still on the old
-    /// backend, held until their hold expires.
+    /// Users whose move was rolled back (a live instance did not confirm): still on
+    /// the old backend, which serves them again at once.
     pub stalled: Vec<String>,
 }
 
@@ -163,6 +145,8 @@ pub async fn evacuate(
                 store.finish_move(&user, &to).await?;
                 report.moved.push((user.as_str().to_owned(), to));
             } else {
+                // Rolled back: the pin stays, and logins may go there again at once.
+                store.abort_move(&user).await?;
                 report.stalled.push(user.as_str().to_owned());
             }
         }

@@ -128,6 +128,10 @@ pub enum RouteError {
     /// The user is being moved between backends.
     #[error("user is being moved")]
     Moving,
+    /// This instance stood still long enough to be presumed dead, and is reading the
+    /// change log before it serves again.
+    #[error("this instance is catching up on the route change log")]
+    CatchingUp,
     /// The pin names a backend that is not configured for this protocol.
     #[error("pinned to backend {0:?}, which does not serve this protocol")]
     UnknownBackend(String),
@@ -154,6 +158,7 @@ impl RouteError {
                 Failure::AuthFailed
             }
             RouteError::Moving
+            | RouteError::CatchingUp
             | RouteError::UnknownBackend(_)
             | RouteError::NoBackend
             | RouteError::BackendDown(_)
@@ -257,6 +262,10 @@ enum Mode {
     Delivery,
 }
 
+/// How long a login waits for this instance to catch up on the change log (at start,
+/// or after it stood still) before it gets the temporary failure.
+const GATE_WAIT: Duration = Duration::from_secs(3);
+
 /// Stored with a reservation: when its login should have settled it, longer than any
 /// login's deadline. A reservation whose instance died mid-login is never deleted by
 /// age (a session may have been served on it); it simply stands as the user's pin.
@@ -284,6 +293,11 @@ pub struct Router {
     counts: Mutex<Counts>,
     availability: Arc<dyn Availability>,
     failover_tokens: Mutex<TokenBucket>,
+    /// Closed while this process catches up on the change log after standing still
+    /// (see `fence::Gate`): movers may have presumed it dead and moved users.
+    gate: std::sync::OnceLock<Arc<crate::fence::Gate>>,
+    /// Counts [`Router::forget`] calls, so a lookup that raced one does not cache.
+    forgets: std::sync::atomic::AtomicU64,
 }
 
 /// A token bucket refilled at `rate` per second, holding at most one second's worth.
@@ -337,6 +351,8 @@ impl Router {
             backends,
             stats: Arc::new(RouteStats::default()),
             counts: Mutex::new(Counts::default()),
+            gate: std::sync::OnceLock::new(),
+            forgets: std::sync::atomic::AtomicU64::new(0),
             availability: Arc::new(AlwaysAvailable),
         }
     }
@@ -395,8 +411,23 @@ impl Router {
         })
     }
 
+    /// Attaches the process's gate (once): while it is closed, logins and deliveries
+    /// get a temporary failure.
+    pub fn attach_gate(&self, gate: Arc<crate::fence::Gate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// Whether logins may be served now (see [`crate::fence::Gate`]).
+    pub fn is_serving(&self) -> bool {
+        self.gate
+            .get()
+            .is_none_or(|g| g.serving(std::time::Instant::now()))
+    }
+
     /// Forgets the cached route of a (normalized) user, after a change in the store.
     pub fn forget(&self, normalized_user: &str) {
+        self.forgets
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.cache
             .invalidate(&UserName::from_normalized(normalized_user));
     }
@@ -461,6 +492,17 @@ impl Router {
         mode: Mode,
     ) -> Result<Decision, RouteError> {
         let write = mode == Mode::Login;
+        if matches!(mode, Mode::Login | Mode::Delivery) && !self.is_serving() {
+            // Catching up takes one read of the change log: wait for it a little
+            // (a login in the first moments after a start), then give up.
+            let deadline = tokio::time::Instant::now() + GATE_WAIT;
+            while !self.is_serving() {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(RouteError::CatchingUp);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let (record, stale) = self.lookup(&user).await?;
         let Some(record) = record else {
             if mode == Mode::Delivery {
@@ -636,15 +678,21 @@ impl Router {
             // Nowhere else to go: a draining backend still serves its users.
             return Ok(decision);
         };
+        // A login waits on this move: a failing store ends it at once (the login gets
+        // the temporary failure and the client retries), not after the CLI's patience.
+        let fence = crate::moves::FenceOptions {
+            store_patience: std::time::Duration::ZERO,
+            ..self.options.fence
+        };
         let outcome = crate::moves::move_user(
             self.store.as_ref(),
             &decision.user,
             &from.name,
             &target,
-            self.options.fence,
+            fence,
             false,
         )
-        .await?;
+        .await;
         match outcome {
             crate::moves::MoveOutcome::Moved(_) => {
                 tracing::info!(user = %decision.user, from = %from.name, to = %target, "backend draining: user moved");
@@ -655,7 +703,8 @@ impl Router {
                 decision.source = Source::Moved;
                 Ok(decision)
             }
-            crate::moves::MoveOutcome::Stalled { .. } => Err(RouteError::Moving),
+            crate::moves::MoveOutcome::RolledBack(_)
+            | crate::moves::MoveOutcome::Interrupted { .. } => Err(RouteError::Moving),
         }
     }
 
@@ -677,13 +726,19 @@ impl Router {
             Lookup::Miss => None,
         };
         let started = Instant::now();
+        let forgets = self.forgets.load(std::sync::atomic::Ordering::SeqCst);
         let answer = self.store.lookup(user).await;
         self.stats.observe(started.elapsed());
         match answer {
             Ok(record) => {
                 self.stats.record(Outcome::Miss);
                 let record = record.map(Arc::new);
+                // A change-log entry applied while this lookup was in flight may be
+                // newer than its answer: caching it would bring back the route the
+                // entry just forgot (after a move, the old backend, until the TTL).
+                let raced = self.forgets.load(std::sync::atomic::Ordering::SeqCst) != forgets;
                 match &record {
+                    _ if raced => {}
                     // "Being moved" is never cached: the move's last step (the new pin)
                     // must be seen by the next login, not one cache TTL later, and a
                     // failed move must not lock the user out any longer than it lasts.

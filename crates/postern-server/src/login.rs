@@ -632,6 +632,12 @@ impl Session<'_> {
             info!("kicked during login");
             return Err((Trouble::Unavailable, guard));
         }
+        // A login in flight while this process stood still: its route may have been
+        // moved meanwhile; it is not relayed before the change log has been read.
+        if !ctx.router.is_serving() {
+            info!("this instance is catching up on the route change log; login not served");
+            return Err((Trouble::Unavailable, guard));
+        }
         Ok(match verdict {
             Verdict::Accepted(_) => {
                 ctx.limiter

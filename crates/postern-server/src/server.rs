@@ -185,6 +185,7 @@ fn generation(
         cancel: cancel.clone(),
         kill: kill.clone(),
         retire: cancel.child_token(),
+        follow: CancellationToken::new(),
         listeners,
         generation: number,
     })
@@ -300,6 +301,11 @@ impl Server {
                 warn!("sessions still running after they were told to close");
             }
         }
+        let ctx = inner.current.load_full();
+        ctx.follow.cancel();
+        if ctx.settings.watch.is_some() {
+            crate::watch::leave(&ctx.router, &inner.position).await;
+        }
         info!("stopped");
     }
 }
@@ -373,6 +379,7 @@ impl Handle {
         let old = inner.current.swap(Arc::clone(&ctx));
         inner.generation.store(number, Ordering::Release);
         old.retire.cancel();
+        old.follow.cancel();
         if inner.started.load(Ordering::Acquire) {
             start_generation(inner, &ctx);
         }
@@ -449,14 +456,22 @@ fn log_listening(ctx: &Ctx, name: &str, addr: SocketAddr) {
 /// abuse-control sweep. They stop when the generation is retired.
 fn start_generation(inner: &Arc<Inner>, ctx: &Arc<Ctx>) {
     if let Some(watch) = &ctx.settings.watch {
-        inner.tracker.spawn(crate::watch::run(
+        // Not on the tracker: shutdown waits for the sessions, and the follower must
+        // outlive them (see `Ctx::follow`).
+        tokio::spawn(crate::watch::stamp(
+            inner.position.gate(watch.live_within),
+            watch.live_within,
+            ctx.follow.clone(),
+        ));
+        tokio::spawn(crate::watch::run(
             Arc::clone(&ctx.router),
             Arc::clone(&ctx.registry),
             Arc::clone(&ctx.health),
             Arc::clone(&inner.position),
             watch.instance_id.clone(),
             watch.interval,
-            ctx.retire.clone(),
+            watch.live_within,
+            ctx.follow.clone(),
         ));
     }
     inner

@@ -50,6 +50,11 @@ pub(crate) struct Ctx {
     pub(crate) kill: CancellationToken,
     /// This generation was replaced by a reload: its background tasks stop.
     pub(crate) retire: CancellationToken,
+    /// Stops this generation's change-log follower: at a reload, or at shutdown once
+    /// the last session has ended (not before: until then the instance must keep
+    /// applying kicks and confirming them, or movers would presume it dead while its
+    /// sessions still run).
+    pub(crate) follow: CancellationToken,
     /// The listeners' settings and drivers, by listener name.
     pub(crate) listeners: HashMap<String, Listening>,
     /// The configuration generation (1, then one more per reload).

@@ -44,6 +44,9 @@ pub struct WatchSettings {
     pub instance_id: String,
     /// Poll interval.
     pub interval: Duration,
+    /// When movers presume a silent instance dead (`[routing.moves] live_within`): an
+    /// instance that stood still this long catches up on the log before serving.
+    pub live_within: Duration,
 }
 
 /// How a listener uses TLS.

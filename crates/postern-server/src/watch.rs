@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use postern_route::Router;
-use postern_route::store::{ChangeKind, now_secs};
+use postern_route::fence::{Effect, Follower, Gate, STAMP_EVERY};
+use postern_route::store::now_secs;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -16,10 +17,14 @@ use crate::registry::Registry;
 
 /// Entries fetched per poll; a backlog is drained over consecutive polls.
 const BATCH: u32 = 1000;
-/// Change-log entries and dead instances older than this are pruned.
+/// Change-log entries older than this are pruned: an instance cut off for longer
+/// than this misses entries, so it is long.
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Instances silent this long are removed (crashed ones: a clean exit removes its own
+/// row at once, and a silent one stopped counting for moves after `live_within`).
+const INSTANCE_RETENTION: Duration = Duration::from_secs(600);
 /// How often to prune.
-const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
 
 /// Who this process is to the route store, and how far it has applied the change log.
 /// It lives as long as the process, not a configuration generation: a reload keeps the
@@ -28,8 +33,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 #[derive(Debug, Default)]
 pub struct Position {
     instance: OnceLock<String>,
-    /// The last entry applied; `None` until the first generation has read the log.
-    last: Mutex<Option<i64>>,
+    follower: Mutex<Follower>,
+    gate: OnceLock<Arc<Gate>>,
 }
 
 impl Position {
@@ -38,19 +43,24 @@ impl Position {
         self.instance.get_or_init(|| configured.to_owned()).clone()
     }
 
-    fn last(&self) -> Option<i64> {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    /// The process's gate (the first configuration's `live_within`).
+    pub fn gate(&self, live_within: Duration) -> Arc<Gate> {
+        Arc::clone(
+            self.gate
+                .get_or_init(|| Arc::new(Gate::new(std::time::Instant::now(), live_within))),
+        )
     }
 
-    /// Records entries applied; never goes back (an old generation's follower may
-    /// finish a batch after the new one started).
-    fn advance(&self, to: i64) {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        *last = Some(last.map_or(to, |l| l.max(to)));
+    fn follower(&self) -> std::sync::MutexGuard<'_, Follower> {
+        self.follower.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
+/// How often expired holds (a mover that died half way) are cleared.
+const CLEAR_HOLDS_EVERY: Duration = Duration::from_secs(10);
+
 /// Runs until `cancel` fires.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     router: Arc<Router>,
     registry: Arc<Registry>,
@@ -58,20 +68,27 @@ pub async fn run(
     position: Arc<Position>,
     configured_instance: String,
     interval: Duration,
+    live_within: Duration,
     cancel: CancellationToken,
 ) {
     let store = Arc::clone(router.store());
+    let gate = position.gate(live_within);
+    router.attach_gate(Arc::clone(&gate));
     let instance = position.instance(&configured_instance);
     if instance != configured_instance {
         debug!(%instance, configured = %configured_instance, "keeping this process's instance id across the reload");
     }
     // Entries written before this process started concern neither its (empty) cache
     // nor its (absent) sessions; after a reload, the log resumes where it was.
-    let mut last = match position.last() {
+    let resumed = position.follower().position();
+    let mut last = match resumed {
         Some(last) => last,
         None => loop {
             match store.last_event_id().await {
-                Ok(id) => break id,
+                Ok(id) => {
+                    position.follower().start_at(id);
+                    break id;
+                }
                 Err(e) => {
                     warn!(error = %e, "cannot read the route change log; retrying");
                     tokio::select! {
@@ -82,45 +99,41 @@ pub async fn run(
             }
         },
     };
-    position.advance(last);
     info!(%instance, from = last, "following the route change log");
     let mut failing = false;
     let mut last_prune = tokio::time::Instant::now();
+    let mut last_clear = tokio::time::Instant::now();
     loop {
+        // Catch-up ends only by a read that began after it did.
+        let ticket = gate.read_began();
         match store.events_since(last, BATCH).await {
             Ok(events) => {
                 if failing {
                     info!("route change log reachable again");
                     failing = false;
                 }
-                for e in &events {
-                    router.forget(&e.user);
-                    if e.kind == ChangeKind::Kick {
-                        let n = registry.kick_user(&e.user);
-                        info!(user = %e.user, sessions = n, "kick: ending the user's sessions");
-                    } else if let Some(pin) = &e.backend {
-                        // The user is pinned elsewhere now (re-pin on failover, an
-                        // operator's pin): their sessions on any other backend end, on
-                        // every instance, so no mailbox is served by two backends.
-                        let n = registry.kick_user_elsewhere(&e.user, pin);
-                        if n > 0 {
-                            info!(user = %e.user, backend = %pin, sessions = n, "pin changed: ending the user's sessions on other backends");
-                        } else {
-                            debug!(user = %e.user, backend = %pin, "pin changed");
-                        }
-                    }
-                    last = last.max(e.id);
+                let effects = position.follower().apply(&events);
+                for effect in effects {
+                    apply(&router, &registry, effect);
                 }
-                position.advance(last);
-                if let Err(e) = store.heartbeat(&instance, last).await {
-                    warn!(error = %e, "cannot record the heartbeat");
+                last = position.follower().position().unwrap_or(last);
+                let drained = events.len() < BATCH as usize;
+                match store.heartbeat(&instance, last).await {
+                    Ok(()) if drained && gate.caught_up(ticket) => {
+                        info!(
+                            to = last,
+                            "caught up on the route change log; serving again"
+                        );
+                    }
+                    Ok(()) => {}
+                    Err(e) => warn!(error = %e, "cannot record the heartbeat"),
                 }
                 // Operator states (drain, down): a tiny table, read every tick.
                 match store.backend_states().await {
                     Ok(states) => health.set_admin(&states),
                     Err(e) => warn!(error = %e, "cannot read backend states"),
                 }
-                if events.len() == BATCH as usize {
+                if !drained {
                     continue;
                 }
             }
@@ -131,10 +144,21 @@ pub async fn run(
                 }
             }
         }
+        if last_clear.elapsed() >= CLEAR_HOLDS_EVERY {
+            last_clear = tokio::time::Instant::now();
+            match store.clear_expired_holds(now_secs()).await {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    users = n,
+                    "cleared the holds of moves nobody finished; their pins stay"
+                ),
+                Err(e) => debug!(error = %e, "cannot clear expired holds"),
+            }
+        }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = tokio::time::Instant::now();
-            let before = now_secs() - i64::try_from(RETENTION.as_secs()).unwrap_or(0);
-            if let Err(e) = store.prune(before).await {
+            let ago = |d: Duration| now_secs() - i64::try_from(d.as_secs()).unwrap_or(0);
+            if let Err(e) = store.prune(ago(RETENTION), ago(INSTANCE_RETENTION)).await {
                 warn!(error = %e, "cannot prune the route change log");
             }
         }
@@ -142,5 +166,58 @@ pub async fn run(
             () = tokio::time::sleep(interval) => {}
             () = cancel.cancelled() => return,
         }
+    }
+}
+
+/// Stamps the process's gate every [`STAMP_EVERY`] until `cancel` fires: nothing but
+/// the clock, so a store outage cannot stop it, and a gap between two stamps means
+/// this process stood still (see [`Gate`]).
+pub async fn stamp(gate: Arc<Gate>, live_within: Duration, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(STAMP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = cancel.cancelled() => return,
+        }
+        if gate.stamp(std::time::Instant::now()) {
+            warn!(
+                "this instance stood still for about {live_within:?} (frozen or starved): \
+                 other instances may have presumed it dead and moved users; no login is \
+                 served until it has read the route change log to its end"
+            );
+        }
+    }
+}
+
+/// Executes one effect of the change log on this instance.
+fn apply(router: &Router, registry: &Registry, effect: Effect) {
+    match effect {
+        Effect::Forget(user) => router.forget(&user),
+        Effect::EndSessions(user) => {
+            let n = registry.kick_user(&user);
+            info!(user = %user, sessions = n, "kick: ending the user's sessions");
+        }
+        Effect::EndSessionsElsewhere(user, pin) => {
+            // The user is pinned elsewhere now (re-pin on failover, an operator's
+            // pin): their sessions on any other backend end, on every instance, so no
+            // mailbox is served by two backends.
+            let n = registry.kick_user_elsewhere(&user, &pin);
+            if n > 0 {
+                info!(user = %user, backend = %pin, sessions = n, "pin changed: ending the user's sessions on other backends");
+            } else {
+                debug!(user = %user, backend = %pin, "pin changed");
+            }
+        }
+    }
+}
+
+/// Removes this process's row from `instances` at a clean exit, so moves stop waiting
+/// for it at once instead of after `live_within`.
+pub async fn leave(router: &Router, position: &Position) {
+    if let Some(instance) = position.instance.get()
+        && let Err(e) = router.store().leave(instance).await
+    {
+        warn!(error = %e, "cannot remove this instance from the route store");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use postern_proto::Protocol;
-use postern_route::moves::MoveOutcome;
+use postern_route::moves::{Left, MoveOutcome};
 use postern_route::{RouteError, Router, Source};
 use postern_server::Server;
 use tracing_subscriber::EnvFilter;
@@ -146,6 +146,12 @@ enum RouteAction {
         /// Switch the pin even if some live instance did not confirm the kick.
         #[arg(long)]
         force: bool,
+        /// Finish an interrupted move to BACKEND (a fresh kick, then the new pin).
+        #[arg(long, conflicts_with = "abort")]
+        resume: bool,
+        /// Roll an interrupted move back: clear the hold, keep the old pin.
+        #[arg(long)]
+        abort: bool,
     },
     /// End USER's sessions on every Postern instance.
     Kick {
@@ -491,45 +497,21 @@ async fn route(config: &Config, action: RouteAction) -> Result<ExitCode> {
             user,
             backend,
             force,
+            resume,
+            abort,
         } => {
             backend_exists(&backend)?;
-            let current = router.current(&user, Protocol::Imap).await?;
-            if current.backend == backend {
-                println!("{} is already on {backend}", current.user);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let outcome = postern_route::moves::move_user(
+            return move_cmd(
+                &router,
                 store.as_ref(),
-                &current.user,
-                &current.backend,
+                config,
+                &user,
                 &backend,
-                config.fence,
                 force,
+                resume,
+                abort,
             )
-            .await?;
-            match outcome {
-                MoveOutcome::Moved(acks) => {
-                    println!(
-                        "{} moved from {} to {backend}; sessions ended by {} instance(s){}",
-                        current.user,
-                        current.backend,
-                        acks.confirmed.len(),
-                        missing_note(&acks.missing)
-                    );
-                }
-                MoveOutcome::Stalled { acks, hold_until } => {
-                    eprintln!(
-                        "{}: NOT moved: instance(s) {} did not confirm within {:?}. \
-                         The user stays on {}; logins are refused until the hold ends \
-                         (unix time {hold_until}). Retry, or use --force.",
-                        current.user,
-                        acks.missing.join(", "),
-                        config.fence.ack_timeout,
-                        current.backend
-                    );
-                    return Ok(ExitCode::FAILURE);
-                }
-            }
+            .await;
         }
         RouteAction::Kick { user } => {
             let user = normalize(&user)?;
@@ -553,6 +535,106 @@ async fn route(config: &Config, action: RouteAction) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `postern route move`: every way out says what is written in the store.
+#[allow(clippy::too_many_arguments)]
+async fn move_cmd(
+    router: &postern_route::Router,
+    store: &dyn postern_route::RouteStore,
+    config: &Config,
+    user: &str,
+    backend: &str,
+    force: bool,
+    resume: bool,
+    abort: bool,
+) -> anyhow::Result<ExitCode> {
+    let current = router.current(user, Protocol::Imap).await?;
+    let user = &current.user;
+    let from = current.backend.as_str();
+    let pending = current.record.as_ref().and_then(|r| r.moving_to.clone());
+    if abort {
+        let Some(to) = pending else {
+            println!("{user}: no move in progress; stays on {from}");
+            return Ok(ExitCode::SUCCESS);
+        };
+        store.abort_move(user).await?;
+        println!("{user}: move to {to} rolled back; stays on {from}, logins go there again");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match (&pending, resume) {
+        (Some(to), false) => {
+            eprintln!(
+                "{user}: a move to {to} is in progress or was interrupted (pin still {from}). \
+                 Finish it with --resume (to {to}) or roll it back with --abort."
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        (Some(to), true) if to != backend => {
+            eprintln!("{user}: the interrupted move goes to {to}, not {backend}");
+            return Ok(ExitCode::FAILURE);
+        }
+        (None, true) if from == backend => {
+            println!("{user} is already on {backend}: the move was finished");
+            return Ok(ExitCode::SUCCESS);
+        }
+        (None, true) => {
+            eprintln!("{user}: no interrupted move to resume (pinned to {from})");
+            return Ok(ExitCode::FAILURE);
+        }
+        _ => {}
+    }
+    if from == backend {
+        println!("{user} is already on {backend}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let fence = config.fence;
+    let outcome = postern_route::moves::move_user(store, user, from, backend, fence, force).await;
+    match outcome {
+        MoveOutcome::Moved(acks) => {
+            println!(
+                "{user} moved from {from} to {backend}; sessions ended by {} instance(s){}",
+                acks.confirmed.len(),
+                missing_note(&acks.missing)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        MoveOutcome::RolledBack(acks) => {
+            eprintln!(
+                "{user}: NOT moved: instance(s) {} did not confirm within {:?}. The move was \
+                 rolled back: {user} stays on {from} and logs in there again ({} instance(s) \
+                 had ended the sessions). Retry, or use --force.",
+                acks.missing.join(", "),
+                fence.ack_timeout,
+                acks.confirmed.len()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        MoveOutcome::Interrupted { left, hold_until } => {
+            let written = match left {
+                Left::MaybeHeld => format!(
+                    "the store failed on the first write, so {user} may or may not be held \
+                     (moving to {backend})"
+                ),
+                Left::Held => format!(
+                    "the hold and the kick are written ({user} is moving to {backend}, logins \
+                     refused); the pin still points to {from}"
+                ),
+                Left::Confirmed => format!(
+                    "every live instance ended {user}'s sessions, but the new pin could not be \
+                     written; the pin still points to {from}, logins refused"
+                ),
+            };
+            eprintln!(
+                "{user}: move interrupted: the route store failed for {:?}. Written: {written}. \
+                 When the store is back: `postern route move {user} {backend} --resume` finishes \
+                 it, `--abort` rolls it back; if nobody does, the hold ends by itself at unix \
+                 time {hold_until} and {user} stays on {from}.",
+                fence.store_patience
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn missing_note(missing: &[String]) -> String {

@@ -5,3 +5,6 @@
 -- never logs in leaves no pin. A reservation left by an instance that died mid-login
 -- stands as an ordinary pin.
 ALTER TABLE routes ADD COLUMN tentative_until BIGINT NULL;
+
+-- Holds left by a mover that died are cleared by the instances (clear_expired_holds).
+CREATE INDEX IF NOT EXISTS routes_hold ON routes (hold_until);

@@ -43,6 +43,9 @@ pub struct RouteRecord {
     pub moving: bool,
     /// The pin is a first login's reservation, not yet confirmed by a backend login.
     pub tentative: bool,
+    /// The target of a move that is in progress or was interrupted (its hold may have
+    /// ended), for `postern route move --resume`.
+    pub moving_to: Option<String>,
     /// Where the pin came from, for `postern route USER` and the admin API.
     pub origin: PinOrigin,
 }
@@ -239,6 +242,23 @@ pub trait RouteStore: Send + Sync + fmt::Debug {
         read_only(self.kind())
     }
 
+    /// Rolls a fenced move back: clears the hold and the target, keeps the pin. The
+    /// user's logins go to the old backend again at once.
+    fn abort_move<'a>(&'a self, _user: &'a UserName) -> StoreFuture<'a, ()> {
+        read_only(self.kind())
+    }
+
+    /// Clears holds that ended (a mover that died half way): the pin stays, and the
+    /// listing no longer says "moving". Returns how many.
+    fn clear_expired_holds(&self, _now: i64) -> StoreFuture<'_, u64> {
+        Box::pin(async { Ok(0) })
+    }
+
+    /// Removes this instance's row (a clean exit), so moves stop waiting for it at once.
+    fn leave<'a>(&'a self, _instance: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Logs a `Kick` for the user; returns its log id.
     fn kick<'a>(&'a self, _user: &'a UserName) -> StoreFuture<'a, i64> {
         read_only(self.kind())
@@ -280,8 +300,9 @@ pub trait RouteStore: Send + Sync + fmt::Debug {
         Box::pin(async { Ok(Vec::new()) })
     }
 
-    /// Forgets change-log entries and instances older than `before` (Unix seconds).
-    fn prune(&self, _before: i64) -> StoreFuture<'_, ()> {
+    /// Forgets change-log entries older than `events_before` and instances silent
+    /// since before `instances_before` (Unix seconds).
+    fn prune(&self, _events_before: i64, _instances_before: i64) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
 }

@@ -129,6 +129,9 @@ struct Statements {
     prune_events: String,
     prune_instances: String,
     reserve: String,
+    abort_move: String,
+    clear_expired_holds: String,
+    leave: String,
     confirm: String,
     release: String,
     repin: String,
@@ -208,6 +211,13 @@ impl Statements {
                 .to_owned(),
             prune_events: d.sql("DELETE FROM route_events WHERE created_at < ?"),
             prune_instances: d.sql("DELETE FROM instances WHERE heartbeat_at < ?"),
+            abort_move: d
+                .sql("UPDATE routes SET moving_to = NULL, hold_until = NULL WHERE username = ?"),
+            clear_expired_holds: d.sql(
+                "UPDATE routes SET moving_to = NULL, hold_until = NULL \
+                 WHERE hold_until IS NOT NULL AND hold_until < ?",
+            ),
+            leave: d.sql("DELETE FROM instances WHERE id = ?"),
             reserve: d.sql(&upsert(
                 "INSERT INTO routes (username, backend, tentative_until) VALUES (?, ?, ?)",
                 "username",
@@ -254,6 +264,7 @@ pub struct SqlStore {
 /// A row of Postern's own `routes` table.
 struct OwnRoute {
     backend: String,
+    moving_to: Option<String>,
     moving: bool,
     tentative: bool,
 }
@@ -447,6 +458,7 @@ impl SqlStore {
         let tentative: Option<i64> = row.try_get(3).map_err(unavailable)?;
         Ok(Some(OwnRoute {
             moving: moving_to.is_some() && hold_until.is_some_and(|t| t > now_secs()),
+            moving_to,
             tentative: tentative.is_some(),
             backend,
         }))
@@ -619,6 +631,7 @@ impl RouteStore for SqlStore {
                 r.backend = Some(BackendRef::Name(own.backend));
                 r.moving = own.moving;
                 r.tentative = own.tentative;
+                r.moving_to = own.moving_to;
                 r.origin = PinOrigin::Table;
             }
             Ok(record)
@@ -865,6 +878,44 @@ impl RouteStore for SqlStore {
         })
     }
 
+    fn abort_move<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.write(move || {
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.abort_move.clone()))
+                    .bind(user.as_str())
+                    .execute(&self.pool)
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn clear_expired_holds(&self, now: i64) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            self.write(move || {
+                sqlx::query(sqlx::AssertSqlSafe(
+                    self.statements.clear_expired_holds.clone(),
+                ))
+                .bind(now)
+                .execute(&self.pool)
+            })
+            .await
+            .map(|done| done.rows_affected())
+        })
+    }
+
+    fn leave<'a>(&'a self, instance: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.write(move || {
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.leave.clone()))
+                    .bind(instance)
+                    .execute(&self.pool)
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+
     fn kick<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, i64> {
         Box::pin(async move {
             let work = move || async move {
@@ -993,11 +1044,11 @@ impl RouteStore for SqlStore {
         })
     }
 
-    fn prune(&self, before: i64) -> StoreFuture<'_, ()> {
+    fn prune(&self, events_before: i64, instances_before: i64) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            for statement in [
-                &self.statements.prune_events,
-                &self.statements.prune_instances,
+            for (statement, before) in [
+                (&self.statements.prune_events, events_before),
+                (&self.statements.prune_instances, instances_before),
             ] {
                 self.timed(
                     sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
@@ -1106,7 +1157,7 @@ mod tests {
         );
         assert!(store.unpin(&alice).await.unwrap());
         assert_eq!(store.lookup(&alice).await.unwrap(), None);
-        store.prune(now_secs() + 10).await.unwrap();
+        store.prune(now_secs() + 10, now_secs() + 10).await.unwrap();
         assert!(store.instances().await.unwrap().is_empty());
     }
 

@@ -606,6 +606,9 @@ pub struct Moves {
     /// Instances silent for longer than this are considered gone.
     #[serde(with = "humantime_serde")]
     pub live_within: Duration,
+    /// How long `route move` retries a failing store before it says what it left.
+    #[serde(with = "humantime_serde")]
+    pub store_patience: Duration,
 }
 
 impl Default for Moves {
@@ -615,6 +618,7 @@ impl Default for Moves {
             hold: f.hold,
             ack_timeout: f.ack_timeout,
             live_within: f.live_within,
+            store_patience: f.store_patience,
         }
     }
 }

@@ -50,6 +50,14 @@ pub(super) fn routing(
         !r.watch_interval.is_zero(),
         "routing.watch_interval: must be > 0"
     );
+    // A live instance heartbeats once per watch interval; with less than about three
+    // in `live_within`, one slow tick would let a mover presume a live instance dead.
+    ensure!(
+        r.moves.live_within >= r.watch_interval * 3,
+        "routing.moves.live_within ({:?}) must be at least 3 x routing.watch_interval ({:?})",
+        r.moves.live_within,
+        r.watch_interval
+    );
     Ok(Routing {
         normalizer,
         store,
@@ -64,11 +72,13 @@ pub(super) fn routing(
             hold: r.moves.hold,
             ack_timeout: r.moves.ack_timeout,
             live_within: r.moves.live_within,
+            store_patience: r.moves.store_patience,
         },
         watch: match r.store {
             file::StoreKind::Sql => Some(WatchSettings {
                 instance_id: r.instance_id.clone().unwrap_or_else(default_instance_id),
                 interval: r.watch_interval,
+                live_within: r.moves.live_within,
             }),
             file::StoreKind::Static => None,
         },
