@@ -30,6 +30,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod sasl;
 pub mod secret;
+pub mod transcript;
 
 pub use machine::{
     BackendLogin, ClientInfo, CloseReason, Event, Failure, FrontEnd, Limit, LoginEvent, Reply,
