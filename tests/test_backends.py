@@ -180,6 +180,12 @@ def test_evacuate_moves_every_pin(start, certs):
     assert "b1" not in p.cli("route", "list", "--backend", "b1").stdout
     assert which_backend(p, CAROL, certs) == "b2"
     assert p.cli("backend", "up", "b1").returncode == 0
+    # b1, brought back by `backend up`, takes users again: evacuating b2 moves them
+    # there (its state row says "up <time>", which is not "drain" or "down").
+    r = p.cli("backend", "evacuate", "b2")
+    assert r.returncode == 0 and "user(s) moved" in r.stdout, r.stdout + r.stderr
+    assert which_backend(p, CAROL, certs) == "b1"
+    assert p.cli("backend", "up", "b2").returncode == 0
 
 
 def haproxy_listener(d: Dovecot) -> str:

@@ -719,6 +719,102 @@ async fn db(config: &Config, action: DbAction) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `postern backend list`: the configured backends with their operator state and pins.
+async fn backend_list(config: &Config, store: &dyn postern_route::RouteStore) -> Result<()> {
+    let states: std::collections::HashMap<String, String> =
+        store.backend_states().await?.into_iter().collect();
+    let counts: std::collections::HashMap<String, u64> =
+        store.counts().await?.into_iter().collect();
+    println!(
+        "{:<16} {:<12} {:>6} {:<8} {:>8}  services",
+        "backend", "pool", "weight", "state", "pinned"
+    );
+    for b in config.settings.backends.values() {
+        let services: Vec<String> = [
+            b.imap
+                .as_ref()
+                .map(|s| format!("imap {}:{}", b.host, s.endpoint.port)),
+            b.pop3
+                .as_ref()
+                .map(|s| format!("pop3 {}:{}", b.host, s.endpoint.port)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        println!(
+            "{:<16} {:<12} {:>6} {:<8} {:>8}  {}",
+            b.name,
+            b.pool,
+            b.weight,
+            states
+                .get(&b.name)
+                .map(String::as_str)
+                .filter(|s| !s.starts_with("up"))
+                .unwrap_or("normal"),
+            counts.get(&b.name).copied().unwrap_or(0),
+            services.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `postern backend evacuate`: drain, then move every pinned user, in batches.
+async fn backend_evacuate(
+    config: &Config,
+    store: &dyn postern_route::RouteStore,
+    backend: &str,
+    batch: usize,
+) -> Result<ExitCode> {
+    let Some(from) = config.settings.backends.get(backend) else {
+        bail!("no backend named {backend:?}");
+    };
+    // Backends an operator drained or took down take no one; "up <time>" is a
+    // backend brought back by `backend up`, which can.
+    let unavailable: std::collections::HashSet<String> = store
+        .backend_states()
+        .await?
+        .into_iter()
+        .filter(|(_, state)| state == "drain" || state == "down")
+        .map(|(name, _)| name)
+        .collect();
+    let targets: Vec<postern_route::hash::Weighted<'_>> = config
+        .settings
+        .backends
+        .values()
+        .filter(|b| b.name != backend && b.pool == from.pool && b.weight > 0)
+        .filter(|b| !unavailable.contains(&b.name))
+        .map(|b| postern_route::hash::Weighted {
+            name: &b.name,
+            weight: b.weight,
+        })
+        .collect();
+    if targets.is_empty() {
+        bail!(
+            "no other backend in pool {:?} can take the users",
+            from.pool
+        );
+    }
+    store.set_backend_state(backend, Some("drain")).await?;
+    let report =
+        postern_route::moves::evacuate(store, backend, &targets, batch, config.fence).await?;
+    println!(
+        "{backend}: drained; {} user(s) moved, {} rolled back",
+        report.moved.len(),
+        report.stalled.len()
+    );
+    for (user, to) in &report.moved {
+        println!("  {user} -> {to}");
+    }
+    if !report.stalled.is_empty() {
+        eprintln!(
+            "not moved, still on {backend} (an instance did not confirm; retry): {}",
+            report.stalled.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn backend_cmd(config: &Config, action: BackendAction) -> Result<ExitCode> {
     let store = config.open_store().await?;
     let exists = |b: &str| -> Result<()> {
@@ -734,42 +830,7 @@ async fn backend_cmd(config: &Config, action: BackendAction) -> Result<ExitCode>
         async move { store.set_backend_state(&b, state).await }
     };
     match action {
-        BackendAction::List => {
-            let states: std::collections::HashMap<String, String> =
-                store.backend_states().await?.into_iter().collect();
-            let counts: std::collections::HashMap<String, u64> =
-                store.counts().await?.into_iter().collect();
-            println!(
-                "{:<16} {:<12} {:>6} {:<8} {:>8}  services",
-                "backend", "pool", "weight", "state", "pinned"
-            );
-            for b in config.settings.backends.values() {
-                let services: Vec<String> = [
-                    b.imap
-                        .as_ref()
-                        .map(|s| format!("imap {}:{}", b.host, s.endpoint.port)),
-                    b.pop3
-                        .as_ref()
-                        .map(|s| format!("pop3 {}:{}", b.host, s.endpoint.port)),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                println!(
-                    "{:<16} {:<12} {:>6} {:<8} {:>8}  {}",
-                    b.name,
-                    b.pool,
-                    b.weight,
-                    states
-                        .get(&b.name)
-                        .map(String::as_str)
-                        .filter(|s| !s.starts_with("up"))
-                        .unwrap_or("normal"),
-                    counts.get(&b.name).copied().unwrap_or(0),
-                    services.join(", ")
-                );
-            }
-        }
+        BackendAction::List => backend_list(config, store.as_ref()).await?,
         BackendAction::Drain { backend } => {
             exists(&backend)?;
             set(&backend, Some("drain")).await?;
@@ -795,52 +856,7 @@ async fn backend_cmd(config: &Config, action: BackendAction) -> Result<ExitCode>
         }
         BackendAction::Evacuate { backend, batch } => {
             exists(&backend)?;
-            let Some(from) = config.settings.backends.get(&backend) else {
-                bail!("no backend named {backend:?}");
-            };
-            let states: std::collections::HashMap<String, String> =
-                store.backend_states().await?.into_iter().collect();
-            let targets: Vec<postern_route::hash::Weighted<'_>> = config
-                .settings
-                .backends
-                .values()
-                .filter(|b| b.name != backend && b.pool == from.pool && b.weight > 0)
-                .filter(|b| !states.contains_key(&b.name))
-                .map(|b| postern_route::hash::Weighted {
-                    name: &b.name,
-                    weight: b.weight,
-                })
-                .collect();
-            if targets.is_empty() {
-                bail!(
-                    "no other backend in pool {:?} can take the users",
-                    from.pool
-                );
-            }
-            set(&backend, Some("drain")).await?;
-            let report = postern_route::moves::evacuate(
-                store.as_ref(),
-                &backend,
-                &targets,
-                batch,
-                config.fence,
-            )
-            .await?;
-            println!(
-                "{backend}: drained; {} user(s) moved, {} stalled",
-                report.moved.len(),
-                report.stalled.len()
-            );
-            for (user, to) in &report.moved {
-                println!("  {user} -> {to}");
-            }
-            if !report.stalled.is_empty() {
-                eprintln!(
-                    "not moved (an instance did not confirm; retry): {}",
-                    report.stalled.join(", ")
-                );
-                return Ok(ExitCode::FAILURE);
-            }
+            return backend_evacuate(config, store.as_ref(), &backend, batch).await;
         }
     }
     Ok(ExitCode::SUCCESS)
