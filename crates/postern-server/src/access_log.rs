@@ -11,48 +11,13 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::Protocol;
 use serde::Serialize;
 
-use crate::session::Ctx;
-
-/// Where access-log lines go.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum AccessLog {
-    /// Nowhere.
-    #[default]
-    Off,
-    /// Standard output (the tracing log goes to standard error).
-    Stdout,
-    /// Appended to this file.
-    File(PathBuf),
-}
-
-impl AccessLog {
-    /// Parses the `[log] access` value: `off`, `stdout`, or a path (relative paths are
-    /// taken from `base`, the configuration file's directory).
-    pub fn parse(value: &str, base: &std::path::Path) -> Result<Self, String> {
-        match value {
-            "off" | "" => Ok(AccessLog::Off),
-            "stdout" | "-" => Ok(AccessLog::Stdout),
-            path => {
-                let p = PathBuf::from(path);
-                if p.is_dir() {
-                    return Err(format!("{path} is a directory"));
-                }
-                Ok(AccessLog::File(if p.is_absolute() {
-                    p
-                } else {
-                    base.join(p)
-                }))
-            }
-        }
-    }
-}
+pub use crate::settings::AccessLog;
 
 tokio::task_local! {
     static FACTS: RefCell<Facts>;
@@ -199,14 +164,15 @@ static SINK: Mutex<Sink> = Mutex::new(Sink {
 });
 
 /// Writes the session's line, if the access log is on.
-pub(crate) fn session_ended(ctx: &Ctx, facts: &Facts, ended: &Ended<'_>) {
-    let target = &ctx.settings.access_log;
+/// `generation`: the configuration generation the session belongs to (a newer one
+/// reopens the file, which is how a rotated log is let go).
+pub(crate) fn session_ended(target: &AccessLog, generation: u64, facts: &Facts, ended: &Ended<'_>) {
     if *target == AccessLog::Off {
         return;
     }
     let mut line = render(ended, facts, SystemTime::now());
     line.push('\n');
-    write(ctx.generation, target, line.as_bytes());
+    write(generation, target, line.as_bytes());
 }
 
 fn write(generation: u64, target: &AccessLog, line: &[u8]) {

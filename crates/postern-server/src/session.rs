@@ -157,7 +157,8 @@ pub(crate) async fn run<D: Driver>(
             crate::metrics::relayed_bytes(D::PROTOCOL, up, down);
         }
         crate::access_log::session_ended(
-            &ctx,
+            &ctx.settings.access_log,
+            ctx.generation,
             &facts,
             &crate::access_log::Ended {
                 id: &id,

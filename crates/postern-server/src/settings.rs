@@ -2,7 +2,9 @@
 //! build them directly.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,9 +34,9 @@ pub struct Settings {
     /// Authentication modes' settings.
     pub auth: AuthSettings,
     /// `[log] access`: where the JSON access log goes.
-    pub access_log: crate::access_log::AccessLog,
+    pub access_log: AccessLog,
     /// `[admin]`: the admin HTTP listener (metrics, API, status page); `None` without.
-    pub admin: Option<crate::admin::AdminSettings>,
+    pub admin: Option<AdminSettings>,
 }
 
 /// How this instance follows the route store's change log.
@@ -411,5 +413,57 @@ impl Default for Timeouts {
             smtp: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
         }
+    }
+}
+
+/// Where access-log lines go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// Nowhere.
+    #[default]
+    Off,
+    /// Standard output (the tracing log goes to standard error).
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
+}
+
+impl AccessLog {
+    /// Parses the `[log] access` value: `off`, `stdout`, or a path (relative paths are
+    /// taken from `base`, the configuration file's directory).
+    pub fn parse(value: &str, base: &std::path::Path) -> Result<Self, String> {
+        match value {
+            "off" | "" => Ok(AccessLog::Off),
+            "stdout" | "-" => Ok(AccessLog::Stdout),
+            path => {
+                let p = PathBuf::from(path);
+                if p.is_dir() {
+                    return Err(format!("{path} is a directory"));
+                }
+                Ok(AccessLog::File(if p.is_absolute() {
+                    p
+                } else {
+                    base.join(p)
+                }))
+            }
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Address of the admin listener.
+    pub bind: SocketAddr,
+    /// Bearer token required by every endpoint except `/healthz` and `/readyz`.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminSettings")
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
     }
 }

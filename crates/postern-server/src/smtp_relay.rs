@@ -64,7 +64,8 @@ pub(crate) async fn run(
             "session ended"
         );
         crate::access_log::session_ended(
-            &ctx,
+            &ctx.settings.access_log,
+            ctx.generation,
             &facts,
             &crate::access_log::Ended {
                 id: &id,

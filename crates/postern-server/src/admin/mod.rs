@@ -21,7 +21,6 @@
 mod api;
 
 use std::convert::Infallible;
-use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -39,23 +38,7 @@ use tracing::{debug, info, warn};
 
 use crate::server::Handle;
 
-/// `[admin]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AdminSettings {
-    /// Address of the admin listener.
-    pub bind: SocketAddr,
-    /// Bearer token required by every endpoint except `/healthz` and `/readyz`.
-    pub token: Option<String>,
-}
-
-impl fmt::Debug for AdminSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdminSettings")
-            .field("bind", &self.bind)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
+pub use crate::settings::AdminSettings;
 
 /// Reloads the configuration; the new generation, or why the reload was refused.
 pub type ReloadFn =
