@@ -380,10 +380,15 @@ impl Router {
 
     /// After a reload: keeps the routes `old` cached whose backend is configured here
     /// exactly as it was there (so a reloaded instance serves its users through a store
-    /// outage as its peers do). Nothing is kept when the normalization changed, since the
-    /// keys would differ. Returns how many routes were kept.
+    /// outage as its peers do). Nothing is kept when the normalization changed (the keys
+    /// would differ) or the store did (another table, database or lookup query may
+    /// answer differently). Returns how many routes were kept.
     pub fn inherit_cache(&self, old: &Router) -> usize {
-        if old.normalizer != self.normalizer {
+        // Another table, database or lookup query may answer differently.
+        if old.normalizer != self.normalizer
+            || old.store.kind() != self.store.kind()
+            || old.store.source() != self.store.source()
+        {
             return 0;
         }
         let same = |name: &str| {
@@ -1044,11 +1049,22 @@ mod tests {
             default_domain: Some("example.test".into()),
             ..Normalizer::default()
         };
-        let store = StaticStore::new(&n, [("alice@example.test", "b1")]).unwrap();
+        let table = [("alice@example.test", "b1"), ("Bob", "b2"), ("eve", "gone")];
+        let store = StaticStore::new(&n, table).unwrap();
         let mut changed = backends();
         changed[1].host = "10.9.9.9".into();
-        let new = Router::new(n, Arc::new(store), RouterOptions::default(), changed);
+        let new = Router::new(
+            n.clone(),
+            Arc::new(store),
+            RouterOptions::default(),
+            changed,
+        );
         assert_eq!(new.inherit_cache(&old), 1);
+        // Another static table (alice moved by an edit): nothing carries over, or the
+        // edit would wait for the cache TTL.
+        let store = StaticStore::new(&n, [("alice@example.test", "b2")]).unwrap();
+        let edited = Router::new(n, Arc::new(store), RouterOptions::default(), backends());
+        assert_eq!(edited.inherit_cache(&old), 0);
         // Another normalization: the keys may differ, nothing carries over.
         let other = Router::new(
             Normalizer::default(),

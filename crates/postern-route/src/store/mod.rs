@@ -264,6 +264,14 @@ pub trait RouteStore: Send + Sync + fmt::Debug {
         read_only(self.kind())
     }
 
+    /// What answers lookups, as a fingerprint: two stores with the same one give the
+    /// same answers (the same database and query, the same static table). A reload
+    /// keeps cached routes only when it does not change. Never shown: it may be
+    /// derived from a URL with a password.
+    fn source(&self) -> u64 {
+        0
+    }
+
     /// Whether some pins come from somewhere [`RouteStore::counts`] cannot count (an
     /// operator's per-user lookup query).
     fn has_uncounted_pins(&self) -> bool {

@@ -254,11 +254,19 @@ pub struct SqlStore {
     dialect: Dialect,
     statements: Statements,
     lookup_query: Option<String>,
+    /// See [`RouteStore::source`]: the URL and the lookup query.
+    source: u64,
     /// How many times the user is bound into `lookup_query`.
     lookup_binds: usize,
     query_timeout: Duration,
     /// Fails calls fast while the database cannot be reached.
     breaker: Breaker,
+}
+
+/// A fingerprint of what answers lookups (see [`RouteStore::source`]).
+pub(crate) fn fingerprint(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(value)
 }
 
 /// A row of Postern's own `routes` table.
@@ -326,6 +334,7 @@ impl SqlStore {
             dialect,
             statements: Statements::new(dialect),
             lookup_query: options.lookup_query.clone(),
+            source: fingerprint(&(&options.url, &options.lookup_query)),
             lookup_binds,
             query_timeout: options.query_timeout,
             breaker: Breaker::default(),
@@ -652,6 +661,10 @@ impl RouteStore for SqlStore {
 
     fn has_uncounted_pins(&self) -> bool {
         self.lookup_query.is_some()
+    }
+
+    fn source(&self) -> u64 {
+        self.source
     }
 
     fn assign<'a>(&'a self, user: &'a UserName, backend: &'a str) -> StoreFuture<'a, String> {

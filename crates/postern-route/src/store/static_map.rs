@@ -9,6 +9,8 @@ use crate::{InvalidUser, Normalizer, UserName};
 #[derive(Debug, Default)]
 pub struct StaticStore {
     routes: HashMap<UserName, String>,
+    /// See [`RouteStore::source`]: the table itself.
+    source: u64,
 }
 
 impl StaticStore {
@@ -25,7 +27,13 @@ impl StaticStore {
                 .map_err(|e| (user.to_owned(), e))?;
             routes.insert(key, backend.to_owned());
         }
-        Ok(Self { routes })
+        let mut sorted: Vec<(&str, &str)> = routes
+            .iter()
+            .map(|(u, b)| (u.as_str(), b.as_str()))
+            .collect();
+        sorted.sort_unstable();
+        let source = super::sql::fingerprint(&sorted);
+        Ok(Self { routes, source })
     }
 }
 
@@ -41,6 +49,10 @@ impl RouteStore for StaticStore {
 
     fn ping(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn source(&self) -> u64 {
+        self.source
     }
 
     fn kind(&self) -> &'static str {

@@ -1,0 +1,238 @@
+//! The whole server in-process, on 127.0.0.1:0: the listener, the session driver, the
+//! login execution and the relay, and a reload, against a scripted IMAP backend. The
+//! system tests do the same against real Dovecot; these run in `cargo test` and show
+//! the driver's own rules without a daemon.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use postern::config::Config;
+use postern_server::Server;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that speaks just enough IMAP: Dovecot's greeting, `AUTHENTICATE PLAIN`
+/// with an initial response (alice@example.test/secret accepted), then `NOOP` and `LOGOUT`.
+async fn backend(name: &'static str, logins: Arc<AtomicUsize>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let logins = Arc::clone(&logins);
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                w.write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID AUTH=PLAIN] ready.\r\n")
+                    .await
+                    .unwrap();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let (tag, rest) = line.split_once(' ').unwrap_or((&line, ""));
+                    let reply = if rest.starts_with("AUTHENTICATE PLAIN ") {
+                        // base64("\0alice@example.test\0secret"): the normalized name
+                        if rest.ends_with("AGFsaWNlQGV4YW1wbGUudGVzdABzZWNyZXQ=") {
+                            logins.fetch_add(1, Ordering::SeqCst);
+                            format!("{tag} OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n")
+                        } else {
+                            format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+                        }
+                    } else if rest.starts_with("ID ") {
+                        format!("* ID (\"name\" \"{name}\")\r\n{tag} OK ID completed.\r\n")
+                    } else if rest == "LOGOUT" {
+                        let _ = w
+                            .write_all(format!("* BYE bye\r\n{tag} OK done\r\n").as_bytes())
+                            .await;
+                        return;
+                    } else {
+                        format!("{tag} OK {rest} completed.\r\n")
+                    };
+                    if w.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn config(dir: &Path, b1: SocketAddr, b2: SocketAddr, alice_on: &str) -> Config {
+    let text = format!(
+        r#"
+[limits]
+trusted_networks = ["127.0.0.1"]
+
+[routing]
+store = "static"
+unknown_users = "reject"
+
+[routing.normalize]
+default_domain = "example.test"
+
+[routing.static]
+"alice@example.test" = "{alice_on}"
+
+[backends.b1]
+host = "127.0.0.1"
+imap = {{ port = {p1} }}
+
+[backends.b2]
+host = "127.0.0.1"
+imap = {{ port = {p2} }}
+
+[[listeners]]
+name = "imap-plain"
+protocol = "imap"
+bind = "127.0.0.1:0"
+tls = "none"
+insecure_plaintext_auth = true
+
+[health]
+enabled = false
+"#,
+        p1 = b1.port(),
+        p2 = b2.port(),
+    );
+    Config::from_toml(&text, dir).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+async fn start(config: Config) -> (Server, SocketAddr) {
+    let runtime = postern_server::Runtime::new(&config.settings);
+    let router = config
+        .router_with(Arc::clone(&runtime.health) as Arc<dyn postern_route::Availability>)
+        .await
+        .unwrap();
+    let server = Server::bind(Arc::new(config.settings), router, runtime)
+        .await
+        .unwrap();
+    let addr = server.local_addrs()[0].1;
+    (server, addr)
+}
+
+struct Client {
+    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> (Self, String) {
+        let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut c = Client {
+            lines: BufReader::new(r).lines(),
+            w,
+        };
+        let greeting = c.line().await;
+        (c, greeting)
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
+            .await
+            .expect("an answer within 10 s")
+            .unwrap()
+            .unwrap_or_default()
+    }
+
+    /// Sends a command; returns every line up to the tagged answer.
+    async fn cmd(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.w
+            .write_all(format!("{tag} {command}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        loop {
+            let l = self.line().await;
+            let done = l.starts_with(&format!("{tag} ")) || l.is_empty();
+            out.push(l);
+            if done {
+                return out;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_relay_and_reload_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let b1 = backend("b1", Arc::clone(&n1)).await;
+    let b2 = backend("b2", Arc::clone(&n2)).await;
+    let (server, addr) = start(config(dir.path(), b1, b2, "b1")).await;
+    let handle = server.handle();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    // Postern's own greeting, the backend's capabilities after the login, the relay.
+    let (mut c, greeting) = Client::connect(addr).await;
+    assert!(
+        greeting.starts_with("* OK [CAPABILITY IMAP4rev1"),
+        "{greeting}"
+    );
+    let login = c.cmd("a", "LOGIN Alice secret").await;
+    assert_eq!(
+        login.last().unwrap(),
+        "a OK [CAPABILITY IMAP4rev1 IDLE] Logged in"
+    );
+    assert_eq!(c.cmd("b", "ID NIL").await[0], "* ID (\"name\" \"b1\")");
+    assert_eq!(c.cmd("c", "NOOP").await, ["c OK NOOP completed."]);
+    assert_eq!(n1.load(Ordering::SeqCst), 1);
+
+    // A wrong password is the backend's refusal, passed on; nobody is pinned anew.
+    let (mut bad, _) = Client::connect(addr).await;
+    let refused = bad.cmd("a", "LOGIN alice wrong").await;
+    assert_eq!(
+        refused.last().unwrap(),
+        "a NO [AUTHENTICATIONFAILED] Authentication failed."
+    );
+    // An unknown user (static map, reject) never reaches a backend.
+    let unknown = bad.cmd("b", "LOGIN mallory secret").await;
+    assert!(
+        unknown
+            .last()
+            .unwrap()
+            .starts_with("b NO [AUTHENTICATIONFAILED]"),
+        "{unknown:?}"
+    );
+
+    // A reload that moves alice to b2: the live session is not touched (a static map
+    // change is an operator's edit, not a fenced move), and new logins go to b2.
+    let new = config(dir.path(), b1, b2, "b2");
+    let runtime = handle.runtime().renew(&new.settings);
+    let router = new
+        .router_with(Arc::clone(&runtime.health) as Arc<dyn postern_route::Availability>)
+        .await
+        .unwrap();
+    let summary = handle
+        .reload(Arc::new(new.settings), router, runtime)
+        .await
+        .unwrap();
+    assert_eq!(handle.generation(), 2, "{summary:?}");
+    assert_eq!(c.cmd("d", "NOOP").await, ["d OK NOOP completed."]);
+    let (mut again, _) = Client::connect(addr).await;
+    again.cmd("a", "LOGIN alice secret").await;
+    assert_eq!(again.cmd("b", "ID NIL").await[0], "* ID (\"name\" \"b2\")");
+    assert_eq!(n2.load(Ordering::SeqCst), 1);
+
+    // Shutdown: a pre-auth client gets the goodbye; the server's run ends.
+    let (mut idle, _) = Client::connect(addr).await;
+    stop_tx.send(()).unwrap();
+    assert_eq!(idle.line().await, "* BYE Server shutting down.");
+    drop((c, again, bad));
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the server stops")
+        .unwrap();
+}
