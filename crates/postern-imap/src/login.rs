@@ -253,14 +253,9 @@ impl Login {
                 ));
                 chunks.push_back(Secret::new(format!("{b64}\r\n").into_bytes()));
             }
-            // RFC 7628 §3.2.2: after a failure challenge the client sends %x01 and the
-            // server then answers NO; XOAUTH2 servers want an empty line.
-            let dummy = if mechanism == postern_proto::Mechanism::OAuthBearer {
-                "AQ==\r\n"
-            } else {
-                "\r\n"
-            };
-            chunks.push_back(Secret::new(dummy.as_bytes().to_vec()));
+            // Queued for a failure challenge, after which the server answers NO.
+            let answer = mechanism.error_challenge_answer().unwrap_or(b"\r\n");
+            chunks.push_back(Secret::new(answer.to_vec()));
         } else if use_plain {
             let b64 = sasl::encode(sasl::encode_plain(&self.creds).expose());
             if self.caps.sasl_ir {

@@ -253,12 +253,8 @@ impl Login {
             // A bearer token refused with an error challenge (RFC 7628 §3.2.2): answer
             // it as a client must, and the final -ERR follows.
             (State::Auth, Status::Continue) if self.creds.mechanism.is_oauth() => {
-                let dummy: &[u8] = if self.creds.mechanism == Mechanism::OAuthBearer {
-                    b"AQ==\r\n"
-                } else {
-                    b"\r\n"
-                };
-                self.out.extend_from_slice(dummy);
+                let answer = self.creds.mechanism.error_challenge_answer();
+                self.out.extend_from_slice(answer.unwrap_or(b"\r\n"));
             }
             (State::Pass | State::Auth, Status::Ok) => self.finish(Verdict::Accepted(reply())),
             (State::User | State::Pass | State::AuthContinue | State::Auth, Status::Err) => {

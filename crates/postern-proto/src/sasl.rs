@@ -63,6 +63,18 @@ impl Mechanism {
         matches!(self, Mechanism::XOAuth2 | Mechanism::OAuthBearer)
     }
 
+    /// A client's answer to a server's error challenge after a refused bearer token,
+    /// with its line end: the server then sends its final failure. OAUTHBEARER's
+    /// answer is `%x01` (RFC 7628 §3.2.2, base64 `AQ==`); XOAUTH2 servers (Google's
+    /// definition) want an empty line. `None` for mechanisms without one.
+    pub fn error_challenge_answer(self) -> Option<&'static [u8]> {
+        match self {
+            Mechanism::OAuthBearer => Some(b"AQ==\r\n"),
+            Mechanism::XOAuth2 => Some(b"\r\n"),
+            _ => None,
+        }
+    }
+
     /// The SASL mechanism a client named, in any case (the mail protocols compare
     /// mechanism names case-insensitively); `None` for a name Postern cannot proxy.
     pub fn from_sasl_name(name: &[u8]) -> Option<Mechanism> {

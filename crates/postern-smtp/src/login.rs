@@ -18,7 +18,7 @@
 
 use postern_proto::sasl;
 use postern_proto::{
-    BackendLogin, ClientInfo, Credentials, Failure, LoginEvent, Mechanism, Reply, Secret, Verdict,
+    BackendLogin, ClientInfo, Credentials, Failure, LoginEvent, Reply, Secret, Verdict,
 };
 
 use crate::ehlo::Extensions;
@@ -192,12 +192,8 @@ impl Login {
                 self.state = State::AuthToken { answered: false };
             }
             State::AuthToken { answered: false } if reply.code == 334 => {
-                let dummy: &[u8] = if self.creds.mechanism == Mechanism::OAuthBearer {
-                    b"AQ==\r\n"
-                } else {
-                    b"\r\n"
-                };
-                self.out.extend_from_slice(dummy);
+                let answer = self.creds.mechanism.error_challenge_answer();
+                self.out.extend_from_slice(answer.unwrap_or(b"\r\n"));
                 self.state = State::AuthToken { answered: true };
             }
             State::AuthFinal
