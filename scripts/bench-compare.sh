@@ -509,10 +509,12 @@ for t in direct nginx haproxy postern; do
         --sessions "$pop3_n" --rate "$login_rate"
 done
 for r in $(seq "$repeat"); do
-    say "relay: $relay_n FETCHes of $relay_size bytes (run $r of $repeat)"
+    say "relay: $relay_n FETCHes of $relay_size bytes on one connection, then on 4 at once (run $r of $repeat)"
     for t in direct nginx haproxy postern; do
         bench_run "$t" relay relay --addr "$(addr $t imap none)" \
             --size "$relay_size" --repeat "$relay_n"
+        bench_run "$t" relay-4 relay --addr "$(addr $t imap none)" \
+            --size "$relay_size" --repeat $((relay_n / 4)) --connections 4
     done
 done
 say "IMAP logins, implicit TLS, $tls_rate/s, $tls_n sessions"
