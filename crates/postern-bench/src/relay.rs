@@ -1,6 +1,7 @@
-//! Relay throughput: one logged-in IMAP session FETCHes a large literal (20 MB by
-//! default) through the target, `--repeat` times. Reports MB/s (10^6 bytes per
-//! second) and, with `--pid`, the proxy's CPU per GB moved.
+//! Relay throughput: one logged-in IMAP session (or `--connections` of them at once)
+//! FETCHes a large literal (20 MB by default) through the target, `--repeat` times
+//! each. Reports MB/s (10^6 bytes per second) and, with `--pid`, the proxy's CPU per GB
+//! moved.
 
 use std::time::{Duration, Instant};
 
@@ -19,9 +20,13 @@ pub(crate) struct Args {
     /// Bytes per FETCH (asked for as a `<0.N>` partial).
     #[arg(long, default_value_t = 20_000_000)]
     size: u64,
-    /// FETCHes measured.
+    /// FETCHes measured, per connection.
     #[arg(long, default_value_t = 50)]
     repeat: u32,
+    /// Sessions FETCHing at the same time, all as the first user (whose mailbox holds
+    /// the big message).
+    #[arg(long, default_value_t = 1)]
+    connections: u32,
     /// FETCHes before measuring (TCP windows grow, buffers get allocated).
     #[arg(long, default_value_t = 3)]
     warmup: u32,
@@ -38,9 +43,10 @@ struct Output {
     tls: TlsMode,
     size: u64,
     repeat: u32,
+    connections: u32,
     /// Per FETCH, MB/s.
     mb_per_s: Summary,
-    /// All bytes over all FETCH time, MB/s.
+    /// All bytes over the time the FETCHes took (wall clock, all connections), MB/s.
     aggregate_mb_per_s: f64,
     elapsed_s: f64,
     cpu: CpuDelta,
@@ -58,31 +64,52 @@ pub(crate) fn run(args: Args) -> Result<()> {
 async fn measure(args: Args) -> Result<()> {
     let target = Target::new(args.target.clone())?;
     let timeout = Duration::from_secs_f64(target.args.timeout.max(0.001));
-    let mut conn = tokio::time::timeout(timeout, client::imap_login(&target, 0, args.read_size))
-        .await
-        .context("login timed out")??;
-    client::imap_command(&mut conn, "s", "SELECT INBOX").await?;
-    for i in 0..args.warmup {
-        tokio::time::timeout(timeout, fetch(&mut conn, i, args.size))
-            .await
-            .context("FETCH timed out")??;
+    let mut conns = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let mut conn =
+            tokio::time::timeout(timeout, client::imap_login(&target, 0, args.read_size))
+                .await
+                .context("login timed out")??;
+        client::imap_command(&mut conn, "s", "SELECT INBOX").await?;
+        for i in 0..args.warmup {
+            tokio::time::timeout(timeout, fetch(&mut conn, i, args.size))
+                .await
+                .context("FETCH timed out")??;
+        }
+        conns.push(conn);
     }
     let loadavg_before = procfs::loadavg();
     let before = CpuSnapshot::take(&target.args.pid, &target.args.aux_pid)?;
     let started = Instant::now();
-    let mut rates = Vec::with_capacity(args.repeat as usize);
-    let mut busy = Duration::ZERO;
-    for i in 0..args.repeat {
-        let took = tokio::time::timeout(timeout, fetch(&mut conn, args.warmup + i, args.size))
-            .await
-            .context("FETCH timed out")??;
-        busy += took;
-        rates.push(args.size as f64 / took.as_secs_f64() / 1e6);
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut conn in conns {
+        let (warmup, repeat, size) = (args.warmup, args.repeat, args.size);
+        tasks.spawn(async move {
+            let mut rates = Vec::with_capacity(repeat as usize);
+            for i in 0..repeat {
+                let took = tokio::time::timeout(timeout, fetch(&mut conn, warmup + i, size))
+                    .await
+                    .context("FETCH timed out")??;
+                rates.push(size as f64 / took.as_secs_f64() / 1e6);
+            }
+            anyhow::Ok((conn, rates))
+        });
     }
+    let mut rates = Vec::new();
+    let mut conns = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (conn, r) = done.context("FETCH task failed")??;
+        rates.extend(r);
+        conns.push(conn);
+    }
+    let busy = started.elapsed();
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = CpuSnapshot::take(&target.args.pid, &target.args.aux_pid)?.since(&before);
-    client::imap_command(&mut conn, "z", "LOGOUT").await?;
-    let gb = (args.size * u64::from(args.repeat)) as f64 / 1e9;
+    for conn in &mut conns {
+        client::imap_command(conn, "z", "LOGOUT").await?;
+    }
+    let fetches = u64::from(args.repeat) * conns.len() as u64;
+    let gb = (args.size * fetches) as f64 / 1e9;
     let per_gb = |us: Option<u64>| us.map(|u| u as f64 / 1000.0 / gb);
     let out = Output {
         kind: "relay",
@@ -91,6 +118,7 @@ async fn measure(args: Args) -> Result<()> {
         tls: target.args.tls,
         size: args.size,
         repeat: args.repeat,
+        connections: conns.len() as u32,
         mb_per_s: Summary::of(&mut rates),
         aggregate_mb_per_s: gb * 1000.0 / busy.as_secs_f64(),
         elapsed_s: elapsed,
@@ -102,9 +130,10 @@ async fn measure(args: Args) -> Result<()> {
         loadavg_after: procfs::loadavg(),
     };
     eprintln!(
-        "{} relay {} x {} bytes: median {:.0} MB/s (min {:.0}, max {:.0}), aggregate {:.0} MB/s, \
+        "{} relay {} x {} x {} bytes: median {:.0} MB/s (min {:.0}, max {:.0}), aggregate {:.0} MB/s, \
          proxy CPU {} ms/GB, backend {} ms/GB, client {:.0} ms/GB",
         out.target,
+        out.connections,
         out.repeat,
         out.size,
         out.mb_per_s.p50,

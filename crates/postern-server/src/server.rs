@@ -19,7 +19,7 @@ use arc_swap::ArcSwap;
 use postern_limits::Limiter;
 use postern_route::Router;
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -431,13 +431,15 @@ impl Handle {
 }
 
 async fn bind(l: &ListenerSettings) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(l.bind)
+    let listener = TcpListener::bind(l.bind)
         .await
         .map_err(|source| ServerError::Bind {
             name: l.name.clone(),
             addr: l.bind,
             source,
-        })
+        })?;
+    tune_listener(&listener);
+    Ok(listener)
 }
 
 fn log_listening(ctx: &Ctx, name: &str, addr: SocketAddr) {
@@ -493,6 +495,12 @@ async fn accept_loop(
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(5);
+    // A listener bound to one address accepts only on it: asking the kernel per
+    // connection (getsockname) is needed only for a wildcard bind.
+    let bound = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -505,7 +513,11 @@ async fn accept_loop(
                 let Some(l) = ctx.listeners.get(&name) else {
                     continue;
                 };
-                let local = tcp.local_addr().unwrap_or(l.settings.bind);
+                let local = match bound {
+                    Some(a) => a,
+                    None => tcp.local_addr().unwrap_or(l.settings.bind),
+                };
+                #[cfg(not(target_os = "linux"))]
                 tune(&tcp);
                 let settings = Arc::clone(&l.settings);
                 match &l.driver {
@@ -565,13 +577,50 @@ async fn sweep_limits(limiter: Arc<Limiter>, cancel: CancellationToken) {
     }
 }
 
-/// Socket options for a client connection: no Nagle delay on short protocol lines, and
+/// Socket options for client connections: no Nagle delay on short protocol lines, and
 /// TCP keepalive so a vanished phone does not hold a session until the idle timeout.
-fn tune(tcp: &TcpStream) {
-    let _ = tcp.set_nodelay(true);
-    let keepalive = TcpKeepalive::new()
+fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
         .with_time(Duration::from_secs(300))
         .with_interval(Duration::from_secs(60))
-        .with_retries(4);
-    let _ = SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+        .with_retries(4)
+}
+
+/// Sets the client options once on the listener. Linux copies them to every accepted
+/// socket (the test below checks it), which saves five setsockopt calls per login;
+/// elsewhere they are set on each accepted socket too.
+fn tune_listener(listener: &TcpListener) {
+    let sock = SockRef::from(listener);
+    let _ = sock.set_tcp_nodelay(true);
+    let _ = sock.set_tcp_keepalive(&keepalive());
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tune(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let _ = SockRef::from(tcp).set_tcp_keepalive(&keepalive());
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tune_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        tune_listener(&listener);
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (_client, (tcp, _)) = (client.unwrap(), accepted.unwrap());
+        let sock = SockRef::from(&tcp);
+        assert!(tcp.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+    }
 }
