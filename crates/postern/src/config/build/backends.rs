@@ -111,6 +111,10 @@ fn backend(name: &str, b: &file::Backend, base: &Path) -> Result<Backend> {
         submission,
         smtp,
         lmtp,
+        admission: postern_server::admission::Limits {
+            max_in_flight: b.admission.max_in_flight,
+            max_queue: b.admission.queue,
+        },
     })
 }
 
