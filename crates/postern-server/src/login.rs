@@ -387,7 +387,11 @@ impl Session<'_> {
             {
                 Ok(login) => return login,
                 Err((Trouble::ConnectDown, g)) if attempt + 1 < ATTEMPTS => {
-                    guard = g;
+                    // Registered afresh: another login of the user leaving the same
+                    // down backend ends the user's sessions there, and this one, being
+                    // routed again, is not one of them.
+                    drop(g);
+                    guard = self.register(D::PROTOCOL);
                     continue;
                 }
                 Err(_) => return unavailable(),
