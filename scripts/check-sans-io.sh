@@ -23,5 +23,20 @@ for crate in postern-proto postern-imap postern-pop3 postern-smtp postern-limits
     fi
     checked=$((checked + 1))
 done
-[ "$status" = 0 ] && echo "sans-IO: $checked crates free of tokio, sqlx, mio, socket2 and rustls"
+# The runtime crate's decision modules (health, admission, blame) are pure too: the
+# clock comes in as an argument, so they are tested on a simulated one.
+for module in service_health admission blame; do
+    file=crates/postern-server/src/$module.rs
+    if [ ! -f "$file" ]; then
+        echo "error: $file is missing" >&2
+        exit 1
+    fi
+    if grep -nE '\b(tokio|sqlx|mio|socket2|std::net|std::fs|std::io|Instant::now|SystemTime::now)\b' \
+        <(sed '/^#\[cfg(test)\]/,$d' "$file") >&2; then
+        echo "error: $file does I/O or reads the clock (above)" >&2
+        status=1
+    fi
+    checked=$((checked + 1))
+done
+[ "$status" = 0 ] && echo "sans-IO: $checked crates and modules free of tokio, sqlx, mio, socket2 and rustls"
 exit $status
