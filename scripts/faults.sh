@@ -5,7 +5,8 @@
 # 300 MX messages with Postfix killed half-way). The normal suite runs the same
 # tests at scale 1. Real Dovecot, Postfix and MariaDB, started by the test harness.
 #
-# Extra arguments go to pytest, e.g. `scripts/faults.sh -k overload`.
+# Each scenario prints its counts (pytest -rP). Extra arguments go to pytest, e.g.
+# `scripts/faults.sh -k overload`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -19,4 +20,4 @@ phase "fault suite, FAULTS_SCALE=${FAULTS_SCALE:-10}"
 export POSTERN_BIN="$PWD/target/debug/postern"
 export FAULTS_SCALE="${FAULTS_SCALE:-10}"
 .venv/bin/python -m pytest -c tests/pytest.ini tests/test_faults.py tests/test_admission.py \
-    --timeout=1800 "$@"
+    --timeout=1800 -rP "$@"
