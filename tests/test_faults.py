@@ -15,6 +15,7 @@ import smtplib
 import threading
 import time
 import uuid
+from collections import Counter
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -109,8 +110,10 @@ def test_overload_postern_adds_no_errors_over_direct(start, own_cluster):
     direct_errors, direct_ended = load(("127.0.0.1", own_cluster["b1"].imap_port), clients,
                                        rounds)
     errors, ended = load(p.addr("imap-plain"), clients, rounds)
+    kinds = Counter(e.split(":")[0] for e in direct_errors)
     print(f"overload: {clients} clients x {rounds} rounds: direct errors={len(direct_errors)} "
-          f"ended={len(direct_ended)}; through Postern errors={len(errors)} ended={len(ended)}")
+          f"{dict(kinds)} ended={len(direct_ended)}; through Postern errors={len(errors)} "
+          f"{dict(Counter(e.split(':')[0] for e in errors))} ended={len(ended)}")
     assert len(errors) <= len(direct_errors), (errors[:5], direct_errors[:5])
     assert ended == [] and direct_ended == [], (ended[:5], direct_ended[:5])
     log = p.log()
