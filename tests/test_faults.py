@@ -368,3 +368,45 @@ def test_mx_messages_arrive_exactly_once_with_postfix_killed_midway(workdir, cer
         if pf is not None:
             pf.stop()
         cluster.stop()
+
+
+def test_own_storage_logins_waiting_on_a_frozen_backend_are_answered_at_its_down(
+    start, own_cluster
+):
+    """Own storage: a user whose backend froze has nowhere else to go. The logins
+    waiting on it get the temporary failure when it goes DOWN, not after the login
+    timeout, and never another backend."""
+
+    def edit(c):
+        c["timeouts"] = {"preauth": "90s", "backend_login": "90s"}
+
+    p = start(edit)
+    b1 = own_cluster["b1"]
+    users = [ALICE] + NEW[: 2 * SCALE]
+    for u in users[1:]:
+        assert p.cli("route", "pin", u, "b1").returncode == 0
+    answers = {}
+    os.killpg(b1.proc.pid, signal.SIGSTOP)
+    try:
+        def login(u):
+            raw = Raw(p.addr("imap-plain"))
+            raw.send(f"a LOGIN {u} {USERS[u]}\r\n".encode())
+            answers[u] = read_until(raw.sock, b"\r\n", timeout=80)
+            raw.close()
+
+        threads = [threading.Thread(target=login, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        p.wait_log(r"backend DOWN.*backend=\"?b1\b.*protocol=imap", timeout=60)
+        for t in threads:
+            t.join(timeout=85)
+        assert not any(t.is_alive() for t in threads), "a login hung"
+    finally:
+        os.killpg(b1.proc.pid, signal.SIGCONT)
+    for u, got in answers.items():
+        assert got.startswith(b"a NO [UNAVAILABLE]"), (u, got)
+    assert len(answers) == len(users)
+    log = p.log()
+    assert log.count("backend went down during the login; routing again") == len(users)
+    assert "login did not finish before the pre-auth deadline" not in log
+    assert "login accepted" not in log, "a user was served by another backend"
