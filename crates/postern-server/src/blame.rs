@@ -13,7 +13,7 @@
 //! |---|---|
 //! | one answered a login | the backend's own failure (it is the odd one out) |
 //! | every one timed out too, or has a login stuck as long | shared: not counted |
-//! | a route-store or auth failure was seen within the window | shared: not counted |
+//! | a route-store or auth failure was seen while it waited, or up to one login timeout before | shared: not counted |
 //! | nothing (idle peers, or no peers) | the backend's own failure |
 //!
 //! A frozen backend still goes down: its health checks time out without any sign of
@@ -116,7 +116,13 @@ impl<K: Hash + Eq + Clone> Blame<K> {
             s.in_flight.remove(&id);
             s.last_timeout = Some(now);
         }
-        if self.dependency_failed.is_some_and(|at| at >= began) {
+        // The failure may come just before the login (the lookup that routed it was
+        // served stale) or while it waited: up to one timeout before it began.
+        let dependency_since = began.checked_sub(self.login_timeout).unwrap_or(began);
+        if self
+            .dependency_failed
+            .is_some_and(|at| at >= dependency_since)
+        {
             return Verdict::Dependency;
         }
         let peers: Vec<&Service> = peers
@@ -231,10 +237,17 @@ mod tests {
             b.timed_out(&"b1", id, &[], ms(t0, 30_000)),
             Verdict::Dependency
         );
-        // Long after the failure, timeouts count again.
-        let id = b.started(&"b1", ms(t0, 100_000));
+        // The lookup that routed a login was served stale just before it started.
+        b.dependency_failed(ms(t0, 40_000));
+        let id = b.started(&"b1", ms(t0, 40_001));
         assert_eq!(
-            b.timed_out(&"b1", id, &[], ms(t0, 130_000)),
+            b.timed_out(&"b1", id, &[], ms(t0, 70_001)),
+            Verdict::Dependency
+        );
+        // Long after the failure, timeouts count again.
+        let id = b.started(&"b1", ms(t0, 110_000));
+        assert_eq!(
+            b.timed_out(&"b1", id, &[], ms(t0, 140_000)),
             Verdict::Backend
         );
     }
