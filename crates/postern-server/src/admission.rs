@@ -7,7 +7,7 @@
 //!   request ─▶ in flight < cap ─────────────────────▶ Go (counted in flight)
 //!         └──▶ queue < max_queue ─▶ Wait(ticket) ─┬─▶ granted by a release (FIFO)
 //!         │                                       └─▶ gone at its deadline / cancelled
-//!         └──▶ Full (the temporary failure, at once)
+//!         └──▶ Full, or Late with no time left to wait (the temporary failure, at once)
 //! ```
 //!
 //! A backend that answers slowly holds its logins longer, so fewer new ones start:
@@ -53,6 +53,8 @@ pub enum Admit {
     Wait(Ticket),
     /// Cap reached and queue full: the temporary failure, now.
     Full,
+    /// Cap reached and no time left to wait: the temporary failure, now.
+    Late,
 }
 
 /// What a release did.
@@ -129,9 +131,13 @@ impl Gate {
             self.totals.admitted += 1;
             return Admit::Go;
         }
-        if deadline <= now || self.queue.len() >= self.limits.max_queue as usize {
+        if self.queue.len() >= self.limits.max_queue as usize {
             self.totals.refused_full += 1;
             return Admit::Full;
+        }
+        if deadline <= now {
+            self.totals.expired += 1;
+            return Admit::Late;
         }
         let ticket = Ticket(self.next);
         self.next += 1;
@@ -295,7 +301,8 @@ mod tests {
         assert!(g.cancel(t, true));
         assert_eq!(g.totals().expired, 2);
         // A request with no time left is not queued.
-        assert_eq!(g.request(secs(t0, 20), secs(t0, 20)), Admit::Full);
+        assert_eq!(g.request(secs(t0, 20), secs(t0, 20)), Admit::Late);
+        assert_eq!(g.totals().expired, 3);
     }
 
     #[test]

@@ -142,6 +142,7 @@ impl Admission {
                     });
                 }
                 Admit::Full => return Err(Refused::QueueFull),
+                Admit::Late => return Err(Refused::Deadline),
                 Admit::Wait(ticket) => {
                     let (tx, rx) = oneshot::channel();
                     e.waiters.insert(ticket, tx);
