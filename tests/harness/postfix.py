@@ -1,6 +1,7 @@
 """Private Postfix instances (root only): each runs its own master in a temporary
 directory, rendered from fixtures/postfix/ by scripts/postfix-conf.sh, on free ports."""
 
+import os
 import re
 import signal
 import socket
@@ -41,7 +42,9 @@ class Postfix:
             time.sleep(0.1)
 
     def start(self) -> "Postfix":
-        self.smtp_port, self.submission_port = free_port(), free_port()
+        """Starts Postfix; started again after a kill, it keeps its ports."""
+        if not self.smtp_port:
+            self.smtp_port, self.submission_port = free_port(), free_port()
         subprocess.run(
             [str(RENDER), self.name, str(self.dir), str(self.smtp_port),
              str(self.submission_port), self.lmtp_target, self.sasl_target],
@@ -64,6 +67,17 @@ class Postfix:
             except OSError:
                 time.sleep(0.1)
         raise TimeoutError(f"postfix {self.name} did not start:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: Postfix dying hard, its queue on disk."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc is None:

@@ -12,7 +12,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use postern_proto::{BackendLogin, ClientInfo, Credentials, Mechanism, Protocol, Secret, Verdict};
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::{self, BackendStream, ClientTls};
+use crate::blame::{Blame, Verdict as Blamed};
 use crate::registry::Registry;
 pub use crate::service_health::{FailureKind, LastError, Seen};
 use crate::service_health::{ServiceHealth, Thresholds, Transition};
@@ -93,12 +94,90 @@ pub struct Health {
     operator_ups: RwLock<HashMap<String, String>>,
     settings: HealthSettings,
     registry: Arc<Registry>,
+    /// Whose fault recent login timeouts are.
+    blame: Mutex<Blame<(String, Protocol)>>,
+    /// Each backend's pool: the peers a login timeout is compared with.
+    pools: HashMap<String, String>,
+    /// Bumped at every DOWN (checks, real logins, the operator), so logins waiting on
+    /// a backend learn at once that it went down.
+    downs: tokio::sync::watch::Sender<u64>,
+}
+
+/// A login in flight on a backend service, known to the blame judgement until it is
+/// answered, times out or is abandoned (dropped).
+#[derive(Debug)]
+pub struct LoginWatch {
+    health: Arc<Health>,
+    key: (String, Protocol),
+    id: u64,
+    done: bool,
+}
+
+impl LoginWatch {
+    /// The backend answered the login (yes or no).
+    pub fn answered(mut self) {
+        self.done = true;
+        self.health
+            .blame()
+            .ended(&self.key, self.id, true, Instant::now());
+    }
+
+    /// The login timed out: counted against the backend unless the cause is shared.
+    pub fn timed_out(mut self) -> Blamed {
+        self.done = true;
+        let (backend, protocol) = (&self.key.0, self.key.1);
+        let peers: Vec<(String, Protocol)> = match self.health.pools.get(backend) {
+            Some(pool) => self
+                .health
+                .pools
+                .iter()
+                .filter(|(b, p)| *b != backend && *p == pool)
+                .map(|(b, _)| (b.clone(), protocol))
+                .collect(),
+            None => Vec::new(),
+        };
+        let verdict = self
+            .health
+            .blame()
+            .timed_out(&self.key, self.id, &peers, Instant::now());
+        if verdict.is_backend() {
+            self.health.report_failure(
+                backend,
+                protocol,
+                FailureKind::Timeout,
+                "login timed out".into(),
+            );
+        } else {
+            warn!(
+                backend = backend.as_str(),
+                %protocol,
+                cause = verdict.as_str(),
+                "backend login timed out, not counted against the backend: the cause is shared"
+            );
+        }
+        verdict
+    }
+}
+
+impl Drop for LoginWatch {
+    fn drop(&mut self) {
+        if !self.done {
+            self.health
+                .blame()
+                .ended(&self.key, self.id, false, Instant::now());
+        }
+    }
 }
 
 impl Health {
     /// Every configured backend service starts unknown and routable: a fresh instance
     /// serves at once, and the checks take services out if they do not answer.
     pub fn new(settings: &Settings, registry: Arc<Registry>) -> Arc<Self> {
+        let pools = settings
+            .backends
+            .values()
+            .map(|b| (b.name.clone(), b.pool.clone()))
+            .collect();
         let mut checks = HashMap::new();
         let (now, wall) = (Instant::now(), SystemTime::now());
         for b in settings.backends.values() {
@@ -113,7 +192,62 @@ impl Health {
             operator_ups: RwLock::new(HashMap::new()),
             settings: settings.health.clone(),
             registry,
+            blame: Mutex::new(Blame::new(settings.timeouts.backend_login)),
+            pools,
+            downs: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    fn blame(&self) -> std::sync::MutexGuard<'_, Blame<(String, Protocol)>> {
+        self.blame.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A login starts on a backend service: watched until answered or timed out.
+    pub fn login_started(self: &Arc<Self>, backend: &str, protocol: Protocol) -> LoginWatch {
+        let key = (backend.to_owned(), protocol);
+        let id = self.blame().started(&key, Instant::now());
+        LoginWatch {
+            health: Arc::clone(self),
+            key,
+            id,
+            done: false,
+        }
+    }
+
+    /// The route store or an auth server failed: login timeouts around now may wait
+    /// on the same thing, and are not the backends' fault.
+    pub fn dependency_failed(&self) {
+        self.blame().dependency_failed(Instant::now());
+    }
+
+    /// Returns once `backend`'s `protocol` service goes DOWN from now on (a login
+    /// let through a half-open DOWN service is not stopped by the DOWN it started in).
+    pub async fn gone_down(&self, backend: &str, protocol: Protocol) {
+        let mut rx = self.downs.subscribe();
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.is_down(backend, protocol) {
+                return;
+            }
+        }
+    }
+
+    fn is_down(&self, backend: &str, protocol: Protocol) -> bool {
+        let admin = self.admin.read().ok().and_then(|a| a.get(backend).copied());
+        if admin == Some(AdminState::Down) {
+            return true;
+        }
+        let t = self.thresholds();
+        self.checks
+            .read()
+            .ok()
+            .and_then(|c| {
+                c.get(&(backend.to_owned(), protocol))
+                    .map(|c| !c.routable(&t))
+            })
+            .unwrap_or(false)
     }
 
     /// After a reload: the state of every backend service that is still configured,
@@ -226,6 +360,7 @@ impl Health {
                     .copied()
                     .unwrap_or(0);
                 warn!(backend, %protocol, sessions_kept = kept, never_up, "backend DOWN");
+                self.downs.send_modify(|n| *n = n.wrapping_add(1));
             }
             Some(Transition::Up { was_down }) => {
                 // Also from unknown: a service that failed `fall` times before it ever
@@ -265,12 +400,14 @@ impl Health {
         let Ok(mut admin) = self.admin.write() else {
             return;
         };
+        let mut changed_down = false;
         for (b, s) in &new {
             if admin.get(b) != Some(s) {
                 info!(backend = %b, state = s.as_str(), "backend state set by the operator");
                 if *s == AdminState::Down {
                     let n = self.registry.kick_backend(b, None);
                     info!(backend = %b, sessions_ended = n, "backend marked down");
+                    changed_down = true;
                 }
             }
         }
@@ -280,6 +417,10 @@ impl Health {
             }
         }
         *admin = new;
+        drop(admin);
+        if changed_down {
+            self.downs.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// Records what a backend's EHLO/LHLO allows Postern to advertise.
@@ -621,6 +762,9 @@ mod tests {
                 ..HealthSettings::default()
             },
             registry: Arc::clone(&registry),
+            blame: Mutex::new(Blame::new(Duration::from_secs(30))),
+            pools: HashMap::new(),
+            downs: tokio::sync::watch::Sender::new(0),
         });
         (h, registry)
     }

@@ -4,6 +4,8 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
+pub mod admit;
 pub mod metrics;
 pub mod registry;
 pub mod relay;
@@ -16,6 +18,7 @@ pub mod watch;
 mod auth;
 mod auth_http;
 pub mod backend;
+pub mod blame;
 mod driver;
 pub mod health;
 mod login;

@@ -62,6 +62,10 @@ pub(crate) struct Attempt<'a> {
 /// it down and the pool lets another backend take the user.
 const ATTEMPTS: usize = 2;
 
+/// How long before the pre-auth deadline a login waiting for an admission slot gives
+/// up and answers.
+const QUEUE_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 fn unavailable() -> Login {
     Login::Verdict(Verdict::Failed(Failure::Unavailable))
 }
@@ -383,7 +387,11 @@ impl Session<'_> {
             {
                 Ok(login) => return login,
                 Err((Trouble::ConnectDown, g)) if attempt + 1 < ATTEMPTS => {
-                    guard = g;
+                    // Registered afresh: another login of the user leaving the same
+                    // down backend ends the user's sessions there, and this one, being
+                    // routed again, is not one of them.
+                    drop(g);
+                    guard = self.register(D::PROTOCOL);
                     continue;
                 }
                 Err(_) => return unavailable(),
@@ -434,6 +442,7 @@ impl Session<'_> {
         let decision = match crate::auth_http::ask(http, &request, self.attempt.deadline).await {
             Ok(d) => d,
             Err(e) => {
+                ctx.health.dependency_failed();
                 warn!(error = %e, "auth_http failed");
                 return Login::Close(Verdict::Failed(Failure::Unavailable));
             }
@@ -545,36 +554,6 @@ impl Session<'_> {
         let ctx = self.ctx;
         let info = self.attempt.info;
         let mechanism = self.mechanism;
-        let timeouts = &ctx.settings.timeouts;
-        let connected = backend::connect(
-            target.host,
-            target.endpoint,
-            target.tls,
-            info,
-            self.attempt.client_tls,
-            timeouts.backend_connect,
-        )
-        .await;
-        let stream = match connected {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "backend connect failed");
-                if !target.known {
-                    return Err((Trouble::Unavailable, guard));
-                }
-                ctx.health
-                    .report_failure(target.name, D::PROTOCOL, e.kind(), e.to_string());
-                // The failure may just have taken the backend down: route again, and
-                // a shared pool hands the user to another backend.
-                let down = ctx.health.state(target.name, D::PROTOCOL) == BackendState::Down;
-                let trouble = if e.is_connect() && down {
-                    Trouble::ConnectDown
-                } else {
-                    Trouble::Unavailable
-                };
-                return Err((trouble, guard));
-            }
-        };
         let verified_options;
         let options = match driver
             .verified_login_options(target.options)
@@ -595,39 +574,25 @@ impl Session<'_> {
             }
         };
         let mut machine = front.start_login(creds, options, info);
-        let outcome = timeout(
-            timeouts.backend_login,
-            backend::login(&mut machine, stream, target.tls),
-        )
-        .await;
-        let (verdict, stream) = match outcome {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                warn!(error = %e, "backend login failed");
-                if target.known && matches!(e, BackendError::Tls(_)) {
-                    ctx.health
-                        .report(target.name, D::PROTOCOL, Err(e.to_string()));
+        let reach = self.reach::<D>(target, &mut machine);
+        // A backend that goes DOWN while the login waits on it (in the admission
+        // queue, connecting, logging in) releases the login at once: routed again, it
+        // lands where the pool allows instead of waiting out a timeout.
+        let reached = if target.known {
+            tokio::select! {
+                r = reach => r,
+                () = ctx.health.gone_down(target.name, D::PROTOCOL) => {
+                    info!("backend went down during the login; routing again");
+                    Err(Trouble::ConnectDown)
                 }
-                return Err((Trouble::Unavailable, guard));
             }
-            Err(_) => {
-                warn!("backend login timed out");
-                if target.known {
-                    ctx.health.report_failure(
-                        target.name,
-                        D::PROTOCOL,
-                        crate::health::FailureKind::Timeout,
-                        "login timed out".into(),
-                    );
-                }
-                return Err((Trouble::Unavailable, guard));
-            }
+        } else {
+            reach.await
         };
-        // The backend answered the login, yes or no: real traffic, as good a sign of
-        // life as a check (an overloaded backend whose checks time out is not dead).
-        if target.known {
-            ctx.health.report(target.name, D::PROTOCOL, Ok(()));
-        }
+        let (verdict, stream) = match reached {
+            Ok(done) => done,
+            Err(trouble) => return Err((trouble, guard)),
+        };
         if guard.token().is_cancelled() {
             info!("kicked during login");
             return Err((Trouble::Unavailable, guard));
@@ -659,6 +624,9 @@ impl Session<'_> {
             }
             Verdict::Refused(_) => {
                 info!(mechanism, "login refused by backend");
+                // Not held through the penalty delay: a brute force must not keep
+                // backend connections open by the hundred.
+                drop(stream);
                 let delay = ctx.limiter.failed(
                     self.ip(),
                     Some(self.user.as_str()),
@@ -672,6 +640,104 @@ impl Session<'_> {
                 Login::Verdict(verdict)
             }
         })
+    }
+
+    /// Waits for a login slot on `target`, connects and runs the login machine: the
+    /// verdict and the connection, or why not. The slot is held until the backend
+    /// answers, so a slow backend admits fewer new logins, not more.
+    async fn reach<D: Driver>(
+        &self,
+        target: &Target<'_, D::LoginOptions>,
+        machine: &mut D::Login,
+    ) -> Result<(Verdict, BackendStream), Trouble> {
+        let ctx = self.ctx;
+        let info = self.attempt.info;
+        let timeouts = &ctx.settings.timeouts;
+        // The queue is left a moment before the pre-auth deadline, so that the refusal
+        // is this login's (counted, logged with its reason), not the session's timeout.
+        let wait_until = self
+            .attempt
+            .deadline
+            .checked_sub(QUEUE_MARGIN)
+            .unwrap_or(self.attempt.deadline);
+        let _permit = match ctx
+            .admission
+            .acquire(target.name, D::PROTOCOL, wait_until)
+            .await
+        {
+            Ok(p) => p,
+            Err(why) => {
+                warn!(
+                    reason = why.as_str(),
+                    "backend busy: no login slot (admission control)"
+                );
+                crate::metrics::admission_refused(target.name, D::PROTOCOL, why);
+                return Err(Trouble::Unavailable);
+            }
+        };
+        let connected = backend::connect(
+            target.host,
+            target.endpoint,
+            target.tls,
+            info,
+            self.attempt.client_tls,
+            timeouts.backend_connect,
+        )
+        .await;
+        let stream = match connected {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "backend connect failed");
+                if !target.known {
+                    return Err(Trouble::Unavailable);
+                }
+                ctx.health
+                    .report_failure(target.name, D::PROTOCOL, e.kind(), e.to_string());
+                // The failure may just have taken the backend down: route again, and
+                // a shared pool hands the user to another backend.
+                let down = ctx.health.state(target.name, D::PROTOCOL) == BackendState::Down;
+                return Err(if e.is_connect() && down {
+                    Trouble::ConnectDown
+                } else {
+                    Trouble::Unavailable
+                });
+            }
+        };
+        let watch = target
+            .known
+            .then(|| ctx.health.login_started(target.name, D::PROTOCOL));
+        let outcome = timeout(
+            timeouts.backend_login,
+            backend::login(machine, stream, target.tls),
+        )
+        .await;
+        match outcome {
+            Ok(Ok(done)) => {
+                // The backend answered the login, yes or no: real traffic, as good a
+                // sign of life as a check (an overloaded backend whose checks time out
+                // is not dead).
+                if let Some(w) = watch {
+                    w.answered();
+                    ctx.health.report(target.name, D::PROTOCOL, Ok(()));
+                }
+                Ok(done)
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "backend login failed");
+                if target.known && matches!(e, BackendError::Tls(_)) {
+                    ctx.health
+                        .report(target.name, D::PROTOCOL, Err(e.to_string()));
+                }
+                Err(Trouble::Unavailable)
+            }
+            Err(_) => {
+                warn!("backend login timed out");
+                if let Some(w) = watch {
+                    w.timed_out();
+                }
+                Err(Trouble::Unavailable)
+            }
+        }
     }
 }
 
@@ -762,14 +828,24 @@ async fn route(
     mechanism: &str,
 ) -> Result<postern_route::Decision, Failure> {
     match ctx.router.resolve_normalized(user.clone(), protocol).await {
-        Ok(d) => Ok(d),
+        Ok(d) => {
+            if d.source == Source::Stale {
+                // Served from the cache because the store failed.
+                ctx.health.dependency_failed();
+            }
+            Ok(d)
+        }
         Err(e) => {
             let failure = e.failure();
             match e {
                 RouteError::NoRoute | RouteError::Disabled | RouteError::InvalidUser(_) => {
                     info!(error = %e, mechanism, "login refused");
                 }
-                _ => warn!(error = %e, mechanism, "cannot route user"),
+                _ => {
+                    // The store failing: logins that time out now may wait on it too.
+                    ctx.health.dependency_failed();
+                    warn!(error = %e, mechanism, "cannot route user");
+                }
             }
             Err(failure)
         }

@@ -145,6 +145,23 @@ pub struct Metrics {
     pub backend_sessions: Family<BackendLabels, Gauge>,
     /// Process start, Unix seconds.
     pub start_time: Gauge,
+    /// Logins holding an admission slot, per backend service.
+    pub admission_in_flight: Family<BackendProtocolLabels, Gauge>,
+    /// Logins waiting for an admission slot, per backend service.
+    pub admission_queued: Family<BackendProtocolLabels, Gauge>,
+    /// Logins refused by admission control, by reason.
+    pub admission_refused: Family<AdmissionLabels, Counter>,
+}
+
+/// `backend`, `protocol`, `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// The backend's name.
+    pub backend: String,
+    /// The protocol.
+    pub protocol: &'static str,
+    /// `queue_full` or `deadline`.
+    pub reason: &'static str,
 }
 
 /// The process-wide metrics.
@@ -171,7 +188,25 @@ impl Metrics {
             backend_admin: Family::default(),
             backend_sessions: Family::default(),
             start_time: Gauge::default(),
+            admission_in_flight: Family::default(),
+            admission_queued: Family::default(),
+            admission_refused: Family::default(),
         };
+        registry.register(
+            "backend_logins_in_flight",
+            "Logins holding an admission slot (connecting or logging in), per backend service",
+            m.admission_in_flight.clone(),
+        );
+        registry.register(
+            "backend_login_queue",
+            "Logins waiting for an admission slot, per backend service",
+            m.admission_queued.clone(),
+        );
+        registry.register(
+            "backend_admission_refused",
+            "Logins refused by admission control: queue_full (at once) or deadline (waited until the pre-auth deadline)",
+            m.admission_refused.clone(),
+        );
         registry.register(
             "connections",
             "Client connections accepted",
@@ -276,6 +311,20 @@ impl Metrics {
             self.backend_admin
                 .get_or_create(&BackendLabels { backend: r.backend })
                 .set(admin);
+        }
+        self.admission_in_flight.clear();
+        self.admission_queued.clear();
+        for r in runtime.admission.reports() {
+            let labels = BackendProtocolLabels {
+                backend: r.backend,
+                protocol: r.protocol.as_str(),
+            };
+            self.admission_in_flight
+                .get_or_create(&labels)
+                .set(i64::from(r.in_flight));
+            self.admission_queued
+                .get_or_create(&labels)
+                .set(i64::try_from(r.queued).unwrap_or(i64::MAX));
         }
         let per_backend = runtime.registry.per_backend();
         for name in settings.backends.keys() {
@@ -456,6 +505,18 @@ impl Drop for Relaying {
         self.relayed.dec();
         self.preauth.inc();
     }
+}
+
+/// A login got no admission slot.
+pub(crate) fn admission_refused(backend: &str, protocol: Protocol, why: crate::admit::Refused) {
+    get()
+        .admission_refused
+        .get_or_create(&AdmissionLabels {
+            backend: backend.to_owned(),
+            protocol: protocol.as_str(),
+            reason: why.as_str(),
+        })
+        .inc();
 }
 
 /// The result label of a login's verdict.

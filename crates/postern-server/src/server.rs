@@ -58,6 +58,8 @@ pub struct Runtime {
     pub health: Arc<Health>,
     /// Abuse-control state.
     pub limiter: Arc<Limiter>,
+    /// Logins in flight and waiting, per backend service.
+    pub admission: Arc<crate::admit::Admission>,
 }
 
 impl Runtime {
@@ -70,6 +72,7 @@ impl Runtime {
             registry,
             health,
             limiter,
+            admission: crate::admit::Admission::new(settings),
         }
     }
 
@@ -84,10 +87,13 @@ impl Runtime {
         } else {
             Limiter::new(settings.limits.clone())
         };
+        // The same gates: logins in flight under the old configuration still count.
+        self.admission.configure(settings);
         Self {
             registry: Arc::clone(&self.registry),
             health,
             limiter,
+            admission: Arc::clone(&self.admission),
         }
     }
 }
@@ -182,6 +188,7 @@ fn generation(
         registry: runtime.registry,
         health: runtime.health,
         limiter: runtime.limiter,
+        admission: runtime.admission,
         cancel: cancel.clone(),
         kill: kill.clone(),
         retire: cancel.child_token(),
@@ -333,6 +340,7 @@ impl Handle {
             registry: Arc::clone(&ctx.registry),
             health: Arc::clone(&ctx.health),
             limiter: Arc::clone(&ctx.limiter),
+            admission: Arc::clone(&ctx.admission),
         }
     }
 

@@ -43,6 +43,7 @@ pub(crate) struct Ctx {
     pub(crate) registry: Arc<Registry>,
     pub(crate) health: Arc<Health>,
     pub(crate) limiter: Arc<postern_limits::Limiter>,
+    pub(crate) admission: Arc<crate::admit::Admission>,
     pub(crate) verifier: Arc<crate::auth::Verifier>,
     /// Shutdown: stop accepting, say goodbye to pre-auth clients.
     pub(crate) cancel: CancellationToken,

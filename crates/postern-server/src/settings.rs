@@ -275,6 +275,8 @@ pub struct Backend {
     pub smtp: Option<Endpoint>,
     /// LMTP service (local delivery).
     pub lmtp: Option<Endpoint>,
+    /// Admission control: logins in flight and waiting, per service of this backend.
+    pub admission: crate::admission::Limits,
 }
 
 impl Backend {

@@ -206,6 +206,12 @@ async fn backends(state: &State) -> Value {
     let pinned: Option<HashMap<String, u64>> = counted.map(|(c, _)| c);
     let uncounted = store.has_uncounted_pins();
     let sessions = runtime.registry.per_backend();
+    let admission: HashMap<(String, Protocol), crate::admit::Report> = runtime
+        .admission
+        .reports()
+        .into_iter()
+        .map(|r| ((r.backend.clone(), r.protocol), r))
+        .collect();
     let mut health: BTreeMap<String, Vec<crate::health::HealthReport>> = BTreeMap::new();
     for r in runtime.health.reports() {
         health.entry(r.backend.clone()).or_default().push(r);
@@ -220,6 +226,16 @@ async fn backends(state: &State) -> Value {
                 .iter()
                 .map(|r| {
                     let port = b.endpoint(r.protocol).map(|e| e.port);
+                    let gate = admission.get(&(b.name.clone(), r.protocol)).map(|a| {
+                        json!({
+                            "max_in_flight": a.limits.max_in_flight,
+                            "queue_limit": a.limits.max_queue,
+                            "in_flight": a.in_flight,
+                            "queued": a.queued,
+                            "refused_queue_full": a.totals.refused_full,
+                            "refused_deadline": a.totals.expired,
+                        })
+                    });
                     (
                         r.protocol.as_str().to_owned(),
                         json!({
@@ -237,6 +253,7 @@ async fn backends(state: &State) -> Value {
                             "last_error_at": r.last_error.as_ref().map(|e| rfc3339(e.at)),
                             "last_error_unix": r.last_error.as_ref().map(|e| unix(e.at)),
                             "address": port.map(|p| format!("{}:{p}", b.host)),
+                            "admission": gate,
                         }),
                     )
                 })

@@ -661,6 +661,38 @@ pub struct Backend {
     pub tls: Option<BackendTlsFile>,
     /// `[backends.NAME.health]`: probe login.
     pub health: Option<BackendHealth>,
+    /// `[backends.NAME.admission]`: logins in flight and waiting.
+    #[serde(default)]
+    pub admission: BackendAdmission,
+}
+
+/// `[backends.NAME.admission]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendAdmission {
+    /// Connects and logins in flight at once per service; 0: no cap.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Logins waiting for a slot per service; beyond it, the temporary failure.
+    #[serde(default = "default_max_queue")]
+    pub queue: u32,
+}
+
+impl Default for BackendAdmission {
+    fn default() -> Self {
+        Self {
+            max_in_flight: default_max_in_flight(),
+            queue: default_max_queue(),
+        }
+    }
+}
+
+fn default_max_in_flight() -> u32 {
+    postern_server::admission::Limits::default().max_in_flight
+}
+
+fn default_max_queue() -> u32 {
+    postern_server::admission::Limits::default().max_queue
 }
 
 /// `backends.NAME.submission.login`.

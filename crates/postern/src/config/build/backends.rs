@@ -111,6 +111,10 @@ fn backend(name: &str, b: &file::Backend, base: &Path) -> Result<Backend> {
         submission,
         smtp,
         lmtp,
+        admission: postern_server::admission::Limits {
+            max_in_flight: b.admission.max_in_flight,
+            max_queue: b.admission.queue,
+        },
     })
 }
 
@@ -310,6 +314,32 @@ mod tests {
         assert_eq!(imap.login.method, postern_imap::LoginMethod::Auto);
         assert!(!imap.login.forward_client && !imap.login.starttls);
         assert!(b1.pop3.is_none() && b1.submission.is_none() && b1.smtp.is_none());
+        assert_eq!(
+            b1.admission,
+            postern_server::admission::Limits {
+                max_in_flight: 64,
+                max_queue: 256
+            }
+        );
+    }
+
+    #[test]
+    fn admission_is_set_per_backend() {
+        let b = of(
+            "[backends.b1]\nhost = \"h\"\n[backends.b1.imap]\nport = 143\n\
+                    [backends.b1.admission]\nmax_in_flight = 8\nqueue = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            b["b1"].admission,
+            postern_server::admission::Limits {
+                max_in_flight: 8,
+                max_queue: 0
+            }
+        );
+        let unknown: Result<File, _> =
+            toml::from_str("[backends.b1]\nhost = \"h\"\n[backends.b1.admission]\nmax_queue = 1\n");
+        assert!(unknown.is_err(), "a misspelt key is refused");
     }
 
     #[test]
