@@ -140,7 +140,8 @@ def test_concurrent_first_logins_through_two_nodes_end_with_one_pin(
     assert unconfirmed.strip() == "0"
     # Conflicts, if the two commits collided, were retried: none became an error above.
     retried = conflicts(a, b)
-    print(f"galera first-login race: {len(users)} users, {retried} write conflict(s) retried")
+    kinds = sorted({m for p in (a, b) for m in re.findall(CONFLICT_LINE + r".*?error=(.{0,60})", p.log())})
+    print(f"galera first-login race: {len(users)} users, {retried} write conflict(s) retried: {kinds}")
 
 
 def test_evacuation_with_a_node_killed_mid_way_and_rejoined(
