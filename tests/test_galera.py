@@ -87,6 +87,28 @@ def test_a_fenced_move_through_one_node_kicks_the_user_on_instances_of_every_nod
         assert rows_on(node, galera_db)[ALICE] == ("b2", "-"), node.name
 
 
+def test_sync_wait_follows_the_server_unless_configured(
+    galera, galera_db, mariadb, make_postern, certs
+):
+    """Unset, `routing.sql.sync_wait` is on for a Galera node only: not for a MariaDB
+    without Galera (wsrep_on is 0 there), and `false` turns it off on Galera too."""
+    name = mariadb.new_database("g_sync_wait_plain")
+
+    def plain(c):
+        c["routing"]["sql"] = {"url": mariadb.url(name)}
+
+    def off(c):
+        on_node(galera.nodes[1], galera_db)(c)
+        c["routing"]["sql"]["sync_wait"] = False
+
+    for edit in (plain, off):
+        p = make_postern(edit, seed=False)
+        # Started (listening) means the store was opened and would have said it.
+        assert p.cli("route", "pin", ALICE, "b1").returncode == 0
+        assert login_backend(p, ALICE, certs) == "b1"
+        assert not re.search(SYNC_WAIT_LINE, p.log()), p.log()[-2000:]
+
+
 def test_concurrent_first_logins_through_two_nodes_end_with_one_pin(
     galera, galera_db, make_postern, certs
 ):

@@ -657,13 +657,18 @@ fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
 /// Says once, at open, whether this store's reads wait for the Galera cluster, so an
 /// operator (and the cluster tests) can see it took effect.
 async fn report_sync_wait(pool: &AnyPool, limit: Duration) {
+    // Both: `sync_wait = true` on a MariaDB without Galera sets a variable that
+    // changes nothing there.
     let asked = tokio_timeout(
         limit,
-        sqlx::query_scalar::<_, i64>("SELECT CAST(@@SESSION.wsrep_sync_wait AS SIGNED)")
-            .fetch_one(pool),
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT CAST(@@SESSION.wsrep_on AS SIGNED), \
+             CAST(@@SESSION.wsrep_sync_wait AS SIGNED)",
+        )
+        .fetch_one(pool),
     )
     .await;
-    if let Ok(Ok(v)) = asked
+    if let Ok(Ok((1, v))) = asked
         && v & 1 == 1
     {
         tracing::info!(
