@@ -237,7 +237,6 @@ class Galera:
 
     def __init__(self, directory: Path, size: int = 3):
         self.dir = directory
-        self.nodes: list[GaleraNode] = []
         self.nodes = [GaleraNode(self, i + 1) for i in range(size)]
         self.started_in: float = 0.0
 
