@@ -13,7 +13,11 @@ cd "$(dirname "$0")/.."
 # admin status page is tested in a real browser. libnet-ssleay-perl: swaks's TLS
 # (--tls, STARTTLS), which Debian's swaks only Recommends; swaks needs no other Perl
 # module for TLS (not IO::Socket::SSL).
+# galera-4, rsync, iproute2: tests/test_galera.py's 3-node Galera cluster (the wsrep
+# provider; the rsync SST, whose script checks its daemon's port with `ss`). Debian 12's
+# mariadb-server depends on them; named here because the tests use them directly.
 apt_install "${MAIL_PACKAGES[@]}" postfix swaks libnet-ssleay-perl mariadb-server mariadb-client \
+    galera-4 rsync iproute2 \
     postgresql postgresql-client python3 python3-venv dovecot-mysql systemd chromium
 
 VENV=.venv

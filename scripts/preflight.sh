@@ -78,6 +78,16 @@ fi
 have mariadb-server mariadbd && capable mariadb-server "mariadbd does not run" mariadbd --version
 have mariadb-server mariadb-install-db
 have mariadb-client mariadb
+# The Galera tests (tests/harness/galera.py): the wsrep provider, and the rsync SST.
+file_there galera-4 /usr/lib/galera/libgalera_smm.so "Galera's wsrep provider"
+have mariadb-server wsrep_sst_rsync
+have rsync rsync && capable rsync "rsync does not run" rsync --version
+have iproute2 ss
+if [ "$(id -u)" = 0 ]; then
+    # As root the cluster's nodes run as `mysql`: the rsync SST daemon would drop to
+    # `nobody` otherwise and could not write the joiner's datadir.
+    capable mariadb-server "no system user mysql (the Galera nodes run as it)" id -u mysql
+fi
 
 # ---------------------------------------------------------------- PostgreSQL
 # The harness takes the newest /usr/lib/postgresql/N/bin.

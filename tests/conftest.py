@@ -9,6 +9,7 @@ import pytest
 
 from harness import certs as certs_mod
 from harness.databases import MariaDB, Postgres
+from harness.galera import Galera
 from harness.dovecot import Cluster
 from harness.postfix import Postfix
 from harness.postern import Postern, base_config
@@ -73,6 +74,15 @@ def mariadb(workroot, certs):
     db = MariaDB(workroot / "mariadb", certs).start()
     yield db
     db.stop()
+
+
+@pytest.fixture(scope="session")
+def galera(workroot):
+    """A 3-node MariaDB Galera cluster, started once per test process: tests that use
+    it are in one xdist group (test_galera.py), so one worker starts it."""
+    c = Galera(workroot / "galera").start()
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="session")

@@ -126,30 +126,152 @@ pub async fn evacuate(
     options: FenceOptions,
 ) -> Result<Evacuation, StoreError> {
     let mut report = Evacuation::default();
-    let pins = store.list(Some(from)).await?;
+    let mut reach = Reach::new(options);
+    let pins = reach.patiently(|| store.list(Some(from))).await?;
     for chunk in pins.chunks(batch.max(1)) {
         let hold_until = now_secs() + i64::try_from(options.hold.as_secs()).unwrap_or(60);
-        let mut last = 0;
         let mut planned = Vec::new();
-        for row in chunk {
-            let user = UserName::from_normalized(&row.user);
-            let Some(to) = crate::hash::pick(user.as_str(), targets) else {
-                return Err(StoreError::Invalid("no backend to evacuate to".into()));
-            };
-            last = last.max(store.begin_move(&user, from, to, hold_until).await?);
-            planned.push((user, to.to_owned()));
-        }
-        let acks = wait_for_acks(store, last, options).await?;
-        for (user, to) in planned {
-            if acks.missing.is_empty() {
-                store.finish_move(&user, &to).await?;
-                report.moved.push((user.as_str().to_owned(), to));
-            } else {
-                // Rolled back: the pin stays, and logins may go there again at once.
-                store.abort_move(&user).await?;
-                report.stalled.push(user.as_str().to_owned());
-            }
+        let outcome = evacuate_batch(
+            store,
+            chunk,
+            (from, targets),
+            hold_until,
+            &mut reach,
+            &mut planned,
+            &mut report,
+        )
+        .await;
+        if let Err(e) = outcome {
+            return Err(stopped(e, &report, &planned, from, hold_until));
         }
     }
     Ok(report)
+}
+
+/// One batch of an evacuation: the kicks, one wait for the confirmations, then the
+/// new pins (or the roll-backs).
+async fn evacuate_batch(
+    store: &dyn RouteStore,
+    chunk: &[crate::store::PinRow],
+    (from, targets): (&str, &[crate::hash::Weighted<'_>]),
+    hold_until: i64,
+    reach: &mut Reach,
+    planned: &mut Vec<(UserName, String)>,
+    report: &mut Evacuation,
+) -> Result<(), StoreError> {
+    let mut last = 0;
+    for row in chunk {
+        let user = UserName::from_normalized(&row.user);
+        let Some(to) = crate::hash::pick(user.as_str(), targets) else {
+            return Err(StoreError::Invalid("no backend to evacuate to".into()));
+        };
+        let kick = reach
+            .patiently(|| store.begin_move(&user, from, to, hold_until))
+            .await?;
+        last = last.max(kick);
+        planned.push((user, to.to_owned()));
+    }
+    let acks = reach.acks(store, last).await?;
+    for (user, to) in planned.iter() {
+        if acks.missing.is_empty() {
+            reach.patiently(|| store.finish_move(user, to)).await?;
+            report.moved.push((user.as_str().to_owned(), to.clone()));
+        } else {
+            // Rolled back: the pin stays, and logins may go there again at once.
+            reach.patiently(|| store.abort_move(user)).await?;
+            report.stalled.push(user.as_str().to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// The error of an evacuation the store stopped, saying what it left: who was moved,
+/// and which users of the batch in flight may hold a move (logins refused until the
+/// hold ends, then they are served by `from` again). Running it again finishes it.
+fn stopped(
+    e: StoreError,
+    report: &Evacuation,
+    planned: &[(UserName, String)],
+    from: &str,
+    hold_until: i64,
+) -> StoreError {
+    let StoreError::Unavailable(why) = e else {
+        return e;
+    };
+    let finished: std::collections::HashSet<&str> =
+        report.moved.iter().map(|(u, _)| u.as_str()).collect();
+    let held: Vec<&str> = planned
+        .iter()
+        .map(|(u, _)| u.as_str())
+        .filter(|u| !finished.contains(u) && !report.stalled.iter().any(|s| s == u))
+        .collect();
+    StoreError::Unavailable(format!(
+        "{why}; evacuation stopped after {} user(s) moved; may hold a move until {hold_until} \
+         (then back on {from}): {}; run the evacuation again to finish it",
+        report.moved.len(),
+        if held.is_empty() {
+            "none".to_owned()
+        } else {
+            held.join(", ")
+        }
+    ))
+}
+
+/// An evacuation's view of the store, as a [`MovePlan`] has it for one move: store
+/// calls are retried for `store_patience` (each is idempotent: a hold written again, a
+/// Kick or Pin logged twice, change nothing), so a short outage (a Galera node dying
+/// and the cluster re-forming without it) pauses the evacuation instead of leaving it
+/// half done; and silent instances are presumed dead only once the store has answered
+/// without a failure for `live_within`, since while it failed nobody could heartbeat.
+struct Reach {
+    options: FenceOptions,
+    reachable_since: Instant,
+}
+
+impl Reach {
+    fn new(options: FenceOptions) -> Self {
+        Self {
+            options,
+            reachable_since: Instant::now(),
+        }
+    }
+
+    async fn patiently<T, F, Fut>(&mut self, mut call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = Instant::now() + self.options.store_patience;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "evacuation: route store failing; retrying");
+                    self.reachable_since = Instant::now();
+                    sleep(crate::fence::STORE_RETRY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until every live instance has applied entry `id`, or `ack_timeout`.
+    async fn acks(&mut self, store: &dyn RouteStore, id: i64) -> Result<Acks, StoreError> {
+        let deadline = Instant::now() + self.options.ack_timeout;
+        loop {
+            let rows = self.patiently(|| store.instances()).await?;
+            let presume_dead = self.reachable_since.elapsed() >= self.options.live_within;
+            let acks = crate::fence::acks(
+                &rows,
+                id,
+                now_secs(),
+                self.options.live_within,
+                presume_dead,
+            );
+            if acks.missing.is_empty() || Instant::now() >= deadline {
+                return Ok(acks);
+            }
+            sleep(crate::fence::ACK_POLL).await;
+        }
+    }
 }

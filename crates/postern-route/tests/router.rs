@@ -41,6 +41,7 @@ async fn sqlite(path: &std::path::Path) -> Arc<SqlStore> {
             query_timeout: Duration::from_secs(5),
             lookup_query: None,
             migrate: true,
+            sync_wait: postern_route::store::sql::SyncWait::Auto,
         })
         .await
         .unwrap(),

@@ -107,6 +107,24 @@ pub struct SqlOptions {
     pub lookup_query: Option<String>,
     /// Apply Postern's migrations when opening.
     pub migrate: bool,
+    /// Galera's causality checks on MySQL-dialect connections (`wsrep_sync_wait`).
+    pub sync_wait: SyncWait,
+}
+
+/// Whether reads on a MySQL-dialect connection wait until the node has applied every
+/// write the cluster committed before them (`SET SESSION wsrep_sync_wait = 1`). On a
+/// Galera cluster a node applies other nodes' writes asynchronously, so without it a
+/// lookup through node B can miss a pin or a move that node A committed a moment ago.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncWait {
+    /// On when the server reports `wsrep_on` (a Galera node), off otherwise.
+    #[default]
+    Auto,
+    /// Always set it; a server that has no such variable (MySQL, error 1193) is
+    /// used as it is.
+    On,
+    /// Never set it.
+    Off,
 }
 
 /// Statements for one dialect, built once.
@@ -319,9 +337,42 @@ impl SqlStore {
                 })
             });
         }
+        if dialect == Dialect::MySql && options.sync_wait != SyncWait::Off {
+            let mode = options.sync_wait;
+            pool = pool.after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if mode == SyncWait::Auto {
+                        // MariaDB without Galera says 0; MySQL has no such variable.
+                        let on = sqlx::query_scalar::<_, i64>(
+                            "SELECT CAST(@@SESSION.wsrep_on AS SIGNED)",
+                        )
+                        .fetch_one(&mut *conn)
+                        .await;
+                        match on {
+                            Ok(1) => {}
+                            Ok(_) => return Ok(()),
+                            Err(e) if mysql_error_number(&e) == Some(UNKNOWN_VARIABLE) => {
+                                return Ok(());
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    // 1: SELECT, SHOW and BEGIN wait for the node to have applied what
+                    // the cluster committed before them (writes are certified anyway).
+                    match conn.execute("SET SESSION wsrep_sync_wait = 1").await {
+                        Ok(_) => Ok(()),
+                        Err(e) if mysql_error_number(&e) == Some(UNKNOWN_VARIABLE) => Ok(()),
+                        Err(e) => Err(e),
+                    }
+                })
+            });
+        }
         let pool = tokio_timeout(options.connect_timeout, pool.connect(&options.url))
             .await?
             .map_err(unavailable)?;
+        if dialect == Dialect::MySql {
+            report_sync_wait(&pool, options.query_timeout).await;
+        }
         if options.migrate {
             dialect.migrator().run(&pool).await.map_err(unavailable)?;
         }
@@ -597,6 +648,42 @@ fn placeholders(query: &str, dialect: Dialect) -> usize {
         max_dollar
     } else {
         count
+    }
+}
+
+/// MySQL/MariaDB "Unknown system variable": the server is not a Galera node.
+const UNKNOWN_VARIABLE: u16 = 1193;
+
+/// The MySQL/MariaDB error number of a database error.
+fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map(sqlx::mysql::MySqlDatabaseError::number)
+}
+
+/// Says once, at open, whether this store's reads wait for the Galera cluster, so an
+/// operator (and the cluster tests) can see it took effect.
+async fn report_sync_wait(pool: &AnyPool, limit: Duration) {
+    // Both: `sync_wait = true` on a MariaDB without Galera sets a variable that
+    // changes nothing there.
+    let asked = tokio_timeout(
+        limit,
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT CAST(@@SESSION.wsrep_on AS SIGNED), \
+             CAST(@@SESSION.wsrep_sync_wait AS SIGNED)",
+        )
+        .fetch_one(pool),
+    )
+    .await;
+    if let Ok(Ok((1, v))) = asked
+        && v & 1 == 1
+    {
+        tracing::info!(
+            wsrep_sync_wait = v,
+            "route store: Galera node; reads wait for the cluster's earlier commits"
+        );
     }
 }
 
@@ -1088,6 +1175,7 @@ mod tests {
             query_timeout: Duration::from_secs(5),
             lookup_query: None,
             migrate: true,
+            sync_wait: SyncWait::Auto,
         }
     }
 

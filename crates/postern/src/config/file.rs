@@ -550,6 +550,9 @@ pub struct Sql {
     /// Apply Postern's schema migrations when opening.
     #[serde(default = "yes")]
     pub migrate: bool,
+    /// `wsrep_sync_wait = 1` on MySQL-dialect connections; unset: when the server
+    /// reports `wsrep_on`.
+    pub sync_wait: Option<bool>,
 }
 
 fn eight() -> u32 {

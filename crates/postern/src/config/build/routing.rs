@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail, ensure};
 use postern_route::moves::FenceOptions;
-use postern_route::store::sql::{Dialect, SqlOptions};
+use postern_route::store::sql::{Dialect, SqlOptions, SyncWait};
 use postern_route::{AssignPolicy, CacheOptions, Normalizer, UnknownUsers};
 use postern_server::Backend;
 use postern_server::settings::WatchSettings;
@@ -131,6 +131,11 @@ fn store(r: &file::Routing, base: &Path) -> Result<StorePlan> {
                 query_timeout: sql.query_timeout,
                 lookup_query: sql.lookup_query.clone(),
                 migrate: sql.migrate,
+                sync_wait: match sql.sync_wait {
+                    None => SyncWait::Auto,
+                    Some(true) => SyncWait::On,
+                    Some(false) => SyncWait::Off,
+                },
             })
         }
         file::StoreKind::Static => {
@@ -244,6 +249,7 @@ mod tests {
         assert_eq!(sql.connect_timeout, Duration::from_secs(5));
         assert_eq!(sql.query_timeout, Duration::from_secs(2));
         assert!(sql.migrate);
+        assert_eq!(sql.sync_wait, SyncWait::Auto);
         assert_eq!(r.unknown_users, UnknownUsers::Reject);
         assert_eq!(r.cache, CacheOptions::default());
         assert_eq!(r.fence, FenceOptions::default());
@@ -258,6 +264,21 @@ mod tests {
         let watch = r.watch.expect("the SQL store has a change log");
         assert_eq!(watch.interval, Duration::from_secs(1));
         assert!(watch.instance_id.contains(':'), "{}", watch.instance_id);
+    }
+
+    #[test]
+    fn sync_wait_is_auto_unless_set() {
+        for (line, want) in [
+            ("", SyncWait::Auto),
+            ("sync_wait = true", SyncWait::On),
+            ("sync_wait = false", SyncWait::Off),
+        ] {
+            let r = of(&format!("[sql]\nurl = \"mysql://u:p@db/postern\"\n{line}")).unwrap();
+            let StorePlan::Sql(sql) = &r.store else {
+                panic!("{:?}", r.store)
+            };
+            assert_eq!(sql.sync_wait, want, "{line}");
+        }
     }
 
     #[test]
