@@ -314,13 +314,24 @@ pub enum Effect {
     EndSessionsElsewhere(String, String),
 }
 
+/// How far behind its position a follower looks again, in log ids: entries are
+/// numbered when written but become visible when committed, so two concurrent writers
+/// (two instances, two Galera nodes) can commit out of id order, and an entry with a
+/// lower id can appear after a higher one was read.
+pub const LATE_WINDOW: i64 = 256;
+
 /// An instance's side of the protocol: its position in the change log. It lives as
 /// long as the process, across reloads, so a Kick written just before a reload is
 /// applied and the position reported is only ever one reached.
 #[derive(Clone, Debug, Default)]
 pub struct Follower {
-    /// The last entry applied; `None` until the first read of the log.
+    /// The highest entry applied; `None` until the first read of the log.
     last: Option<i64>,
+    /// Entries at or below this were written before the process started: they concern
+    /// neither its (empty) cache nor its (absent) sessions.
+    floor: Option<i64>,
+    /// Entries applied within [`LATE_WINDOW`] of `last`: a late one is applied once.
+    recent: std::collections::BTreeSet<i64>,
 }
 
 impl Follower {
@@ -339,16 +350,33 @@ impl Follower {
     pub fn start_at(&mut self, id: i64) {
         if self.last.is_none() {
             self.last = Some(id);
+            self.floor = Some(id);
         }
     }
 
-    /// The effects of a batch of entries, in log order; the position advances past
-    /// them (never backwards). The caller executes every effect before it reports the
-    /// position, which is what a mover takes as this instance's confirmation.
+    /// Where to look again for entries that committed late: read the entries after
+    /// this id (up to [`LATE_WINDOW`] of them) and pass them to [`Follower::apply`],
+    /// which skips those already applied. `None` when there is nothing behind.
+    pub fn late_from(&self) -> Option<i64> {
+        let last = self.last?;
+        let from = last
+            .saturating_sub(LATE_WINDOW)
+            .max(self.floor.unwrap_or(i64::MIN));
+        (from < last).then_some(from)
+    }
+
+    /// The effects of a batch of entries, in log order; each entry is applied once,
+    /// a late one too, and the position advances (never backwards). The caller
+    /// executes every effect before it reports the position, which is what a mover
+    /// takes as this instance's confirmation.
     pub fn apply(&mut self, events: &[ChangeEvent]) -> Vec<Effect> {
         let mut effects = Vec::with_capacity(events.len() * 2);
         for e in events {
-            if self.last.is_some_and(|l| e.id <= l) {
+            let before_start = self.floor.is_some_and(|f| e.id <= f);
+            let too_old = self
+                .last
+                .is_some_and(|l| e.id <= l.saturating_sub(LATE_WINDOW));
+            if before_start || too_old || !self.recent.insert(e.id) {
                 continue;
             }
             effects.push(Effect::Forget(e.user.clone()));
@@ -360,6 +388,10 @@ impl Follower {
                 (ChangeKind::Pin, None) => {}
             }
             self.last = Some(self.last.map_or(e.id, |l| l.max(e.id)));
+        }
+        if let Some(last) = self.last {
+            let keep_from = last.saturating_sub(LATE_WINDOW);
+            self.recent = self.recent.split_off(&keep_from);
         }
         effects
     }
@@ -643,6 +675,30 @@ mod tests {
         );
         assert_eq!(f.position(), Some(7));
         assert!(f.apply(&events).is_empty(), "applied twice");
+    }
+
+    #[test]
+    fn an_entry_that_commits_late_is_applied_once() {
+        let mut f = Follower::new();
+        f.start_at(100);
+        // 102 committed before 101: the read after 100 sees 102 only.
+        let effects = f.apply(&[event(102, "b", ChangeKind::Kick, None)]);
+        assert_eq!(effects.len(), 2);
+        assert_eq!(f.position(), Some(102));
+        // The next tick looks behind its position and finds 101.
+        assert_eq!(f.late_from(), Some(100));
+        let window = [
+            event(101, "a", ChangeKind::Kick, None),
+            event(102, "b", ChangeKind::Kick, None),
+        ];
+        assert_eq!(
+            f.apply(&window),
+            [Effect::Forget("a".into()), Effect::EndSessions("a".into())]
+        );
+        assert!(f.apply(&window).is_empty(), "a late entry applied twice");
+        assert_eq!(f.position(), Some(102));
+        // Entries from before the process started are never applied.
+        assert!(f.apply(&[event(99, "old", ChangeKind::Kick, None)]).is_empty());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use postern_route::Router;
-use postern_route::fence::{Effect, Follower, Gate, STAMP_EVERY};
+use postern_route::fence::{Effect, Follower, Gate, LATE_WINDOW, STAMP_EVERY};
 use postern_route::store::now_secs;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -106,8 +106,25 @@ pub async fn run(
     loop {
         // Catch-up ends only by a read that began after it did.
         let ticket = gate.read_began();
-        match store.events_since(last, BATCH).await {
-            Ok(events) => {
+        // Entries that committed after a higher one was read (out of id order).
+        let late = position.follower().late_from();
+        let late = match late {
+            Some(from) => store
+                .events_since(from, u32::try_from(LATE_WINDOW).unwrap_or(BATCH))
+                .await
+                .map(|events| events.into_iter().filter(|e| e.id <= last).collect()),
+            None => Ok(Vec::new()),
+        };
+        let read = match late {
+            Ok(mut late) => store.events_since(last, BATCH).await.map(|new| {
+                let fresh = new.len();
+                late.extend(new);
+                (late, fresh)
+            }),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok((events, fresh)) => {
                 if failing {
                     info!("route change log reachable again");
                     failing = false;
@@ -117,7 +134,7 @@ pub async fn run(
                     apply(&router, &registry, effect);
                 }
                 last = position.follower().position().unwrap_or(last);
-                let drained = events.len() < BATCH as usize;
+                let drained = fresh < BATCH as usize;
                 match store.heartbeat(&instance, last).await {
                     Ok(()) if drained && gate.caught_up(ticket) => {
                         info!(
