@@ -218,7 +218,7 @@ def test_evacuation_with_a_node_killed_mid_way_and_rejoined(
             mover.wait()
     everyone = [*sessioned, *extra]
     assert mover.returncode == 0, out + err
-    assert f"{len(everyone)} user(s) moved, 0 stalled" in out, out
+    assert f"{len(everyone)} user(s) moved, 0 rolled back" in out, out
     assert mid_way and killed_after < len(everyone)
 
     try:

@@ -69,9 +69,14 @@ pub struct Acks {
     pub missing: Vec<String>,
 }
 
-/// Sorts the instances into those that applied entry `id` and live ones that did not;
-/// with `presume_dead`, instances silent for longer than `live_within` are left out
-/// (`now`: Unix seconds, the heartbeats' clock domain).
+/// Sorts the instances into those that confirmed a kick (`acked`: the ids of the
+/// instances that wrote an acknowledgement of it after ending its sessions) and live
+/// ones that did not; with `presume_dead`, instances silent for longer than
+/// `live_within` are left out (`now`: Unix seconds, the heartbeats' clock domain).
+///
+/// An acknowledgement names the kick, not a position in the log: entries can commit
+/// out of id order, so an instance past a higher id may not have seen a kick that
+/// committed late; only its own acknowledgement says it did.
 ///
 /// Silence means death only if the store could take heartbeats all that time: right
 /// after an outage of the store every instance looks silent, though each served its
@@ -80,7 +85,7 @@ pub struct Acks {
 /// instance has heartbeat again.
 pub fn acks(
     instances: &[InstanceRow],
-    id: i64,
+    acked: &[String],
     now: i64,
     live_within: Duration,
     presume_dead: bool,
@@ -91,7 +96,7 @@ pub fn acks(
         if presume_dead && i.heartbeat_at < now.saturating_sub(live_secs) {
             continue;
         }
-        if i.last_event_id >= id {
+        if acked.contains(&i.id) {
             acks.confirmed.push(i.id.clone());
         } else {
             acks.missing.push(i.id.clone());
@@ -109,8 +114,12 @@ pub enum Step {
         /// Unix seconds: when the hold ends if nobody finishes or aborts the move.
         hold_until: i64,
     },
-    /// Read the instances; report them with [`Input::Instances`].
-    ReadInstances,
+    /// Read the instances and which of them acknowledged this kick; report them with
+    /// [`Input::Instances`].
+    ReadInstances {
+        /// The kick's log id.
+        kick: i64,
+    },
     /// Switch the pin to the target, clear the hold, log a Pin; report [`Input::Written`].
     Finish,
     /// Clear the hold, keep the pin; report [`Input::Written`].
@@ -128,9 +137,9 @@ pub enum Input {
     Start,
     /// [`Step::Begin`] done: the Kick's log id; `None` if the store failed.
     Begun(Option<i64>),
-    /// [`Step::ReadInstances`] done, with the store's clock (Unix seconds); `None` if
-    /// the store failed.
-    Instances(Option<(Vec<InstanceRow>, i64)>),
+    /// [`Step::ReadInstances`] done: the instances, the ids of those that acknowledged
+    /// the kick, and the store's clock (Unix seconds); `None` if the store failed.
+    Instances(Option<(Vec<InstanceRow>, Vec<String>, i64)>),
     /// [`Step::Finish`] or [`Step::Abort`] done; `false` if the store failed.
     Written(bool),
     /// A [`Step::WaitUntil`] is over.
@@ -235,17 +244,17 @@ impl MovePlan {
                 self.reachable_since.get_or_insert(now);
                 self.phase = Phase::Waiting { kick };
                 self.ack_deadline = Some(now + self.options.ack_timeout);
-                Step::ReadInstances
+                Step::ReadInstances { kick }
             }
             (Phase::Begin, Input::Begun(None)) => self.store_failed(now, Left::MaybeHeld),
-            (Phase::Waiting { .. }, Input::Woke) => Step::ReadInstances,
-            (Phase::Waiting { kick }, Input::Instances(Some((rows, store_now)))) => {
+            (Phase::Waiting { kick }, Input::Woke) => Step::ReadInstances { kick },
+            (Phase::Waiting { .. }, Input::Instances(Some((rows, acked, store_now)))) => {
                 self.failing_since = None;
                 let since = *self.reachable_since.get_or_insert(now);
                 let presume_dead = now.saturating_duration_since(since) >= self.options.live_within;
                 self.acks = acks(
                     &rows,
-                    kick,
+                    &acked,
                     store_now,
                     self.options.live_within,
                     presume_dead,
@@ -279,7 +288,7 @@ impl MovePlan {
             (Phase::Begin, _) => Step::Begin {
                 hold_until: self.hold_until,
             },
-            (Phase::Waiting { .. }, _) => Step::ReadInstances,
+            (Phase::Waiting { kick }, _) => Step::ReadInstances { kick },
             (Phase::Finishing, _) => Step::Finish,
             (Phase::Aborting, _) => Step::Abort,
         }
@@ -312,6 +321,9 @@ pub enum Effect {
     EndSessions(String),
     /// End the user's sessions on every backend but this one (the pin moved there).
     EndSessionsElsewhere(String, String),
+    /// Acknowledge this kick (its log id) to the movers, once the effects before it
+    /// are executed.
+    Confirm(i64),
 }
 
 /// How far behind its position a follower looks again, in log ids: entries are
@@ -381,7 +393,10 @@ impl Follower {
             }
             effects.push(Effect::Forget(e.user.clone()));
             match (e.kind, &e.backend) {
-                (ChangeKind::Kick, _) => effects.push(Effect::EndSessions(e.user.clone())),
+                (ChangeKind::Kick, _) => {
+                    effects.push(Effect::EndSessions(e.user.clone()));
+                    effects.push(Effect::Confirm(e.id));
+                }
                 (ChangeKind::Pin, Some(pin)) => {
                     effects.push(Effect::EndSessionsElsewhere(e.user.clone(), pin.clone()));
                 }
@@ -503,6 +518,17 @@ mod tests {
         }
     }
 
+    /// What the store answers: instances past the kick (7 in these tests) have
+    /// acknowledged it.
+    fn seen(rows: Vec<InstanceRow>, now: i64) -> (Vec<InstanceRow>, Vec<String>, i64) {
+        let acked = rows
+            .iter()
+            .filter(|r| r.last_event_id >= 7)
+            .map(|r| r.id.clone())
+            .collect();
+        (rows, acked, now)
+    }
+
     fn opts() -> FenceOptions {
         FenceOptions::default()
     }
@@ -512,22 +538,28 @@ mod tests {
         let t = Instant::now();
         let mut plan = MovePlan::new(opts(), false, 1000);
         assert_eq!(plan.next(t, Input::Start), Step::Begin { hold_until: 1030 });
-        assert_eq!(plan.next(t, Input::Begun(Some(7))), Step::ReadInstances);
+        assert_eq!(
+            plan.next(t, Input::Begun(Some(7))),
+            Step::ReadInstances { kick: 7 }
+        );
         // b has not applied 7 yet; c is dead (silent for 100 s) and is not waited for.
         let rows = vec![row("a", 1000, 7), row("b", 1000, 6), row("c", 900, 1)];
         assert!(matches!(
-            plan.next(t, Input::Instances(Some((rows, 1000)))),
+            plan.next(t, Input::Instances(Some(seen(rows, 1000)))),
             Step::WaitUntil(_)
         ));
-        assert_eq!(plan.next(t, Input::Woke), Step::ReadInstances);
+        assert_eq!(plan.next(t, Input::Woke), Step::ReadInstances { kick: 7 });
         // c is presumed dead only once the store has answered for live_within.
         let rows = vec![row("a", 1001, 7), row("b", 1001, 8), row("c", 900, 1)];
         assert!(matches!(
-            plan.next(t, Input::Instances(Some((rows.clone(), 1001)))),
+            plan.next(t, Input::Instances(Some(seen(rows.clone(), 1001)))),
             Step::WaitUntil(_)
         ));
         assert_eq!(
-            plan.next(t + opts().live_within, Input::Instances(Some((rows, 1005)))),
+            plan.next(
+                t + opts().live_within,
+                Input::Instances(Some(seen(rows, 1005)))
+            ),
             Step::Finish
         );
         let Step::Done(Outcome::Moved(acks)) = plan.next(t, Input::Written(true)) else {
@@ -550,7 +582,7 @@ mod tests {
         plan.next(t, Input::Begun(Some(7)));
         let rows = vec![row("a", 970, 6), row("b", 969, 6)];
         assert!(matches!(
-            plan.next(t, Input::Instances(Some((rows, 1000)))),
+            plan.next(t, Input::Instances(Some(seen(rows, 1000)))),
             Step::WaitUntil(_)
         ));
         // a heartbeats again; once the store answered for live_within, b (crashed
@@ -558,7 +590,7 @@ mod tests {
         let later = t + opts().live_within;
         let rows = vec![row("a", 1005, 7), row("b", 969, 6)];
         assert_eq!(
-            plan.next(later, Input::Instances(Some((rows, 1005)))),
+            plan.next(later, Input::Instances(Some(seen(rows, 1005)))),
             Step::Finish
         );
     }
@@ -572,7 +604,7 @@ mod tests {
         let late = t + opts().ack_timeout;
         let rows = vec![row("a", 1015, 7), row("b", 1015, 6)];
         assert_eq!(
-            plan.next(late, Input::Instances(Some((rows, 1015)))),
+            plan.next(late, Input::Instances(Some(seen(rows, 1015)))),
             Step::Abort
         );
         let Step::Done(Outcome::RolledBack(acks)) = plan.next(late, Input::Written(true)) else {
@@ -590,7 +622,7 @@ mod tests {
         let late = t + opts().ack_timeout;
         let rows = vec![row("b", 1015, 6)];
         assert_eq!(
-            plan.next(late, Input::Instances(Some((rows, 1015)))),
+            plan.next(late, Input::Instances(Some(seen(rows, 1015)))),
             Step::Finish
         );
     }
@@ -603,7 +635,7 @@ mod tests {
         plan.next(t, Input::Begun(Some(7)));
         let rows = vec![row("a", 1000, 7)];
         assert_eq!(
-            plan.next(t, Input::Instances(Some((rows, 1000)))),
+            plan.next(t, Input::Instances(Some(seen(rows, 1000)))),
             Step::Finish
         );
         // The store goes away between the confirmations and the new pin.
@@ -669,6 +701,7 @@ mod tests {
             [
                 Effect::Forget("u".into()),
                 Effect::EndSessions("u".into()),
+                Effect::Confirm(6),
                 Effect::Forget("u".into()),
                 Effect::EndSessionsElsewhere("u".into(), "b2".into()),
             ]
@@ -683,7 +716,7 @@ mod tests {
         f.start_at(100);
         // 102 committed before 101: the read after 100 sees 102 only.
         let effects = f.apply(&[event(102, "b", ChangeKind::Kick, None)]);
-        assert_eq!(effects.len(), 2);
+        assert_eq!(effects.len(), 3);
         assert_eq!(f.position(), Some(102));
         // The next tick looks behind its position and finds 101.
         assert_eq!(f.late_from(), Some(100));
@@ -693,12 +726,19 @@ mod tests {
         ];
         assert_eq!(
             f.apply(&window),
-            [Effect::Forget("a".into()), Effect::EndSessions("a".into())]
+            [
+                Effect::Forget("a".into()),
+                Effect::EndSessions("a".into()),
+                Effect::Confirm(101)
+            ]
         );
         assert!(f.apply(&window).is_empty(), "a late entry applied twice");
         assert_eq!(f.position(), Some(102));
         // Entries from before the process started are never applied.
-        assert!(f.apply(&[event(99, "old", ChangeKind::Kick, None)]).is_empty());
+        assert!(
+            f.apply(&[event(99, "old", ChangeKind::Kick, None)])
+                .is_empty()
+        );
     }
 
     #[test]

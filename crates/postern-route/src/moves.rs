@@ -20,7 +20,26 @@ pub use crate::fence::{Acks, FenceOptions, Left, Outcome as MoveOutcome};
 use crate::fence::{Input, MovePlan, Step};
 use crate::store::{RouteStore, StoreError, now_secs};
 
-/// Waits until every live instance has applied change-log entry `id`.
+/// The instances, and the ids of those that acknowledged every one of `kicks`.
+async fn confirmations(
+    store: &dyn RouteStore,
+    kicks: &[i64],
+) -> Result<(Vec<crate::store::InstanceRow>, Vec<String>), StoreError> {
+    let rows = store.instances().await?;
+    let acked = store.acked(kicks).await?;
+    let all = rows
+        .iter()
+        .filter(|r| {
+            kicks
+                .iter()
+                .all(|k| acked.iter().any(|(kick, i)| kick == k && *i == r.id))
+        })
+        .map(|r| r.id.clone())
+        .collect();
+    Ok((rows, all))
+}
+
+/// Waits until every live instance has acknowledged kick `id`.
 pub async fn wait_for_acks(
     store: &dyn RouteStore,
     id: i64,
@@ -28,10 +47,10 @@ pub async fn wait_for_acks(
 ) -> Result<Acks, StoreError> {
     let deadline = Instant::now() + options.ack_timeout;
     loop {
-        let rows = store.instances().await?;
+        let (rows, acked) = confirmations(store, &[id]).await?;
         // A kick has no plan: it presumes silent instances dead at once (it waits for
         // nothing it could get wrong; a move is what must not).
-        let acks = crate::fence::acks(&rows, id, now_secs(), options.live_within, true);
+        let acks = crate::fence::acks(&rows, &acked, now_secs(), options.live_within, true);
         if acks.missing.is_empty() || Instant::now() >= deadline {
             return Ok(acks);
         }
@@ -63,13 +82,12 @@ pub async fn move_user(
                     .inspect_err(|e| tracing::warn!(error = %e, "move: cannot write the hold"))
                     .ok(),
             ),
-            Step::ReadInstances => Input::Instances(
-                store
-                    .instances()
+            Step::ReadInstances { kick } => Input::Instances(
+                confirmations(store, &[kick])
                     .await
                     .inspect_err(|e| tracing::warn!(error = %e, "move: cannot read the instances"))
                     .ok()
-                    .map(|rows| (rows, now_secs())),
+                    .map(|(rows, acked)| (rows, acked, now_secs())),
             ),
             Step::Finish => Input::Written(
                 store
@@ -159,7 +177,7 @@ async fn evacuate_batch(
     planned: &mut Vec<(UserName, String)>,
     report: &mut Evacuation,
 ) -> Result<(), StoreError> {
-    let mut last = 0;
+    let mut kicks = Vec::with_capacity(chunk.len());
     for row in chunk {
         let user = UserName::from_normalized(&row.user);
         let Some(to) = crate::hash::pick(user.as_str(), targets) else {
@@ -168,10 +186,10 @@ async fn evacuate_batch(
         let kick = reach
             .patiently(|| store.begin_move(&user, from, to, hold_until))
             .await?;
-        last = last.max(kick);
+        kicks.push(kick);
         planned.push((user, to.to_owned()));
     }
-    let acks = reach.acks(store, last).await?;
+    let acks = reach.acks(store, &kicks).await?;
     for (user, to) in planned.iter() {
         if acks.missing.is_empty() {
             reach.patiently(|| store.finish_move(user, to)).await?;
@@ -255,15 +273,16 @@ impl Reach {
         }
     }
 
-    /// Waits until every live instance has applied entry `id`, or `ack_timeout`.
-    async fn acks(&mut self, store: &dyn RouteStore, id: i64) -> Result<Acks, StoreError> {
+    /// Waits until every live instance has acknowledged every one of `kicks`, or
+    /// `ack_timeout`.
+    async fn acks(&mut self, store: &dyn RouteStore, kicks: &[i64]) -> Result<Acks, StoreError> {
         let deadline = Instant::now() + self.options.ack_timeout;
         loop {
-            let rows = self.patiently(|| store.instances()).await?;
+            let (rows, acked) = self.patiently(|| confirmations(store, kicks)).await?;
             let presume_dead = self.reachable_since.elapsed() >= self.options.live_within;
             let acks = crate::fence::acks(
                 &rows,
-                id,
+                &acked,
                 now_secs(),
                 self.options.live_within,
                 presume_dead,

@@ -74,6 +74,7 @@ struct Store {
     routes: HashMap<String, Row>,
     events: Vec<ChangeEvent>,
     instances: BTreeMap<String, InstanceRow>,
+    acks: HashSet<(i64, String)>,
     paused_until: u64,
 }
 
@@ -131,6 +132,7 @@ enum Act {
         lgen: u64,
         pos: i64,
         ticket: u64,
+        kicks: Vec<i64>,
     },
     LoginStart(usize, &'static str),
     LoginLookup(usize, u64, u64),
@@ -360,6 +362,7 @@ impl Sim {
                 lgen,
                 pos,
                 ticket,
+                kicks,
             } => {
                 let up = self.store.up(self.t);
                 let secs = self.secs();
@@ -379,6 +382,9 @@ impl Sim {
                         });
                     row.heartbeat_at = secs;
                     row.last_event_id = row.last_event_id.max(pos);
+                    for k in kicks {
+                        self.store.acks.insert((k, inst.id.clone()));
+                    }
                     inst.gate.caught_up(ticket);
                 }
                 if lgen == inst.loop_gen {
@@ -515,6 +521,7 @@ impl Sim {
                     lgen,
                     pos: head,
                     ticket,
+                    kicks: Vec::new(),
                 },
             );
             return;
@@ -526,8 +533,10 @@ impl Sim {
             .filter(|e| e.id > from)
             .cloned()
             .collect();
+        let mut kicks = Vec::new();
         for effect in inst.follower.apply(&events) {
             match effect {
+                Effect::Confirm(k) => kicks.push(k),
                 Effect::Forget(u) => {
                     inst.cache.remove(&u);
                     inst.forgets += 1;
@@ -549,6 +558,7 @@ impl Sim {
                 lgen,
                 pos,
                 ticket,
+                kicks,
             },
         );
     }
@@ -678,9 +688,20 @@ impl Sim {
                 row.hold_until = Some(hold_until);
                 self.store.log(user, ChangeKind::Kick, None)
             })),
-            Step::ReadInstances => Input::Instances(
-                up.then(|| (self.store.instances.values().cloned().collect(), secs)),
-            ),
+            Step::ReadInstances { kick } => Input::Instances(up.then(|| {
+                let acked = self
+                    .store
+                    .instances
+                    .keys()
+                    .filter(|id| self.store.acks.contains(&(kick, (*id).clone())))
+                    .cloned()
+                    .collect();
+                (
+                    self.store.instances.values().cloned().collect(),
+                    acked,
+                    secs,
+                )
+            })),
             Step::Finish => Input::Written(
                 up && {
                     let row = self.store.routes.get_mut(user).unwrap();

@@ -101,6 +101,8 @@ pub async fn run(
     };
     info!(%instance, from = last, "following the route change log");
     let mut failing = false;
+    // Kicks applied but not yet acknowledged (the store failed): retried each tick.
+    let mut unacked: Vec<i64> = Vec::new();
     let mut last_prune = tokio::time::Instant::now();
     let mut last_clear = tokio::time::Instant::now();
     loop {
@@ -131,10 +133,22 @@ pub async fn run(
                 }
                 let effects = position.follower().apply(&events);
                 for effect in effects {
-                    apply(&router, &registry, effect);
+                    match effect {
+                        // After the effects before it: the sessions are ended.
+                        Effect::Confirm(kick) => unacked.push(kick),
+                        other => apply(&router, &registry, other),
+                    }
                 }
                 last = position.follower().position().unwrap_or(last);
                 let drained = fresh < BATCH as usize;
+                if !unacked.is_empty() {
+                    match store.ack(&instance, &unacked).await {
+                        Ok(()) => unacked.clear(),
+                        Err(e) => {
+                            warn!(error = %e, kicks = unacked.len(), "cannot acknowledge kicks; retrying")
+                        }
+                    }
+                }
                 match store.heartbeat(&instance, last).await {
                     Ok(()) if drained && gate.caught_up(ticket) => {
                         info!(
@@ -215,6 +229,8 @@ fn apply(router: &Router, registry: &Registry, effect: Effect) {
             let n = registry.kick_user(&user);
             info!(user = %user, sessions = n, "kick: ending the user's sessions");
         }
+        // Acknowledged by the caller, in a batch.
+        Effect::Confirm(_) => {}
         Effect::EndSessionsElsewhere(user, pin) => {
             // The user is pinned elsewhere now (re-pin on failover, an operator's
             // pin): their sessions on any other backend end, on every instance, so no

@@ -303,6 +303,16 @@ pub trait RouteStore: Send + Sync + fmt::Debug {
         Box::pin(async { Ok(()) })
     }
 
+    /// Records that `instance` ended the sessions of these kicks (their log ids).
+    fn ack<'a>(&'a self, _instance: &'a str, _kicks: &'a [i64]) -> StoreFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Which instances acknowledged which of these kicks: `(kick, instance)` pairs.
+    fn acked<'a>(&'a self, _kicks: &'a [i64]) -> StoreFuture<'a, Vec<(i64, String)>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
     /// The instances that have reported.
     fn instances(&self) -> StoreFuture<'_, Vec<InstanceRow>> {
         Box::pin(async { Ok(Vec::new()) })

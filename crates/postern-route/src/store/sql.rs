@@ -147,6 +147,8 @@ struct Statements {
     prune_events: String,
     prune_instances: String,
     reserve: String,
+    ack: String,
+    prune_acks: String,
     abort_move: String,
     clear_expired_holds: String,
     leave: String,
@@ -236,6 +238,16 @@ impl Statements {
                  WHERE hold_until IS NOT NULL AND hold_until < ?",
             ),
             leave: d.sql("DELETE FROM instances WHERE id = ?"),
+            ack: d.sql(&upsert(
+                "INSERT INTO route_acks (event_id, instance) VALUES (?, ?)",
+                "event_id, instance",
+                "instance = instance",
+                "NOTHING",
+            )),
+            // The acknowledgements of entries pruned from the log.
+            prune_acks: "DELETE FROM route_acks WHERE event_id < \
+                         (SELECT COALESCE(MIN(id), 0) FROM route_events)"
+                .to_owned(),
             reserve: d.sql(&upsert(
                 "INSERT INTO routes (username, backend, tentative_until) VALUES (?, ?, ?)",
                 "username",
@@ -1016,6 +1028,49 @@ impl RouteStore for SqlStore {
         })
     }
 
+    fn ack<'a>(&'a self, instance: &'a str, kicks: &'a [i64]) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            if kicks.is_empty() {
+                return Ok(());
+            }
+            let work = move || async move {
+                let mut tx = self.pool.begin().await?;
+                for kick in kicks {
+                    sqlx::query(sqlx::AssertSqlSafe(self.statements.ack.clone()))
+                        .bind(*kick)
+                        .bind(instance)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await
+            };
+            self.write(work).await
+        })
+    }
+
+    fn acked<'a>(&'a self, kicks: &'a [i64]) -> StoreFuture<'a, Vec<(i64, String)>> {
+        Box::pin(async move {
+            if kicks.is_empty() {
+                return Ok(Vec::new());
+            }
+            // One placeholder per kick: a batch of an evacuation is at most a few
+            // hundred, and every value is bound.
+            let marks = vec!["?"; kicks.len()].join(", ");
+            let sql = self.dialect.sql(&format!(
+                "SELECT event_id, instance FROM route_acks WHERE event_id IN ({marks})"
+            ));
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for kick in kicks {
+                q = q.bind(*kick);
+            }
+            let rows = self.timed(q.fetch_all(&self.pool)).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(unavailable)
+        })
+    }
+
     fn kick<'a>(&'a self, user: &'a UserName) -> StoreFuture<'a, i64> {
         Box::pin(async move {
             let work = move || async move {
@@ -1157,6 +1212,11 @@ impl RouteStore for SqlStore {
                 )
                 .await?;
             }
+            self.timed(
+                sqlx::query(sqlx::AssertSqlSafe(self.statements.prune_acks.clone()))
+                    .execute(&self.pool),
+            )
+            .await?;
             Ok(())
         })
     }
