@@ -19,6 +19,7 @@ mod auth;
 mod auth_http;
 pub mod backend;
 pub mod blame;
+mod ctx;
 mod driver;
 pub mod health;
 mod login;

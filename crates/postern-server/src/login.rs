@@ -22,9 +22,9 @@ use tracing::{Span, debug, info, warn};
 
 use crate::auth::Check;
 use crate::backend::{self, BackendError, BackendStream, ClientTls};
+use crate::ctx::Ctx;
 use crate::driver::Driver;
 use crate::registry::{SessionGuard, SessionInfo};
-use crate::session::Ctx;
 use crate::settings::{
     AuthMode, BackendTls, Endpoint, MasterLogin, MasterStyle, ProxyProtocol, TlsClient,
 };

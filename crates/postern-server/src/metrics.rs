@@ -17,7 +17,26 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::server::Handle;
+use crate::admit::Admission;
+use crate::health::Health;
+use crate::registry::Registry as Sessions;
+use crate::settings::Settings;
+
+/// What the gauges mirror, read from the running server at scrape time (the caller
+/// takes it from its handle; the metrics do not reach into the server).
+#[derive(Clone, Copy)]
+pub struct State<'a> {
+    /// The configuration generation in use.
+    pub generation: u64,
+    /// Backend health.
+    pub health: &'a Health,
+    /// Logins in flight and waiting, per backend service.
+    pub admission: &'a Admission,
+    /// Live sessions.
+    pub registry: &'a Sessions,
+    /// The settings in use (which backends exist).
+    pub settings: &'a Settings,
+}
 
 /// Login results, as counted in `postern_logins_total{result}`.
 pub const LOGIN_RESULTS: [&str; 5] = ["accepted", "failed", "refused", "limited", "error"];
@@ -278,8 +297,8 @@ impl Metrics {
 
     /// Reads what is known only at scrape time from the running server (health,
     /// sessions per backend, generation), then renders the Prometheus text format.
-    pub fn render(&self, handle: &Handle) -> String {
-        self.refresh(handle);
+    pub fn render(&self, state: State<'_>) -> String {
+        self.refresh(state);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
@@ -287,16 +306,15 @@ impl Metrics {
     }
 
     /// Updates the gauges that mirror the server's state.
-    pub fn refresh(&self, handle: &Handle) {
+    pub fn refresh(&self, state: State<'_>) {
         self.generation
-            .set(i64::try_from(handle.generation()).unwrap_or(i64::MAX));
-        let runtime = handle.runtime();
-        let settings = handle.settings();
+            .set(i64::try_from(state.generation).unwrap_or(i64::MAX));
+        let settings = state.settings;
         // Backends removed by a reload must disappear from the output.
         self.backend_up.clear();
         self.backend_admin.clear();
         self.backend_sessions.clear();
-        for r in runtime.health.reports() {
+        for r in state.health.reports() {
             self.backend_up
                 .get_or_create(&BackendProtocolLabels {
                     backend: r.backend.clone(),
@@ -314,7 +332,7 @@ impl Metrics {
         }
         self.admission_in_flight.clear();
         self.admission_queued.clear();
-        for r in runtime.admission.reports() {
+        for r in state.admission.reports() {
             let labels = BackendProtocolLabels {
                 backend: r.backend,
                 protocol: r.protocol.as_str(),
@@ -326,7 +344,7 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(i64::try_from(r.queued).unwrap_or(i64::MAX));
         }
-        let per_backend = runtime.registry.per_backend();
+        let per_backend = state.registry.per_backend();
         for name in settings.backends.keys() {
             let n = per_backend.get(name).copied().unwrap_or(0);
             self.backend_sessions

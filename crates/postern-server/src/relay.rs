@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
 use crate::backend::BackendStream;
+use crate::splice::Fault;
 use crate::stream::ClientStream;
 
 /// How long a client may keep its side open after the backend closed.
@@ -135,15 +136,6 @@ struct Half {
     read_eof: bool,
     done: bool,
     bytes: u64,
-}
-
-/// Which side failed, so the caller can tell client errors from backend errors.
-/// The error itself is dropped: a reset from a phone going out of coverage is routine,
-/// and the side that failed is what the session log needs.
-#[derive(Debug)]
-pub(crate) enum Fault {
-    Reader,
-    Writer,
 }
 
 impl Half {

@@ -24,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::ctx::{Ctx, Listening, ListeningDriver};
 use crate::driver::{Imap, Pop3, Submission};
 use crate::health::Health;
 use crate::registry::Registry;
-use crate::session::{self, Ctx, Listening, ListeningDriver};
+use crate::session;
 use crate::settings::{FrontOptions, ListenerSettings, Settings};
 
 /// Why the server could not start, or a reload was refused.

@@ -11,7 +11,6 @@
 //! All protocol decisions live in the sans-IO machines and routing decisions in the
 //! router; this module moves bytes, applies timeouts, reports backend health and logs.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,74 +18,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::proxy;
 use postern_proto::{ClientInfo, Event, Failure, FrontEnd, Limit, Shutdown, Verdict};
-use postern_route::Router;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::backend::{BackendStream, ClientTls};
+use crate::ctx::Ctx;
 use crate::driver::Driver;
-use crate::health::Health;
 use crate::login::{Attempt, Login, login};
-use crate::registry::{Registry, SessionGuard};
+use crate::registry::SessionGuard;
 use crate::relay::{self, Stats};
-use crate::settings::{ListenerSettings, Settings, TlsMode};
+use crate::settings::{ListenerSettings, TlsMode};
 use crate::stream::ClientStream;
-
-/// Shared by every session of a server.
-#[derive(Debug)]
-pub(crate) struct Ctx {
-    pub(crate) settings: Arc<Settings>,
-    pub(crate) router: Arc<Router>,
-    pub(crate) registry: Arc<Registry>,
-    pub(crate) health: Arc<Health>,
-    pub(crate) limiter: Arc<postern_limits::Limiter>,
-    pub(crate) admission: Arc<crate::admit::Admission>,
-    pub(crate) verifier: Arc<crate::auth::Verifier>,
-    /// Shutdown: stop accepting, say goodbye to pre-auth clients.
-    pub(crate) cancel: CancellationToken,
-    /// The end of the shutdown grace period: close relayed sessions too.
-    pub(crate) kill: CancellationToken,
-    /// This generation was replaced by a reload: its background tasks stop.
-    pub(crate) retire: CancellationToken,
-    /// Stops this generation's change-log follower: at a reload, or at shutdown once
-    /// the last session has ended (not before: until then the instance must keep
-    /// applying kicks and confirming them, or movers would presume it dead while its
-    /// sessions still run).
-    pub(crate) follow: CancellationToken,
-    /// The listeners' settings and drivers, by listener name.
-    pub(crate) listeners: HashMap<String, Listening>,
-    /// The configuration generation (1, then one more per reload).
-    pub(crate) generation: u64,
-}
-
-/// One listener of a generation.
-#[derive(Debug)]
-pub(crate) struct Listening {
-    pub(crate) settings: Arc<ListenerSettings>,
-    pub(crate) driver: ListeningDriver,
-}
-
-/// The protocol driver of a listener (the submission one keeps the probed extensions).
-pub(crate) enum ListeningDriver {
-    Imap(Arc<crate::driver::Imap>),
-    Pop3(Arc<crate::driver::Pop3>),
-    Submission(Arc<crate::driver::Submission>),
-    Relay(Arc<postern_smtp::RelayOptions>),
-}
-
-impl std::fmt::Debug for ListeningDriver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ListeningDriver::Imap(_) => "Imap",
-            ListeningDriver::Pop3(_) => "Pop3",
-            ListeningDriver::Submission(_) => "Submission",
-            ListeningDriver::Relay(_) => "Relay",
-        })
-    }
-}
 
 /// How a session ended, for its last log line.
 enum End {

@@ -18,7 +18,8 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::backend::{self, BackendStream, ClientTls};
-use crate::session::{Ctx, proxied_client, session_id, untrusted_proxy_header};
+use crate::ctx::Ctx;
+use crate::session::{proxied_client, session_id, untrusted_proxy_header};
 use crate::settings::{ListenerSettings, TlsMode};
 use crate::stream::ClientStream;
 

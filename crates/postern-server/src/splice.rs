@@ -28,7 +28,15 @@ use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
-use crate::relay::Fault;
+/// Which side of a copy failed, so the relay can tell client errors from backend
+/// errors. The error itself is dropped: a reset from a phone going out of coverage is
+/// routine, and the side that failed is what the session log needs. Defined here, the
+/// lower layer, so the relay and the splice copy do not import each other.
+#[derive(Debug)]
+pub(crate) enum Fault {
+    Reader,
+    Writer,
+}
 
 /// Pipe capacity asked for. Each splice pass moves up to this much; the kernel may
 /// grant less (`/proc/sys/fs/pipe-max-size`, per-user pipe quotas), which only means

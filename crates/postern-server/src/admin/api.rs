@@ -62,7 +62,19 @@ pub(crate) async fn route(
         (["metrics"], true, _) => response(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics::get().render(&state.handle).into_bytes(),
+            {
+                let runtime = state.handle.runtime();
+                let settings = state.handle.settings();
+                metrics::get()
+                    .render(metrics::State {
+                        generation: state.handle.generation(),
+                        health: &runtime.health,
+                        admission: &runtime.admission,
+                        registry: &runtime.registry,
+                        settings: &settings,
+                    })
+                    .into_bytes()
+            },
         ),
         (["api", "status"], true, _) => status(state).await,
         (["api", "backends"], true, _) => json(StatusCode::OK, &backends(state).await),
