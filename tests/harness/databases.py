@@ -24,6 +24,22 @@ def _wait(check, what: str, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{what} did not come up within {timeout}s")
 
 
+def install_db(cmd: list[str], data: Path, tries: int = 3) -> None:
+    """mariadb-install-db, retried on a failure: its bootstrap server can die under
+    memory or I/O pressure on a loaded two-core machine (seen once in CI, with no
+    output kept). A half-made data directory is removed before the next try, and the
+    last failure is raised with what the tool printed."""
+    for attempt in range(tries):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            return
+        shutil.rmtree(data, ignore_errors=True)
+        if attempt + 1 == tries:
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        time.sleep(1.0)
+
+
 class MariaDB:
     """mariadbd with a `postern` database and user; TLS enabled with the test CA so a
     test can require it."""
@@ -57,7 +73,7 @@ class MariaDB:
                    "--auth-root-authentication-method=normal", "--skip-test-db"]
             if ROOT:
                 cmd.append("--user=root")
-            subprocess.run(cmd, check=True, capture_output=True)
+            install_db(cmd, self.data)
         if not self.port:
             self.port = free_port()
         cmd = ["mariadbd", "--no-defaults", f"--datadir={self.data}",

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .databases import ROOT
+from .databases import ROOT, install_db
 from .net import free_port
 
 PROVIDER = "/usr/lib/galera/libgalera_smm.so"
@@ -122,7 +122,7 @@ class GaleraNode:
         if bootstrap and not self.data.exists():
             cmd = ["mariadb-install-db", f"--defaults-file={self.cnf}",
                    "--auth-root-authentication-method=normal", "--skip-test-db"]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            install_db(cmd, self.data)
         # A joiner starts with an empty datadir and receives everything by SST.
         self.data.mkdir(exist_ok=True)
         if ROOT:

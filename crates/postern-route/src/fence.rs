@@ -220,18 +220,6 @@ impl MovePlan {
         }
     }
 
-    /// Resumes a move whose hold and Kick are written (`postern route move --resume`):
-    /// a fresh Kick is logged (instances that joined since must see one too), then the
-    /// move goes on as a new one.
-    pub fn resume(options: FenceOptions, force: bool, now_secs: i64) -> Self {
-        Self::new(options, force, now_secs)
-    }
-
-    /// When the hold ends by itself.
-    pub fn hold_until(&self) -> i64 {
-        self.hold_until
-    }
-
     /// The next step, given what the last one gave.
     pub fn next(&mut self, now: Instant, input: Input) -> Step {
         match (self.phase, input) {
@@ -332,6 +320,11 @@ pub enum Effect {
 /// lower id can appear after a higher one was read.
 pub const LATE_WINDOW: i64 = 256;
 
+/// How long after the position last advanced a follower keeps looking behind it: a
+/// late entry belongs to a transaction that was open when a higher one committed, and
+/// the store's writes give up within seconds. A quiet log costs no second read.
+pub const LATE_FOR: Duration = Duration::from_secs(30);
+
 /// An instance's side of the protocol: its position in the change log. It lives as
 /// long as the process, across reloads, so a Kick written just before a reload is
 /// applied and the position reported is only ever one reached.
@@ -344,6 +337,8 @@ pub struct Follower {
     floor: Option<i64>,
     /// Entries applied within [`LATE_WINDOW`] of `last`: a late one is applied once.
     recent: std::collections::BTreeSet<i64>,
+    /// When `last` last moved forward.
+    advanced_at: Option<Instant>,
 }
 
 impl Follower {
@@ -368,9 +363,16 @@ impl Follower {
 
     /// Where to look again for entries that committed late: read the entries after
     /// this id (up to [`LATE_WINDOW`] of them) and pass them to [`Follower::apply`],
-    /// which skips those already applied. `None` when there is nothing behind.
-    pub fn late_from(&self) -> Option<i64> {
+    /// which skips those already applied. `None` when there is nothing behind, or the
+    /// position has not moved for [`LATE_FOR`].
+    pub fn late_from(&self, now: Instant) -> Option<i64> {
         let last = self.last?;
+        let recently = self
+            .advanced_at
+            .is_some_and(|t| now.saturating_duration_since(t) < LATE_FOR);
+        if !recently {
+            return None;
+        }
         let from = last
             .saturating_sub(LATE_WINDOW)
             .max(self.floor.unwrap_or(i64::MIN));
@@ -381,7 +383,7 @@ impl Follower {
     /// a late one too, and the position advances (never backwards). The caller
     /// executes every effect before it reports the position, which is what a mover
     /// takes as this instance's confirmation.
-    pub fn apply(&mut self, events: &[ChangeEvent]) -> Vec<Effect> {
+    pub fn apply(&mut self, events: &[ChangeEvent], now: Instant) -> Vec<Effect> {
         let mut effects = Vec::with_capacity(events.len() * 2);
         for e in events {
             let before_start = self.floor.is_some_and(|f| e.id <= f);
@@ -402,7 +404,10 @@ impl Follower {
                 }
                 (ChangeKind::Pin, None) => {}
             }
-            self.last = Some(self.last.map_or(e.id, |l| l.max(e.id)));
+            if self.last.is_none_or(|l| e.id > l) {
+                self.last = Some(e.id);
+                self.advanced_at = Some(now);
+            }
         }
         if let Some(last) = self.last {
             let keep_from = last.saturating_sub(LATE_WINDOW);
@@ -688,6 +693,7 @@ mod tests {
 
     #[test]
     fn the_follower_applies_each_entry_once_in_order() {
+        let t = Instant::now();
         let mut f = Follower::new();
         f.start_at(5);
         f.start_at(1); // only the first start counts (a reload resumes)
@@ -697,7 +703,7 @@ mod tests {
             event(7, "u", ChangeKind::Pin, Some("b2")),
         ];
         assert_eq!(
-            f.apply(&events),
+            f.apply(&events, t),
             [
                 Effect::Forget("u".into()),
                 Effect::EndSessions("u".into()),
@@ -707,36 +713,39 @@ mod tests {
             ]
         );
         assert_eq!(f.position(), Some(7));
-        assert!(f.apply(&events).is_empty(), "applied twice");
+        assert!(f.apply(&events, t).is_empty(), "applied twice");
     }
 
     #[test]
     fn an_entry_that_commits_late_is_applied_once() {
+        let t = Instant::now();
         let mut f = Follower::new();
         f.start_at(100);
         // 102 committed before 101: the read after 100 sees 102 only.
-        let effects = f.apply(&[event(102, "b", ChangeKind::Kick, None)]);
+        let effects = f.apply(&[event(102, "b", ChangeKind::Kick, None)], t);
         assert_eq!(effects.len(), 3);
         assert_eq!(f.position(), Some(102));
         // The next tick looks behind its position and finds 101.
-        assert_eq!(f.late_from(), Some(100));
+        assert_eq!(f.late_from(t), Some(100));
         let window = [
             event(101, "a", ChangeKind::Kick, None),
             event(102, "b", ChangeKind::Kick, None),
         ];
         assert_eq!(
-            f.apply(&window),
+            f.apply(&window, t),
             [
                 Effect::Forget("a".into()),
                 Effect::EndSessions("a".into()),
                 Effect::Confirm(101)
             ]
         );
-        assert!(f.apply(&window).is_empty(), "a late entry applied twice");
+        assert!(f.apply(&window, t).is_empty(), "a late entry applied twice");
+        // A log quiet for LATE_FOR is not read twice.
+        assert_eq!(f.late_from(t + LATE_FOR), None);
         assert_eq!(f.position(), Some(102));
         // Entries from before the process started are never applied.
         assert!(
-            f.apply(&[event(99, "old", ChangeKind::Kick, None)])
+            f.apply(&[event(99, "old", ChangeKind::Kick, None)], t)
                 .is_empty()
         );
     }

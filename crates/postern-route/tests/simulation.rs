@@ -498,6 +498,7 @@ impl Sim {
     }
 
     fn tick(&mut self, i: usize, inc: u64, lgen: u64) {
+        let now = self.now();
         let up = self.store.up(self.t);
         let head = self.store.events.len() as i64;
         let inst = &mut self.insts[i];
@@ -534,7 +535,7 @@ impl Sim {
             .cloned()
             .collect();
         let mut kicks = Vec::new();
-        for effect in inst.follower.apply(&events) {
+        for effect in inst.follower.apply(&events, now) {
             match effect {
                 Effect::Confirm(k) => kicks.push(k),
                 Effect::Forget(u) => {

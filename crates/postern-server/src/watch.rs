@@ -109,7 +109,7 @@ pub async fn run(
         // Catch-up ends only by a read that began after it did.
         let ticket = gate.read_began();
         // Entries that committed after a higher one was read (out of id order).
-        let late = position.follower().late_from();
+        let late = position.follower().late_from(std::time::Instant::now());
         let late = match late {
             Some(from) => store
                 .events_since(from, u32::try_from(LATE_WINDOW).unwrap_or(BATCH))
@@ -131,7 +131,9 @@ pub async fn run(
                     info!("route change log reachable again");
                     failing = false;
                 }
-                let effects = position.follower().apply(&events);
+                let effects = position
+                    .follower()
+                    .apply(&events, std::time::Instant::now());
                 for effect in effects {
                     match effect {
                         // After the effects before it: the sessions are ended.
