@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use postern_route::Router;
 use postern_route::fence::{Effect, Follower, Gate, LATE_WINDOW, STAMP_EVERY};
-use postern_route::store::now_secs;
+use postern_route::store::{ChangeEvent, RouteStore, StoreError, now_secs};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -78,108 +78,177 @@ pub async fn run(
     if instance != configured_instance {
         debug!(%instance, configured = %configured_instance, "keeping this process's instance id across the reload");
     }
-    // Entries written before this process started concern neither its (empty) cache
-    // nor its (absent) sessions; after a reload, the log resumes where it was.
-    let resumed = position.follower().position();
-    let mut last = match resumed {
-        Some(last) => last,
-        None => loop {
-            match store.last_event_id().await {
-                Ok(id) => {
-                    position.follower().start_at(id);
-                    break id;
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot read the route change log; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(interval) => {}
-                        () = cancel.cancelled() => return,
-                    }
-                }
-            }
-        },
+    let Some(last) = start(&*store, &position, interval, &cancel).await else {
+        return;
     };
     info!(%instance, from = last, "following the route change log");
-    let mut failing = false;
-    // Kicks applied but not yet acknowledged (the store failed): retried each tick.
-    let mut unacked: Vec<i64> = Vec::new();
-    let mut last_prune = tokio::time::Instant::now();
-    let mut last_clear = tokio::time::Instant::now();
+    let mut watch = Watch {
+        router,
+        registry,
+        health,
+        position,
+        store,
+        gate,
+        instance,
+        last,
+        failing: false,
+        unacked: Vec::new(),
+        last_prune: tokio::time::Instant::now(),
+        last_clear: tokio::time::Instant::now(),
+    };
     loop {
-        // Catch-up ends only by a read that began after it did.
-        let ticket = gate.read_began();
-        // Entries that committed after a higher one was read (out of id order).
-        let late = position.follower().late_from(std::time::Instant::now());
-        let late = match late {
-            Some(from) => store
-                .events_since(from, u32::try_from(LATE_WINDOW).unwrap_or(BATCH))
-                .await
-                .map(|events| events.into_iter().filter(|e| e.id <= last).collect()),
-            None => Ok(Vec::new()),
-        };
-        let read = match late {
-            Ok(mut late) => store.events_since(last, BATCH).await.map(|new| {
-                let fresh = new.len();
-                late.extend(new);
-                (late, fresh)
-            }),
-            Err(e) => Err(e),
-        };
-        match read {
-            Ok((events, fresh)) => {
-                if failing {
-                    info!("route change log reachable again");
-                    failing = false;
-                }
-                let effects = position
-                    .follower()
-                    .apply(&events, std::time::Instant::now());
-                for effect in effects {
-                    match effect {
-                        // After the effects before it: the sessions are ended.
-                        Effect::Confirm(kick) => unacked.push(kick),
-                        other => apply(&router, &registry, other),
-                    }
-                }
-                last = position.follower().position().unwrap_or(last);
-                let drained = fresh < BATCH as usize;
-                if !unacked.is_empty() {
-                    match store.ack(&instance, &unacked).await {
-                        Ok(()) => unacked.clear(),
-                        Err(e) => {
-                            warn!(error = %e, kicks = unacked.len(), "cannot acknowledge kicks; retrying")
-                        }
-                    }
-                }
-                match store.heartbeat(&instance, last).await {
-                    Ok(()) if drained && gate.caught_up(ticket) => {
-                        info!(
-                            to = last,
-                            "caught up on the route change log; serving again"
-                        );
-                    }
-                    Ok(()) => {}
-                    Err(e) => warn!(error = %e, "cannot record the heartbeat"),
-                }
-                // Operator states (drain, down): a tiny table, read every tick.
-                match store.backend_states().await {
-                    Ok(states) => health.set_admin(&states),
-                    Err(e) => warn!(error = %e, "cannot read backend states"),
-                }
-                if !drained {
-                    continue;
-                }
+        if watch.tick().await == Tick::More {
+            continue;
+        }
+        watch.housekeeping().await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Where the log is followed from: entries written before this process started
+/// concern neither its (empty) cache nor its (absent) sessions; after a reload, the
+/// log resumes where it was. `None` when cancelled first.
+async fn start(
+    store: &dyn RouteStore,
+    position: &Position,
+    interval: Duration,
+    cancel: &CancellationToken,
+) -> Option<i64> {
+    if let Some(last) = position.follower().position() {
+        return Some(last);
+    }
+    loop {
+        match store.last_event_id().await {
+            Ok(id) => {
+                position.follower().start_at(id);
+                return Some(id);
             }
             Err(e) => {
-                if !failing {
-                    warn!(error = %e, "cannot read the route change log");
-                    failing = true;
+                warn!(error = %e, "cannot read the route change log; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = cancel.cancelled() => return None,
                 }
             }
         }
-        if last_clear.elapsed() >= CLEAR_HOLDS_EVERY {
-            last_clear = tokio::time::Instant::now();
-            match store.clear_expired_holds(now_secs()).await {
+    }
+}
+
+/// Whether a tick drained the log.
+#[derive(PartialEq, Eq)]
+enum Tick {
+    /// A full batch was read: read again at once.
+    More,
+    Done,
+}
+
+/// The follower's state between ticks.
+struct Watch {
+    router: Arc<Router>,
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+    position: Arc<Position>,
+    store: Arc<dyn RouteStore>,
+    gate: Arc<Gate>,
+    instance: String,
+    /// The position: the highest id applied.
+    last: i64,
+    /// The store is failing (logged once).
+    failing: bool,
+    /// Kicks applied but not yet acknowledged (the store failed): retried each tick.
+    unacked: Vec<i64>,
+    last_prune: tokio::time::Instant,
+    last_clear: tokio::time::Instant,
+}
+
+impl Watch {
+    /// Reads the log (the late window behind the position, then what is new),
+    /// applies it, acknowledges kicks, heartbeats and reads the operator's states.
+    async fn tick(&mut self) -> Tick {
+        // Catch-up ends only by a read that began after it did.
+        let ticket = self.gate.read_began();
+        let (events, fresh) = match self.read().await {
+            Ok(read) => read,
+            Err(e) => {
+                if !self.failing {
+                    warn!(error = %e, "cannot read the route change log");
+                    self.failing = true;
+                }
+                return Tick::Done;
+            }
+        };
+        if self.failing {
+            info!("route change log reachable again");
+            self.failing = false;
+        }
+        let effects = self
+            .position
+            .follower()
+            .apply(&events, std::time::Instant::now());
+        for effect in effects {
+            match effect {
+                // After the effects before it: the sessions are ended.
+                Effect::Confirm(kick) => self.unacked.push(kick),
+                other => apply(&self.router, &self.registry, other),
+            }
+        }
+        self.last = self.position.follower().position().unwrap_or(self.last);
+        let drained = fresh < BATCH as usize;
+        if !self.unacked.is_empty() {
+            match self.store.ack(&self.instance, &self.unacked).await {
+                Ok(()) => self.unacked.clear(),
+                Err(e) => {
+                    warn!(error = %e, kicks = self.unacked.len(), "cannot acknowledge kicks; retrying")
+                }
+            }
+        }
+        match self.store.heartbeat(&self.instance, self.last).await {
+            Ok(()) if drained && self.gate.caught_up(ticket) => {
+                info!(
+                    to = self.last,
+                    "caught up on the route change log; serving again"
+                );
+            }
+            Ok(()) => {}
+            Err(e) => warn!(error = %e, "cannot record the heartbeat"),
+        }
+        // Operator states (drain, down): a tiny table, read every tick.
+        match self.store.backend_states().await {
+            Ok(states) => self.health.set_admin(&states),
+            Err(e) => warn!(error = %e, "cannot read backend states"),
+        }
+        if drained { Tick::Done } else { Tick::More }
+    }
+
+    /// The entries to apply and how many of them are new (a full batch means more).
+    async fn read(&self) -> Result<(Vec<ChangeEvent>, usize), StoreError> {
+        // Entries that committed after a higher one was read (out of id order).
+        let late_from = self
+            .position
+            .follower()
+            .late_from(std::time::Instant::now());
+        let mut events: Vec<ChangeEvent> = match late_from {
+            Some(from) => {
+                let window = u32::try_from(LATE_WINDOW).unwrap_or(BATCH);
+                let late = self.store.events_since(from, window).await?;
+                late.into_iter().filter(|e| e.id <= self.last).collect()
+            }
+            None => Vec::new(),
+        };
+        let new = self.store.events_since(self.last, BATCH).await?;
+        let fresh = new.len();
+        events.extend(new);
+        Ok((events, fresh))
+    }
+
+    /// Clears expired holds and prunes the log, each on its own period.
+    async fn housekeeping(&mut self) {
+        if self.last_clear.elapsed() >= CLEAR_HOLDS_EVERY {
+            self.last_clear = tokio::time::Instant::now();
+            match self.store.clear_expired_holds(now_secs()).await {
                 Ok(0) => {}
                 Ok(n) => info!(
                     users = n,
@@ -188,16 +257,16 @@ pub async fn run(
                 Err(e) => debug!(error = %e, "cannot clear expired holds"),
             }
         }
-        if last_prune.elapsed() >= PRUNE_EVERY {
-            last_prune = tokio::time::Instant::now();
+        if self.last_prune.elapsed() >= PRUNE_EVERY {
+            self.last_prune = tokio::time::Instant::now();
             let ago = |d: Duration| now_secs() - i64::try_from(d.as_secs()).unwrap_or(0);
-            if let Err(e) = store.prune(ago(RETENTION), ago(INSTANCE_RETENTION)).await {
+            let pruned = self
+                .store
+                .prune(ago(RETENTION), ago(INSTANCE_RETENTION))
+                .await;
+            if let Err(e) = pruned {
                 warn!(error = %e, "cannot prune the route change log");
             }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = cancel.cancelled() => return,
         }
     }
 }
