@@ -26,12 +26,13 @@ done
 [ "$status" = 0 ] && echo "sans-IO: $checked crates free of tokio, sqlx, mio, socket2 and rustls"
 
 # Policy modules inside crates that do I/O elsewhere: the move protocol, the health
-# model, admission and blame decide, the runtime executes. The clock comes in as an
+# model, admission, blame and the login plan decide, the runtime executes. The clock comes in as an
 # argument, so they are tested on a simulated one: no I/O crate, no clock read outside
 # their tests.
 modules=0
 for module in crates/postern-route/src/fence.rs crates/postern-server/src/service_health.rs \
-    crates/postern-server/src/admission.rs crates/postern-server/src/blame.rs; do
+    crates/postern-server/src/admission.rs crates/postern-server/src/blame.rs \
+    crates/postern-server/src/login/plan.rs; do
     if [ ! -f "$module" ]; then
         echo "error: $module is missing" >&2
         exit 1

@@ -429,6 +429,20 @@ impl Router {
             .is_none_or(|g| g.serving(std::time::Instant::now()))
     }
 
+    /// Whether this process serves logins, waiting a little for it when it does not
+    /// yet: catching up takes one read of the change log (a login in the first
+    /// moments after a start, or right after the process stood still).
+    pub async fn serving_soon(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + GATE_WAIT;
+        while !self.is_serving() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Forgets the cached route of a (normalized) user, after a change in the store.
     pub fn forget(&self, normalized_user: &str) {
         self.forgets
@@ -497,16 +511,8 @@ impl Router {
         mode: Mode,
     ) -> Result<Decision, RouteError> {
         let write = mode == Mode::Login;
-        if matches!(mode, Mode::Login | Mode::Delivery) && !self.is_serving() {
-            // Catching up takes one read of the change log: wait for it a little
-            // (a login in the first moments after a start), then give up.
-            let deadline = tokio::time::Instant::now() + GATE_WAIT;
-            while !self.is_serving() {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(RouteError::CatchingUp);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        if matches!(mode, Mode::Login | Mode::Delivery) && !self.serving_soon().await {
+            return Err(RouteError::CatchingUp);
         }
         let (record, stale) = self.lookup(&user).await?;
         let Some(record) = record else {

@@ -1,33 +1,27 @@
 //! One login attempt, from the front end's `Authenticate` event to a logged-in backend
-//! connection or the verdict for the client.
-//!
-//! ```text
-//!  normalize ─▶ abuse control ─▶ session slot ─▶ register (kicks reach us from here)
-//!     ├ auth = http:    ask the auth_http server ─▶ Login(server, user, pass) ─┐
-//!     │                                            └ Refuse / error ─▶ verdict │
-//!     └ backend/proxy:  route ─▶ [APOP digest] ─▶ [proxy: hash check] ─────────┤
-//!                                                                              ▼
-//!                       connect ─▶ backend login machine ─▶ Accepted / Refused / Failed
-//! ```
-//! Every failure is counted by abuse control and answered after its penalty delay.
+//! connection or the verdict for the client. What to do is [`plan`]'s decision; this
+//! module executes its steps: the abuse-control tickets, the registry, the router,
+//! the password check, auth_http, the backend connect and login, the penalty delay.
+//! See the plan's diagram for the paths.
+
+mod plan;
 
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use postern_auth::auth_http::{self, AuthProtocol, Decision, Request, TlsInfo};
-use postern_proto::{BackendLogin, ClientInfo, Credentials, Failure, FrontEnd, Mechanism, Verdict};
+use postern_auth::auth_http::{self, AuthProtocol, Request, TlsInfo};
+use postern_proto::{BackendLogin, ClientInfo, Credentials, Failure, FrontEnd, Verdict};
 use postern_route::{Availability, BackendState, RouteError, Source, UserName};
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout_at};
 use tracing::{Span, debug, info, warn};
 
-use crate::auth::Check;
 use crate::backend::{self, BackendError, BackendStream, ClientTls};
 use crate::ctx::Ctx;
 use crate::driver::Driver;
 use crate::registry::{SessionGuard, SessionInfo};
-use crate::settings::{
-    AuthMode, BackendTls, Endpoint, MasterLogin, MasterStyle, ProxyProtocol, TlsClient,
-};
+use crate::settings::{AuthMode, BackendTls, Endpoint, ProxyProtocol, TlsClient};
+
+use plan::{Answer, AskFailure, Input, LoginAs, Penalty, Plan, Reached, Setup, Step, Why};
 
 /// The outcome of a login attempt.
 pub(crate) enum Login {
@@ -54,21 +48,14 @@ pub(crate) struct Attempt<'a> {
     pub(crate) auth: AuthMode,
     /// 1 for the connection's first login attempt (`Auth-Login-Attempt`).
     pub(crate) number: u32,
-    /// The pre-auth deadline: `auth_http` WAIT answers end there.
+    /// The pre-auth deadline: auth_http WAIT answers, penalty delays and every other
+    /// wait of the login end there.
     pub(crate) deadline: Instant,
 }
-
-/// Attempts per login: the pinned backend, then once more when its failure just took
-/// it down and the pool lets another backend take the user.
-const ATTEMPTS: usize = 2;
 
 /// How long before the pre-auth deadline a login waiting for an admission slot gives
 /// up and answers.
 const QUEUE_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
-
-fn unavailable() -> Login {
-    Login::Verdict(Verdict::Failed(Failure::Unavailable))
-}
 
 /// Runs one login attempt, counting its result (metrics, access log).
 pub(crate) async fn login<D: Driver>(
@@ -78,7 +65,33 @@ pub(crate) async fn login<D: Driver>(
     creds: Credentials,
     attempt: &Attempt<'_>,
 ) -> Login {
-    let outcome = login_inner::<D>(ctx, driver, front, creds, attempt).await;
+    let setup = Setup {
+        auth: attempt.auth,
+        normalized_login: ctx.settings.normalized_login,
+        master: ctx.settings.auth.master.as_ref(),
+        deadline: attempt.deadline.into_std(),
+    };
+    let mechanism = creds.mechanism.as_str();
+    let mut plan = Plan::new(setup, creds);
+    let mut run = Run {
+        ctx,
+        driver,
+        front,
+        attempt,
+        mechanism,
+        user: None,
+        ticket: None,
+        slot: None,
+        guard: None,
+        accepted: None,
+    };
+    let mut input = Input::Start;
+    let outcome = loop {
+        match plan.next(std::time::Instant::now(), input) {
+            Step::Answer(answer) => break run.answer(&plan, answer).await,
+            step => input = run.execute(&plan, step).await,
+        }
+    };
     let verdict = match &outcome {
         Login::Verdict(v) | Login::Close(v) | Login::Accepted { verdict: v, .. } => v,
     };
@@ -87,100 +100,23 @@ pub(crate) async fn login<D: Driver>(
     outcome
 }
 
-async fn login_inner<D: Driver>(
-    ctx: &Ctx,
-    driver: &D,
-    front: &D::Front,
-    creds: Credentials,
-    attempt: &Attempt<'_>,
-) -> Login {
-    let mechanism = creds.mechanism.as_str();
-    let ip = attempt.info.client.ip();
-    let limiter = &ctx.limiter;
-    // Bearer tokens are the backend's to check: Postern verifies passwords only, and
-    // nginx's auth_http has no method for them.
-    let mode = if creds.mechanism.is_oauth() {
-        AuthMode::Backend
-    } else {
-        attempt.auth
-    };
-    let user = match ctx.router.normalizer().normalize(creds.mailbox_user()) {
-        Ok(u) => u,
-        Err(e) => {
-            info!(error = %e, mechanism, "login refused");
-            return failed(limiter, ip, None, Failure::AuthFailed).await;
-        }
-    };
-    // Held until this attempt is answered, penalty delay included: concurrent guesses
-    // count against the failure limits as they happen, not only once they failed.
-    let _attempt = match limiter.begin_login(ip, user.as_str(), std::time::Instant::now()) {
-        Ok(ticket) => ticket,
-        Err(limit) => {
-            warn!(
-                limit = limit.as_str(),
-                user = user.as_str(),
-                mechanism,
-                "login refused by abuse control"
-            );
-            tokio::time::sleep(limiter.penalty(ip, std::time::Instant::now())).await;
-            return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
-        }
-    };
-    if mode == AuthMode::Proxy && creds.authzid.as_deref().is_some_and(|z| z != creds.user) {
-        // Acting as another user needs the backend's authorization rules, which
-        // Postern does not know; with proxy authentication there is no backend check.
-        info!(
-            mechanism,
-            "login refused: authorization identity differs (proxy authentication)"
-        );
-        return failed(limiter, ip, Some(user.as_str()), Failure::AuthFailed).await;
-    }
-    let slot = match limiter.session(user.as_str(), std::time::Instant::now()) {
-        Ok(slot) => slot,
-        Err(limit) => {
-            warn!(
-                limit = limit.as_str(),
-                user = user.as_str(),
-                mechanism,
-                "login refused by abuse control"
-            );
-            return Login::Verdict(Verdict::Failed(Failure::Limited(limit)));
-        }
-    };
-    let session = Session {
-        ctx,
-        attempt,
-        user,
-        mechanism,
-    };
-    let outcome = match mode {
-        AuthMode::Http => session.via_auth_http(driver, front, creds).await,
-        AuthMode::Backend | AuthMode::Proxy => session.via_router(driver, front, creds, mode).await,
-    };
-    match outcome {
-        Login::Accepted {
-            backend,
-            leftover,
-            verdict,
-            guard,
-            slot: _,
-        } => Login::Accepted {
-            backend,
-            leftover,
-            verdict,
-            guard,
-            slot: Some(slot),
-        },
-        other => other,
-    }
-}
-
-/// A login in progress, after the checks every mode shares.
-struct Session<'a> {
+/// The runtime side of one login: what the plan's steps took hold of.
+struct Run<'a, D: Driver> {
     ctx: &'a Ctx,
+    driver: &'a D,
+    front: &'a D::Front,
     attempt: &'a Attempt<'a>,
-    user: UserName,
     mechanism: &'static str,
+    /// The routing key, once normalized.
+    user: Option<UserName>,
+    /// Held until this attempt is answered, penalty delay included: concurrent guesses
+    /// count against the failure limits as they happen, not only once they failed.
+    ticket: Option<postern_limits::LoginTicket>,
+    slot: Option<postern_limits::SessionGuard>,
+    /// The registration: kicks reach the login from here on.
+    guard: Option<SessionGuard>,
+    /// The logged-in backend connection and the bytes read past the login.
+    accepted: Option<(BackendStream, Vec<u8>)>,
 }
 
 /// Where to log in.
@@ -203,17 +139,80 @@ enum Trouble {
     Unavailable,
 }
 
-impl Session<'_> {
+impl<D: Driver> Run<'_, D> {
     fn ip(&self) -> IpAddr {
         self.attempt.info.client.ip()
     }
 
-    fn register(&self, protocol: postern_proto::Protocol) -> SessionGuard {
+    /// Carries out one step of the plan; its result is the plan's next input.
+    async fn execute(&mut self, plan: &Plan<'_>, step: Step) -> Input {
+        let ctx = self.ctx;
+        let now = std::time::Instant::now();
+        match step {
+            Step::Normalize(name) => match ctx.router.normalizer().normalize(&name) {
+                Ok(user) => Input::Normalized(Some(user)),
+                Err(e) => {
+                    info!(error = %e, mechanism = self.mechanism, "login refused");
+                    Input::Normalized(None)
+                }
+            },
+            Step::BeginLogin(user) => {
+                self.user = Some(user.clone());
+                let ticket = ctx.limiter.begin_login(self.ip(), user.as_str(), now);
+                Input::Admitted(ticket.map(|t| self.ticket = Some(t)))
+            }
+            Step::TakeSessionSlot(user) => {
+                let slot = ctx.limiter.session(user.as_str(), now);
+                Input::Admitted(slot.map(|s| self.slot = Some(s)))
+            }
+            Step::Register => {
+                self.guard = None;
+                self.guard = Some(self.register(plan));
+                Input::Done
+            }
+            Step::Route(user) => {
+                Input::Routed(route(ctx, &user, D::PROTOCOL, self.mechanism).await)
+            }
+            Step::Release(decision) => {
+                release(ctx, &decision).await;
+                Input::Done
+            }
+            Step::Verify(stored) => {
+                let password = plan.credentials().password.clone();
+                Input::Verified(ctx.verifier.check(stored, password).await)
+            }
+            Step::Assign(decision) => {
+                self.assign(&decision);
+                Input::Done
+            }
+            Step::Connect {
+                backend,
+                login,
+                route,
+                until,
+            } => Input::Reached(self.connect_configured(&backend, login, route, until).await),
+            Step::AskAuthHttp { until } => Input::Asked(self.ask(plan, until).await),
+            Step::ConnectUpstream {
+                server,
+                user,
+                login,
+                until,
+            } => Input::Reached(self.connect_upstream(server, &user, login, until).await),
+            Step::Confirm(decision) => Input::Confirmed(confirm(ctx, &decision).await),
+            // The caller answers.
+            Step::Answer(_) => Input::Done,
+        }
+    }
+
+    fn register(&self, plan: &Plan<'_>) -> SessionGuard {
         self.ctx.registry.register(
             SessionInfo {
                 id: self.attempt.info.session_id.clone(),
-                user: self.user.as_str().to_owned(),
-                protocol,
+                user: plan
+                    .user()
+                    .map(|u| u.as_str().to_owned())
+                    .unwrap_or_default(),
+                protocol: D::PROTOCOL,
                 backend: None,
                 pinned: None,
                 client: self.attempt.info.client,
@@ -225,202 +224,87 @@ impl Session<'_> {
         )
     }
 
-    async fn failed(&self, failure: Failure) -> Login {
-        failed(
-            &self.ctx.limiter,
-            self.ip(),
-            Some(self.user.as_str()),
-            failure,
-        )
-        .await
-    }
-
-    /// `backend` and `proxy` modes: Postern's router picks the backend.
-    async fn via_router<D: Driver>(
-        self,
-        driver: &D,
-        front: &D::Front,
-        creds: Credentials,
-        mode: AuthMode,
-    ) -> Login {
-        let ctx = self.ctx;
-        let mut reserved = None;
-        let login = self
-            .route_and_login(driver, front, creds, mode, &mut reserved)
-            .await;
-        match reserved {
-            Some(decision) => settle(ctx, &decision, login).await,
-            None => login,
-        }
-    }
-
-    /// The body of [`Self::via_router`]; a first login's reservation is left in
-    /// `reserved` for the caller to settle, whatever the way out.
-    async fn route_and_login<D: Driver>(
-        self,
-        driver: &D,
-        front: &D::Front,
-        mut creds: Credentials,
-        mode: AuthMode,
-        reserved: &mut Option<postern_route::Decision>,
-    ) -> Login {
-        let ctx = self.ctx;
-        let mechanism = self.mechanism;
-        // Registered before the route is looked up: a kick from here on reaches us.
-        let mut guard = self.register(D::PROTOCOL);
-        let mut password_checked = false;
-        for attempt in 0..ATTEMPTS {
-            if let Some(previous) = reserved.take() {
-                // The reserved backend failed to connect: another may take the user.
-                release(ctx, &previous).await;
-            }
-            let decision = match route(ctx, &self.user, D::PROTOCOL, mechanism).await {
-                Ok(d) => d,
-                Err(Failure::AuthFailed) => {
-                    if mode == AuthMode::Proxy {
-                        // As long as a wrong password: who exists must not show in timing.
-                        ctx.verifier.check(None, creds.password.clone()).await;
-                    }
-                    return self.failed(Failure::AuthFailed).await;
-                }
-                Err(failure) => return Login::Verdict(Verdict::Failed(failure)),
-            };
-            if decision.source == Source::Reserved {
-                *reserved = Some(decision.clone());
-            }
-            if decision.source == Source::Moved {
-                // This login moved the user off a draining backend, and the move's kick
-                // ended every session of the user, this one included: it starts afresh
-                // on the new backend.
-                guard = self.register(D::PROTOCOL);
-            }
-            if creds.mechanism == Mechanism::Apop && !password_checked {
-                // APOP proves knowledge of the password without sending it; the backend
-                // can only be logged in to with the password itself, so Postern checks
-                // the digest against the store's plaintext password and replays that.
-                let stored = decision.record.as_ref().and_then(|r| r.password.as_ref());
-                match postern_auth::apop::open(&creds, stored) {
-                    Ok(password) => {
-                        creds.password = password;
-                        creds.mechanism = Mechanism::Cleartext;
-                        creds.challenge = None;
-                        password_checked = true;
-                    }
-                    Err(why) => {
-                        info!(reason = why, mechanism, "login refused");
-                        return self.failed(Failure::AuthFailed).await;
-                    }
-                }
-            }
-            if mode == AuthMode::Proxy && !password_checked {
-                let stored = decision.record.as_ref().and_then(|r| r.password.clone());
-                match ctx.verifier.check(stored, creds.password.clone()).await {
-                    Check::Good => password_checked = true,
-                    Check::Wrong => {
-                        info!(
-                            mechanism,
-                            "login refused: wrong password (proxy authentication)"
-                        );
-                        return self.failed(Failure::AuthFailed).await;
-                    }
-                    Check::Unusable(why) => {
-                        warn!(reason = why, mechanism, "stored password cannot be checked");
-                        return self.failed(Failure::AuthFailed).await;
-                    }
-                }
-            }
-            if ctx.settings.normalized_login {
-                creds.set_mailbox_user(decision.user.as_str());
-            }
-            let span = Span::current();
-            span.record("user", decision.user.as_str());
-            span.record("backend", decision.backend.as_str());
-            crate::access_log::note_user(decision.user.as_str());
-            crate::access_log::note_backend(&decision.backend);
-            let temporary = (decision.source == Source::Temporary)
-                .then_some(decision.pinned.as_deref())
-                .flatten();
+    /// Records where the session goes; a user sent away from their pinned backend
+    /// (failover, drain) has their sessions there ended now on this instance (other
+    /// instances follow the pin event), before this one is served elsewhere.
+    fn assign(&self, decision: &postern_route::Decision) {
+        let span = Span::current();
+        span.record("user", decision.user.as_str());
+        span.record("backend", decision.backend.as_str());
+        crate::access_log::note_user(decision.user.as_str());
+        crate::access_log::note_backend(&decision.backend);
+        let temporary = (decision.source == Source::Temporary)
+            .then_some(decision.pinned.as_deref())
+            .flatten();
+        if let Some(guard) = &self.guard {
             guard.set_backend(&decision.backend, temporary);
-            // Sent away from its pinned backend (failover, drain): the user's sessions
-            // there end now on this instance (other instances follow the pin event),
-            // before this one is served elsewhere.
-            if let Some(old) = decision
-                .pinned
-                .as_deref()
-                .filter(|o| *o != decision.backend)
-            {
-                let n = ctx.registry.kick_user_on(decision.user.as_str(), old);
-                if n > 0 {
-                    info!(
-                        user = decision.user.as_str(),
-                        from = old,
-                        to = decision.backend.as_str(),
-                        sessions = n,
-                        "ending the user's sessions on the backend they left"
-                    );
-                }
-            }
-            let Some(backend) = ctx.settings.backends.get(&decision.backend) else {
-                warn!("backend is not configured");
-                return unavailable();
-            };
-            let Some((endpoint, options)) = driver.backend(backend) else {
-                warn!("backend is not configured for this protocol");
-                return unavailable();
-            };
-            let target = Target {
-                name: &backend.name,
-                host: &backend.host,
-                endpoint,
-                tls: backend.tls.as_ref(),
-                options,
-                known: true,
-            };
-            // Postern vouched for the user: log in as a master user, or with XCLIENT
-            // LOGIN=, not with the client's password.
-            let vouched = mode == AuthMode::Proxy && password_checked;
-            let creds_now = creds.clone();
-            let route = decision.source.as_str();
-            match self
-                .connect_and_login(driver, front, creds_now, &target, vouched, route, guard)
-                .await
-            {
-                Ok(login) => return login,
-                Err((Trouble::ConnectDown, g)) if attempt + 1 < ATTEMPTS => {
-                    // Registered afresh: another login of the user leaving the same
-                    // down backend ends the user's sessions there, and this one, being
-                    // routed again, is not one of them.
-                    drop(g);
-                    guard = self.register(D::PROTOCOL);
-                    continue;
-                }
-                Err(_) => return unavailable(),
-            }
         }
-        unavailable()
+        let Some(old) = decision
+            .pinned
+            .as_deref()
+            .filter(|o| *o != decision.backend)
+        else {
+            return;
+        };
+        let n = self.ctx.registry.kick_user_on(decision.user.as_str(), old);
+        if n > 0 {
+            info!(
+                user = decision.user.as_str(),
+                from = old,
+                to = decision.backend.as_str(),
+                sessions = n,
+                "ending the user's sessions on the backend they left"
+            );
+        }
     }
 
-    /// `http` mode: the operator's nginx-style auth server judges the credentials and
-    /// names the backend.
-    async fn via_auth_http<D: Driver>(
-        self,
-        driver: &D,
-        front: &D::Front,
-        creds: Credentials,
-    ) -> Login {
+    /// A configured backend, by name.
+    async fn connect_configured(
+        &mut self,
+        name: &str,
+        login: LoginAs,
+        route: &'static str,
+        until: std::time::Instant,
+    ) -> Reached {
+        let Some(backend) = self.ctx.settings.backends.get(name) else {
+            warn!("backend is not configured");
+            return Reached::Unavailable;
+        };
+        let Some((endpoint, options)) = self.driver.backend(backend) else {
+            warn!("backend is not configured for this protocol");
+            return Reached::Unavailable;
+        };
+        let target = Target {
+            name: &backend.name,
+            host: &backend.host,
+            endpoint,
+            tls: backend.tls.as_ref(),
+            options,
+            known: true,
+        };
+        self.connect_and_login(login, &target, route, until).await
+    }
+
+    /// Builds and sends the auth_http request.
+    async fn ask(
+        &self,
+        plan: &Plan<'_>,
+        until: std::time::Instant,
+    ) -> Result<postern_auth::auth_http::Decision, AskFailure> {
         let ctx = self.ctx;
         let Some(http) = &ctx.settings.auth.http else {
             warn!("auth.http is not configured");
-            return unavailable();
+            return Err(AskFailure::NotConfigured);
         };
+        let creds = plan.credentials();
         let protocol = AuthProtocol::from_protocol(D::PROTOCOL);
-        let request = protocol.and_then(|p| Request::from_credentials(&creds, p, self.ip()));
+        let request = protocol.and_then(|p| Request::from_credentials(creds, p, self.ip()));
         let (Some(protocol), Some(mut request)) = (protocol, request) else {
             warn!(
                 mechanism = self.mechanism,
                 "no auth_http method for this login"
             );
-            return self.failed(Failure::AuthFailed).await;
+            return Err(AskFailure::NoMethod);
         };
         request.login_attempt = self.attempt.number;
         request.headers.clone_from(&http.headers);
@@ -439,54 +323,31 @@ impl Session<'_> {
             // nginx without a resolver.
             request.client_host = Some("[UNAVAILABLE]".into());
         }
-        let decision = match crate::auth_http::ask(http, &request, self.attempt.deadline).await {
-            Ok(d) => d,
+        match crate::auth_http::ask(http, &request, Instant::from_std(until)).await {
+            Ok(d) => Ok(d),
             Err(e) => {
                 ctx.health.dependency_failed();
                 warn!(error = %e, "auth_http failed");
-                return Login::Close(Verdict::Failed(Failure::Unavailable));
+                Err(AskFailure::Failed)
             }
-        };
-        drop(request);
-        let upstream = match decision {
-            Decision::Login(upstream) => upstream,
-            Decision::Refuse(refusal) => {
-                info!(mechanism = self.mechanism, "login refused by auth_http");
-                let delay = self.ctx.limiter.failed(
-                    self.ip(),
-                    Some(self.user.as_str()),
-                    std::time::Instant::now(),
-                );
-                let closes = refusal.closes();
-                tokio::time::sleep(refusal.delay.unwrap_or_default().max(delay)).await;
-                let verdict = Verdict::Refused(refusal.reply);
-                return if closes {
-                    Login::Close(verdict)
-                } else {
-                    Login::Verdict(verdict)
-                };
-            }
-            // `ask` loops on WAIT itself.
-            Decision::AskAgain { .. } => return unavailable(),
-        };
-        let user = upstream.user.clone().unwrap_or_else(|| creds.user.clone());
+        }
+    }
+
+    /// The backend an auth_http server named: a configured backend at that address
+    /// brings its TLS, PROXY and login settings and its health; any other address is
+    /// plain TCP with defaults.
+    async fn connect_upstream(
+        &mut self,
+        server: std::net::SocketAddr,
+        user: &str,
+        login: LoginAs,
+        until: std::time::Instant,
+    ) -> Reached {
+        let ctx = self.ctx;
+        let driver = self.driver;
         let span = Span::current();
-        span.record("user", user.as_str());
-        crate::access_log::note_user(&user);
-        // The backend login, as nginx does it: the auth server's user and password
-        // (a password is required for IMAP and POP3; SMTP without one means XCLIENT
-        // LOGIN= only).
-        let vouched = upstream.pass.is_none();
-        let backend_creds = Credentials {
-            mechanism: Mechanism::Cleartext,
-            authzid: None,
-            user,
-            password: upstream.pass.unwrap_or_default(),
-            challenge: None,
-        };
-        // A configured backend at that address brings its TLS, PROXY and login
-        // settings and its health; any other address is plain TCP with defaults.
-        let server = upstream.server;
+        span.record("user", user);
+        crate::access_log::note_user(user);
         let known = ctx.settings.backends.values().find_map(|b| {
             let (endpoint, options) = driver.backend(b)?;
             let ip: IpAddr = b.host.parse().ok()?;
@@ -520,61 +381,39 @@ impl Session<'_> {
         };
         span.record("backend", target.name);
         crate::access_log::note_backend(target.name);
-        let guard = self.register(D::PROTOCOL);
-        guard.set_backend(target.name, None);
-        match self
-            .connect_and_login(
-                driver,
-                front,
-                backend_creds,
-                &target,
-                vouched,
-                "auth_http",
-                guard,
-            )
-            .await
-        {
-            Ok(login) => login,
-            Err(_) => unavailable(),
+        if let Some(guard) = &self.guard {
+            guard.set_backend(target.name, None);
         }
+        self.connect_and_login(login, &target, "auth_http", until)
+            .await
     }
 
-    /// Connects to `target` and runs the backend login machine.
-    #[allow(clippy::too_many_arguments)]
-    async fn connect_and_login<D: Driver>(
-        &self,
-        driver: &D,
-        front: &D::Front,
-        mut creds: Credentials,
+    /// Connects to `target` and runs the backend login machine; an accepted
+    /// connection is kept for the answer.
+    async fn connect_and_login(
+        &mut self,
+        login: LoginAs,
         target: &Target<'_, D::LoginOptions>,
-        vouched: bool,
         route: &'static str,
-        guard: SessionGuard,
-    ) -> Result<Login, (Trouble, SessionGuard)> {
+        until: std::time::Instant,
+    ) -> Reached {
         let ctx = self.ctx;
         let info = self.attempt.info;
-        let mechanism = self.mechanism;
         let verified_options;
-        let options = match driver
-            .verified_login_options(target.options)
-            .filter(|_| vouched)
-        {
-            Some(o) => {
-                verified_options = o;
-                &verified_options
-            }
-            None => {
-                if vouched
-                    && self.attempt.auth == AuthMode::Proxy
-                    && let Some(master) = &ctx.settings.auth.master
-                {
-                    creds = master_credentials(&creds, master);
+        let (creds, options) = match login {
+            LoginAs::Client(creds) => (creds, target.options),
+            LoginAs::Vouched { creds, master } => {
+                match self.driver.verified_login_options(target.options) {
+                    Some(o) => {
+                        verified_options = o;
+                        (creds, &verified_options)
+                    }
+                    None => (master.unwrap_or(creds), target.options),
                 }
-                target.options
             }
         };
-        let mut machine = front.start_login(creds, options, info);
-        let reach = self.reach::<D>(target, &mut machine);
+        let mut machine = self.front.start_login(creds, options, info);
+        let reach = self.reach(target, &mut machine, until);
         // A backend that goes DOWN while the login waits on it (in the admission
         // queue, connecting, logging in) releases the login at once: routed again, it
         // lands where the pool allows instead of waiting out a timeout.
@@ -591,75 +430,139 @@ impl Session<'_> {
         };
         let (verdict, stream) = match reached {
             Ok(done) => done,
-            Err(trouble) => return Err((trouble, guard)),
+            Err(Trouble::ConnectDown) => return Reached::ConnectDown,
+            Err(Trouble::Unavailable) => return Reached::Unavailable,
         };
-        if guard.token().is_cancelled() {
-            info!("kicked during login");
-            return Err((Trouble::Unavailable, guard));
-        }
         // A login in flight while this process stood still: its route may have been
         // moved meanwhile; it is not relayed before the change log has been read.
-        if !ctx.router.is_serving() {
+        if !ctx.router.serving_soon().await {
             info!("this instance is catching up on the route change log; login not served");
-            return Err((Trouble::Unavailable, guard));
+            return Reached::Unavailable;
         }
-        Ok(match verdict {
+        // After the catch-up, so a kick it applied has reached this login.
+        if self
+            .guard
+            .as_ref()
+            .is_some_and(|g| g.token().is_cancelled())
+        {
+            info!("kicked during login");
+            return Reached::Unavailable;
+        }
+        match verdict {
             Verdict::Accepted(_) => {
-                ctx.limiter
-                    .succeeded(self.user.as_str(), std::time::Instant::now());
+                if let Some(user) = &self.user {
+                    ctx.limiter
+                        .succeeded(user.as_str(), std::time::Instant::now());
+                }
                 info!(
-                    mechanism,
+                    mechanism = self.mechanism,
                     route,
                     auth = self.attempt.auth.as_str(),
                     tls = info.tls,
                     "login accepted"
                 );
-                Login::Accepted {
-                    backend: stream,
-                    leftover: machine.into_handoff(),
-                    verdict,
-                    guard,
-                    slot: None,
-                }
+                self.accepted = Some((stream, machine.into_handoff()));
+                Reached::Accepted(verdict)
             }
-            Verdict::Refused(_) => {
-                info!(mechanism, "login refused by backend");
-                // Not held through the penalty delay: a brute force must not keep
-                // backend connections open by the hundred.
-                drop(stream);
-                let delay = ctx.limiter.failed(
-                    self.ip(),
-                    Some(self.user.as_str()),
-                    std::time::Instant::now(),
-                );
-                tokio::time::sleep(delay).await;
-                Login::Verdict(verdict)
-            }
+            // Not held through the penalty delay: a brute force must not keep backend
+            // connections open by the hundred.
+            Verdict::Refused(_) => Reached::Refused(verdict),
             Verdict::Failed(f) => {
                 warn!(failure = ?f, "backend login did not complete");
-                Login::Verdict(verdict)
+                Reached::Failed(f)
             }
-        })
+        }
+    }
+
+    /// The attempt's end: its log line, its penalty delay (cut at the deadline), and
+    /// the outcome with what the session keeps.
+    async fn answer(&mut self, plan: &Plan<'_>, answer: Answer) -> Login {
+        let user = plan.user().map(UserName::as_str);
+        if let Some(why) = answer.why {
+            self.log(why, user);
+        }
+        let now = std::time::Instant::now();
+        let limiter = &self.ctx.limiter;
+        let delay = match answer.penalty {
+            Penalty::None => std::time::Duration::ZERO,
+            Penalty::Failure => limiter.failed(self.ip(), user, now),
+            Penalty::Address => limiter.penalty(self.ip(), now),
+            Penalty::AtLeast(wait) => limiter.failed(self.ip(), user, now).max(wait),
+        };
+        if !delay.is_zero() {
+            debug!(delay_ms = delay.as_millis() as u64, "penalty delay");
+            let ends = now.checked_add(delay).filter(|t| *t <= answer.until);
+            tokio::time::sleep_until(Instant::from_std(ends.unwrap_or(answer.until))).await;
+            if ends.is_none() {
+                // The delay outlasts the session's pre-auth deadline (an auth_http
+                // Auth-Wait may say an hour): the client hears a temporary failure
+                // there, not the refusal.
+                self.log(Why::Deadline, user);
+                return Login::Verdict(Verdict::Failed(Failure::Unavailable));
+            }
+        }
+        if answer.relay {
+            return match (self.accepted.take(), self.guard.take()) {
+                (Some((backend, leftover)), Some(guard)) => Login::Accepted {
+                    backend,
+                    leftover,
+                    verdict: answer.verdict,
+                    guard,
+                    slot: self.slot.take(),
+                },
+                _ => Login::Verdict(Verdict::Failed(Failure::Unavailable)),
+            };
+        }
+        if answer.close {
+            Login::Close(answer.verdict)
+        } else {
+            Login::Verdict(answer.verdict)
+        }
+    }
+
+    fn log(&self, why: Why, user: Option<&str>) {
+        let mechanism = self.mechanism;
+        match why {
+            Why::Limited(limit) => warn!(
+                limit = limit.as_str(),
+                user, mechanism, "login refused by abuse control"
+            ),
+            Why::AuthzidDiffers => info!(
+                mechanism,
+                "login refused: authorization identity differs (proxy authentication)"
+            ),
+            Why::Apop(reason) => info!(reason, mechanism, "login refused"),
+            Why::WrongPassword => info!(
+                mechanism,
+                "login refused: wrong password (proxy authentication)"
+            ),
+            Why::Unusable(reason) => {
+                warn!(reason, mechanism, "stored password cannot be checked")
+            }
+            Why::HttpRefused => info!(mechanism, "login refused by auth_http"),
+            Why::BackendRefused => info!(mechanism, "login refused by backend"),
+            Why::Deadline => warn!("login did not finish before the pre-auth deadline"),
+            // Logged where they were found.
+            Why::HttpFailed | Why::PinnedElsewhere => {}
+        }
     }
 
     /// Waits for a login slot on `target`, connects and runs the login machine: the
     /// verdict and the connection, or why not. The slot is held until the backend
     /// answers, so a slow backend admits fewer new logins, not more.
-    async fn reach<D: Driver>(
+    async fn reach(
         &self,
         target: &Target<'_, D::LoginOptions>,
         machine: &mut D::Login,
+        until: std::time::Instant,
     ) -> Result<(Verdict, BackendStream), Trouble> {
         let ctx = self.ctx;
         let info = self.attempt.info;
         let timeouts = &ctx.settings.timeouts;
         // The queue is left a moment before the pre-auth deadline, so that the refusal
         // is this login's (counted, logged with its reason), not the session's timeout.
-        let wait_until = self
-            .attempt
-            .deadline
-            .checked_sub(QUEUE_MARGIN)
-            .unwrap_or(self.attempt.deadline);
+        let until = Instant::from_std(until);
+        let wait_until = until.checked_sub(QUEUE_MARGIN).unwrap_or(until);
         let _permit = match ctx
             .admission
             .acquire(target.name, D::PROTOCOL, wait_until)
@@ -706,8 +609,12 @@ impl Session<'_> {
         let watch = target
             .known
             .then(|| ctx.health.login_started(target.name, D::PROTOCOL));
-        let outcome = timeout(
-            timeouts.backend_login,
+        // Cut at the pre-auth deadline too; a login the deadline cut short is not the
+        // backend's timeout.
+        let timed_out_at = Instant::now() + timeouts.backend_login;
+        let cut = until < timed_out_at;
+        let outcome = timeout_at(
+            timed_out_at.min(until),
             backend::login(machine, stream, target.tls),
         )
         .await;
@@ -730,6 +637,10 @@ impl Session<'_> {
                 }
                 Err(Trouble::Unavailable)
             }
+            Err(_) if cut => {
+                warn!("backend login did not finish before the pre-auth deadline");
+                Err(Trouble::Unavailable)
+            }
             Err(_) => {
                 warn!("backend login timed out");
                 if let Some(w) = watch {
@@ -741,72 +652,29 @@ impl Session<'_> {
     }
 }
 
-/// The credentials of a master-user login as `creds`'s mailbox user.
-fn master_credentials(creds: &Credentials, master: &MasterLogin) -> Credentials {
-    let user = creds.mailbox_user();
-    match &master.style {
-        MasterStyle::Separator(sep) => Credentials {
-            mechanism: Mechanism::Cleartext,
-            authzid: None,
-            user: format!("{user}{sep}{}", master.user),
-            password: master.password.clone(),
-            challenge: None,
-        },
-        MasterStyle::Authzid => Credentials {
-            mechanism: Mechanism::Plain,
-            authzid: Some(user.to_owned()),
-            user: master.user.clone(),
-            password: master.password.clone(),
-            challenge: None,
-        },
-    }
-}
-
-/// Counts a failed login and answers it once the address's penalty delay has passed.
-async fn failed(
-    limiter: &postern_limits::Limiter,
-    ip: IpAddr,
-    user: Option<&str>,
-    failure: Failure,
-) -> Login {
-    let delay = limiter.failed(ip, user, std::time::Instant::now());
-    if !delay.is_zero() {
-        debug!(delay_ms = delay.as_millis() as u64, "penalty delay");
-        tokio::time::sleep(delay).await;
-    }
-    Login::Verdict(Verdict::Failed(failure))
-}
-
-/// Settles a first login's reservation: a pin if the backend accepted the login, gone
-/// if not. A session whose user was pinned elsewhere meanwhile is not served.
-async fn settle(ctx: &Ctx, decision: &postern_route::Decision, login: Login) -> Login {
-    if !matches!(login, Login::Accepted { .. }) {
-        release(ctx, decision).await;
-        return login;
-    }
+/// Makes a first login's reservation the user's pin; where the user is pinned now.
+async fn confirm(ctx: &Ctx, decision: &postern_route::Decision) -> Result<String, ()> {
     match ctx.router.confirm(decision).await {
         Ok(pin) if pin == decision.backend => {
             info!(
                 backend = decision.backend.as_str(),
                 "first login: user pinned"
             );
-            login
+            Ok(pin)
         }
         Ok(pin) => {
-            // Only a failed login of the same name, releasing the reservation while
-            // this one was under way, and a third login pinning elsewhere get here.
             warn!(
                 backend = decision.backend.as_str(),
                 pinned = pin.as_str(),
                 "user pinned elsewhere during the login; not serving this session"
             );
-            unavailable()
+            Ok(pin)
         }
         Err(e) => {
             // The reservation is still stored and routes every login here, as a pin
             // does; serving the session is safe.
             warn!(error = %e, "cannot confirm the first login's pin; serving on the reservation");
-            login
+            Err(())
         }
     }
 }
