@@ -177,6 +177,14 @@ pub struct ConnectionGuard {
     limiter: Option<(Arc<Limiter>, IpKey)>,
 }
 
+impl ConnectionGuard {
+    /// A slot that counts nothing, for connections no per-address limit applies to
+    /// (LMTP from the operator's own MTAs).
+    pub fn unlimited() -> Self {
+        ConnectionGuard { limiter: None }
+    }
+}
+
 /// A login attempt in flight, counted against the failure limits until dropped.
 #[derive(Debug)]
 pub struct LoginTicket {

@@ -23,6 +23,7 @@ mod ctx;
 mod driver;
 pub mod health;
 mod login;
+mod prologue;
 pub mod service_health;
 mod session;
 mod smtp_relay;

@@ -16,20 +16,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use postern_proto::proxy;
-use postern_proto::{ClientInfo, Event, Failure, FrontEnd, Limit, Shutdown, Verdict};
+use postern_proto::{ClientInfo, Event, Failure, FrontEnd, Shutdown, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
-use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::backend::{BackendStream, ClientTls};
 use crate::ctx::Ctx;
 use crate::driver::Driver;
 use crate::login::{Attempt, Login, login};
+use crate::prologue::{self, Limits, REFUSAL_WRITE, untrusted_proxy_header};
 use crate::registry::SessionGuard;
 use crate::relay::{self, Stats};
-use crate::settings::{ListenerSettings, TlsMode};
+use crate::settings::ListenerSettings;
 use crate::stream::ClientStream;
 
 /// How a session ended, for its last log line.
@@ -130,133 +130,46 @@ pub(crate) async fn run<D: Driver>(
     .await;
 }
 
-/// Reads a PROXY header from a trusted peer: the real client's address. The header is
-/// looked at with `peek` and only its own bytes are consumed, so whatever the balancer
-/// sent right behind it (a TLS ClientHello, a command) stays in the socket for the
-/// next reader.
-async fn read_proxy_header(
-    tcp: &mut TcpStream,
-    deadline: Instant,
-) -> Result<Option<SocketAddr>, &'static str> {
-    let mut buf = vec![0u8; proxy::MAX_HEADER];
-    let mut seen = 0;
-    loop {
-        let n = match timeout_at(deadline, tcp.peek(&mut buf)).await {
-            Ok(Ok(0)) => return Err("closed before the PROXY header"),
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) => return Err("client_error"),
-            Err(_) => return Err("preauth_timeout"),
-        };
-        match proxy::parse(buf.get(..n).unwrap_or_default()) {
-            proxy::Header::Complete { client, len } => {
-                let header = buf.get_mut(..len).unwrap_or_default();
-                return match timeout_at(deadline, tcp.read_exact(header)).await {
-                    Ok(Ok(_)) => Ok(client),
-                    _ => Err("client_error"),
-                };
-            }
-            proxy::Header::Invalid => return Err(discard(tcp, &mut buf, n).await),
-            proxy::Header::Incomplete if n == buf.len() => {
-                return Err(discard(tcp, &mut buf, n).await);
-            }
-            proxy::Header::Incomplete => {}
-        }
-        // peek returns at once while the bytes seen are there: wait for more, briefly.
-        // Balancers send the header in one segment; this is the rare split one.
-        if n == seen {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        seen = n;
-    }
-}
-
-/// The real client behind a trusted balancer: its PROXY header's source address (or
-/// the balancer itself for `LOCAL` / `UNKNOWN`), recorded in the session's span and
-/// access-log line. `None`, logged, when there is no valid header.
-pub(crate) async fn proxied_client(
-    tcp: &mut TcpStream,
-    peer: SocketAddr,
-    deadline: Instant,
-) -> Option<SocketAddr> {
-    match read_proxy_header(tcp, deadline).await {
-        Ok(Some(real)) => {
-            let span = Span::current();
-            span.record("client", field::display(real));
-            span.record("via", field::display(peer));
-            crate::access_log::note_client(real);
-            Some(real)
-        }
-        Ok(None) => Some(peer),
-        Err(reason) => {
-            warn!(reason, "refused: no valid PROXY header from a trusted peer");
-            None
-        }
-    }
-}
-
-/// On a listener that takes PROXY headers, checks a peer outside `accept_proxy_from`
-/// (`*watching`) on its first read only: a header from it would let anyone claim any
-/// address, and run as commands it is noise, so the session is refused (logged here).
-pub(crate) fn untrusted_proxy_header(watching: &mut bool, first: &[u8]) -> bool {
-    if !std::mem::take(watching) || !proxy::looks_like_header(first) {
-        return false;
-    }
-    warn!("refused: PROXY header from an untrusted address");
-    true
-}
-
-/// Takes the `n` peeked bytes of a refused header off the socket, so that closing it
-/// ends with a FIN, not the RST the kernel sends for unread data.
-async fn discard(tcp: &mut TcpStream, buf: &mut [u8], n: usize) -> &'static str {
-    let _ = tcp.read_exact(buf.get_mut(..n).unwrap_or_default()).await;
-    "invalid PROXY header"
-}
-
+/// The pre-auth phase of one connection: the opening, then the front end's dialogue
+/// until a login is accepted (the session is left in `relayed` for the caller to
+/// relay) or the session ends.
 #[allow(clippy::too_many_arguments)]
 async fn session<D: Driver>(
     ctx: &Ctx,
     driver: &D,
     listener: &ListenerSettings,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     id: String,
     relayed: &mut Option<Box<Relayed>>,
 ) -> End {
     let deadline = Instant::now() + ctx.settings.timeouts.preauth;
-    // Only a listener that expects PROXY headers checks for one at all; from an
-    // untrusted peer the first bytes are checked instead (below).
-    let trusted_proxy = listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip()));
-    let client = if trusted_proxy {
-        match proxied_client(&mut tcp, peer, deadline).await {
-            Some(client) => client,
-            None => return End::PreAuth("proxy_header"),
-        }
-    } else {
-        peer
+    let refusal = |limit, retry_after| {
+        let mut front = driver.front(false, &id);
+        front.refuse(limit, retry_after);
+        let mut out = Vec::new();
+        front.poll_transmit(&mut out);
+        out
     };
-    let watch_untrusted_proxy = listener.proxy.is_some() && !trusted_proxy;
-    // Counted by the real client's address, known only after the PROXY header.
-    let _slot = match ctx.limiter.connect(client.ip(), std::time::Instant::now()) {
-        Ok(slot) => slot,
-        Err(limit) => {
-            crate::metrics::limit_hit(limit);
-            let retry_after =
-                ctx.limiter
-                    .retry_after(client.ip(), limit, std::time::Instant::now());
-            return refuse(driver, listener, tcp, &id, limit, retry_after).await;
-        }
+    let limits = Limits::Apply(refusal);
+    let opened = match prologue::open(ctx, listener, tcp, peer, deadline, limits).await {
+        Ok(o) => o,
+        Err(reason) => return End::PreAuth(reason),
     };
-    let mut stream = ClientStream::Plain(tcp);
-    if listener.tls_mode == TlsMode::Implicit {
-        stream = match handshake(stream, listener, deadline).await {
-            Ok(s) => s,
-            Err(end) => return end,
-        };
-    }
+    let mut stream = opened.stream;
     let mut front = driver.front(stream.is_tls(), &id);
-    let mut first_read = watch_untrusted_proxy;
-    let mut attempts = 0u32;
+    let mut pre = PreAuth {
+        ctx,
+        driver,
+        listener,
+        client: opened.client,
+        local,
+        id: &id,
+        deadline,
+        attempts: 0,
+    };
+    let mut first_read = opened.watch_untrusted_proxy;
     let mut out = Vec::new();
     let mut buf = [0u8; READ_CHUNK];
     loop {
@@ -269,105 +182,34 @@ async fn session<D: Driver>(
             }
         }
         if let Some(event) = front.poll_event() {
-            match event {
-                Event::Rejected(reason) => info!(reason, "client input rejected"),
-                Event::Close(reason) => {
-                    let _ = timeout_at(deadline, stream.shutdown()).await;
-                    return End::PreAuth(reason.as_str());
-                }
-                Event::StartTls => {
-                    stream = match handshake(stream, listener, deadline).await {
+            match pre.event(&mut front, &mut stream, event).await {
+                Next::Continue => {}
+                Next::End(end) => return end,
+                Next::StartTls => {
+                    stream = match prologue::handshake(stream, listener, deadline).await {
                         Ok(s) => s,
-                        Err(end) => return end,
+                        Err(reason) => return End::PreAuth(reason),
                     };
                     front.handle_tls_ready();
                 }
-                Event::Authenticate(creds) => {
-                    let info = ClientInfo {
-                        client,
-                        local,
-                        tls: stream.is_tls(),
-                        session_id: id.clone(),
+                Next::Relay(accepted) => {
+                    front.handle_verdict(accepted.verdict);
+                    front.poll_transmit(&mut out);
+                    let handoff = Handoff {
+                        to_client: out,
+                        to_backend: front.into_handoff(),
+                        backend_leftover: accepted.leftover,
                     };
-                    let client_tls = ClientTls {
-                        version: stream.tls_version(),
-                        cipher: stream.tls_cipher(),
-                    };
-                    attempts = attempts.saturating_add(1);
-                    let attempt = Attempt {
-                        info: &info,
-                        client_tls: &client_tls,
-                        auth: listener.auth,
-                        number: attempts,
-                        deadline,
-                    };
-                    // Every wait of the login — route lookups, penalty delays,
-                    // auth_http's Auth-Wait, backend connect and login — ends at the
-                    // pre-auth deadline; the client then hears a temporary failure and
-                    // the deadline's goodbye, never silence.
-                    // A shutdown does not wait for a login in flight (a slow backend
-                    // would hold the exit): the client gets the goodbye and logs in
-                    // again elsewhere.
-                    let outcome = tokio::select! {
-                        r = timeout_at(deadline, login::<D>(ctx, driver, &front, creds, &attempt)) => Some(r),
-                        () = ctx.cancel.cancelled() => None,
-                    };
-                    let outcome = match outcome {
-                        Some(Ok(outcome)) => outcome,
-                        Some(Err(_)) => {
-                            warn!("login did not finish before the pre-auth deadline");
-                            Login::Verdict(Verdict::Failed(Failure::Unavailable))
-                        }
-                        None => {
-                            info!("server shutting down: goodbye to a login in flight");
-                            return goodbye(
-                                &mut front,
-                                &mut stream,
-                                Shutdown::ServerShutdown,
-                                "shutdown",
-                            )
-                            .await;
-                        }
-                    };
-                    match outcome {
-                        Login::Verdict(v) => front.handle_verdict(v),
-                        Login::Close(v) => {
-                            front.handle_verdict(v);
-                            front.poll_transmit(&mut out);
-                            let _ = timeout_at(deadline, async {
-                                stream.write_all(&out).await?;
-                                stream.shutdown().await
-                            })
-                            .await;
-                            return End::PreAuth("auth_refused");
-                        }
-                        Login::Accepted {
-                            backend,
-                            leftover,
-                            verdict,
-                            guard,
-                            slot: _slot_of_user,
-                        } => {
-                            front.handle_verdict(verdict);
-                            front.poll_transmit(&mut out);
-                            let pipelined = front.into_handoff();
-                            let handoff = Handoff {
-                                to_client: out,
-                                to_backend: pipelined,
-                                backend_leftover: leftover,
-                            };
-                            // The caller relays, once this future is gone.
-                            *relayed = Some(Box::new(Relayed {
-                                client: stream,
-                                backend,
-                                handoff,
-                                guard,
-                                _slots: (_slot, _slot_of_user),
-                                _relaying: crate::metrics::relaying(D::PROTOCOL, &listener.name),
-                            }));
-                            return End::PreAuth("relayed");
-                        }
-                    }
+                    // The caller relays, once this future is gone.
+                    *relayed = Some(Box::new(Relayed {
+                        client: stream,
+                        backend: accepted.backend,
+                        handoff,
+                        guard: accepted.guard,
+                        _slots: (opened.slot, accepted.slot),
+                        _relaying: crate::metrics::relaying(D::PROTOCOL, &listener.name),
+                    }));
+                    return End::PreAuth("relayed");
                 }
             }
             continue;
@@ -391,14 +233,145 @@ async fn session<D: Driver>(
             Ok(Err(_)) => return End::PreAuth("client_error"),
             Err(_) => {
                 info!("pre-auth timeout");
-                return goodbye(
-                    &mut front,
-                    &mut stream,
-                    Shutdown::IdleTimeout,
-                    "preauth_timeout",
-                )
-                .await;
+                let why = Shutdown::IdleTimeout;
+                return goodbye(&mut front, &mut stream, why, "preauth_timeout").await;
             }
+        }
+    }
+}
+
+/// What a connection in its pre-auth phase knows besides its front end and stream.
+struct PreAuth<'a, D: Driver> {
+    ctx: &'a Ctx,
+    driver: &'a D,
+    listener: &'a ListenerSettings,
+    client: SocketAddr,
+    local: SocketAddr,
+    id: &'a str,
+    /// Every wait of the phase ends here.
+    deadline: Instant,
+    /// Login attempts so far (`Auth-Login-Attempt`).
+    attempts: u32,
+}
+
+/// What the pre-auth loop does after an event.
+enum Next {
+    Continue,
+    End(End),
+    /// Upgrade the connection, then tell the front end.
+    StartTls,
+    /// Logged in: answer the client and relay.
+    Relay(Box<Accepted>),
+}
+
+/// An accepted login, from [`Login::Accepted`].
+struct Accepted {
+    backend: BackendStream,
+    leftover: Vec<u8>,
+    verdict: Verdict,
+    guard: SessionGuard,
+    slot: Option<postern_limits::SessionGuard>,
+}
+
+impl<D: Driver> PreAuth<'_, D> {
+    async fn event(
+        &mut self,
+        front: &mut D::Front,
+        stream: &mut ClientStream,
+        event: Event,
+    ) -> Next {
+        match event {
+            Event::Rejected(reason) => {
+                info!(reason, "client input rejected");
+                Next::Continue
+            }
+            Event::Close(reason) => {
+                let _ = timeout_at(self.deadline, stream.shutdown()).await;
+                Next::End(End::PreAuth(reason.as_str()))
+            }
+            Event::StartTls => Next::StartTls,
+            Event::Authenticate(creds) => self.authenticate(front, stream, creds).await,
+        }
+    }
+
+    /// Runs a login attempt and answers it (an accepted one is the caller's to
+    /// answer, with the hand-off).
+    async fn authenticate(
+        &mut self,
+        front: &mut D::Front,
+        stream: &mut ClientStream,
+        creds: postern_proto::Credentials,
+    ) -> Next {
+        let ctx = self.ctx;
+        let info = ClientInfo {
+            client: self.client,
+            local: self.local,
+            tls: stream.is_tls(),
+            session_id: self.id.to_owned(),
+        };
+        let client_tls = ClientTls {
+            version: stream.tls_version(),
+            cipher: stream.tls_cipher(),
+        };
+        self.attempts = self.attempts.saturating_add(1);
+        let attempt = Attempt {
+            info: &info,
+            client_tls: &client_tls,
+            auth: self.listener.auth,
+            number: self.attempts,
+            deadline: self.deadline,
+        };
+        // Every wait of the login — route lookups, penalty delays, auth_http's
+        // Auth-Wait, backend connect and login — ends at the pre-auth deadline; the
+        // client then hears a temporary failure and the deadline's goodbye, never
+        // silence. A shutdown does not wait for a login in flight (a slow backend would
+        // hold the exit): the client gets the goodbye and logs in again elsewhere.
+        let login = login::<D>(ctx, self.driver, front, creds, &attempt);
+        let outcome = tokio::select! {
+            r = timeout_at(self.deadline, login) => Some(r),
+            () = ctx.cancel.cancelled() => None,
+        };
+        let outcome = match outcome {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(_)) => {
+                warn!("login did not finish before the pre-auth deadline");
+                Login::Verdict(Verdict::Failed(Failure::Unavailable))
+            }
+            None => {
+                info!("server shutting down: goodbye to a login in flight");
+                let why = Shutdown::ServerShutdown;
+                return Next::End(goodbye(front, stream, why, "shutdown").await);
+            }
+        };
+        match outcome {
+            Login::Verdict(v) => {
+                front.handle_verdict(v);
+                Next::Continue
+            }
+            Login::Close(v) => {
+                front.handle_verdict(v);
+                let mut out = Vec::new();
+                front.poll_transmit(&mut out);
+                let _ = timeout_at(self.deadline, async {
+                    stream.write_all(&out).await?;
+                    stream.shutdown().await
+                })
+                .await;
+                Next::End(End::PreAuth("auth_refused"))
+            }
+            Login::Accepted {
+                backend,
+                leftover,
+                verdict,
+                guard,
+                slot,
+            } => Next::Relay(Box::new(Accepted {
+                backend,
+                leftover,
+                verdict,
+                guard,
+                slot,
+            })),
         }
     }
 }
@@ -420,62 +393,6 @@ async fn goodbye<F: FrontEnd>(
     })
     .await;
     End::PreAuth(reason)
-}
-
-/// Answers a connection over an abuse-control limit with the protocol's refusal and
-/// closes it. An implicit-TLS listener closes without a word: a handshake is exactly the
-/// work a flood should not get out of Postern.
-async fn refuse<D: Driver>(
-    driver: &D,
-    listener: &ListenerSettings,
-    mut tcp: TcpStream,
-    id: &str,
-    limit: Limit,
-    retry_after: Option<std::time::Duration>,
-) -> End {
-    warn!(
-        limit = limit.as_str(),
-        retry_after_secs = retry_after.map(|d| d.as_secs()),
-        "connection refused by abuse control"
-    );
-    if listener.tls_mode != TlsMode::Implicit {
-        let mut front = driver.front(false, id);
-        front.refuse(limit, retry_after);
-        let mut out = Vec::new();
-        front.poll_transmit(&mut out);
-        let _ = timeout(REFUSAL_WRITE, async {
-            tcp.write_all(&out).await?;
-            tcp.shutdown().await
-        })
-        .await;
-    }
-    End::PreAuth("limited")
-}
-
-/// How long a refusal may take to write: the client gets one chance to read it.
-const REFUSAL_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Runs the TLS server handshake (implicit TLS or after STARTTLS) within the pre-auth
-/// deadline.
-async fn handshake(
-    stream: ClientStream,
-    listener: &ListenerSettings,
-    deadline: Instant,
-) -> Result<ClientStream, End> {
-    let Some(tls) = listener.tls.clone() else {
-        return Err(End::PreAuth("listener has no certificate"));
-    };
-    match timeout_at(deadline, stream.upgrade(tls)).await {
-        Ok(Ok(s)) => {
-            debug!(version = s.tls_version(), "TLS established");
-            Ok(s)
-        }
-        Ok(Err(e)) => {
-            info!(error = %e, "TLS handshake failed");
-            Err(End::PreAuth("tls_error"))
-        }
-        Err(_) => Err(End::PreAuth("preauth_timeout")),
-    }
 }
 
 /// The bytes in flight at the moment a login succeeds.

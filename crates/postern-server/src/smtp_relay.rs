@@ -14,13 +14,14 @@ use postern_route::RouteError;
 use postern_smtp::{BackendId, Relay, RelayEvent, RelayOptions, Route, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::time::{Instant, timeout};
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::backend::{self, BackendStream, ClientTls};
 use crate::ctx::Ctx;
-use crate::session::{proxied_client, session_id, untrusted_proxy_header};
-use crate::settings::{ListenerSettings, TlsMode};
+use crate::prologue::{self, Limits, untrusted_proxy_header};
+use crate::session::session_id;
+use crate::settings::ListenerSettings;
 use crate::stream::ClientStream;
 
 const READ_CHUNK: usize = 16 * 1024;
@@ -106,196 +107,217 @@ async fn session(
     options: Arc<RelayOptions>,
     protocol: Protocol,
     listener: &ListenerSettings,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     id: String,
     bytes: &Bytes,
 ) -> &'static str {
-    let mut deadline = Instant::now() + ctx.settings.timeouts.preauth;
-    let trusted_proxy = listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip()));
-    // From an untrusted peer on a listener that takes PROXY headers, the first bytes are
-    // checked for one instead (untrusted_proxy_header).
-    let mut first_read = listener.proxy.is_some() && !trusted_proxy;
-    let client_addr = if trusted_proxy {
-        match proxied_client(&mut tcp, peer, deadline).await {
-            Some(client) => client,
-            None => return "proxy_header",
-        }
-    } else {
-        peer
+    let deadline = Instant::now() + ctx.settings.timeouts.preauth;
+    let refusal = |limit, retry_after| {
+        let line = postern_smtp::connection_refused(&ctx.settings.hostname, limit, retry_after);
+        (line + "\r\n").into_bytes()
     };
     // LMTP comes from the operator's own MTAs: no per-address limits there.
-    let _slot = if protocol == Protocol::Lmtp {
-        None
+    let limits = if protocol == Protocol::Lmtp {
+        Limits::Exempt
     } else {
-        match ctx
-            .limiter
-            .connect(client_addr.ip(), std::time::Instant::now())
-        {
-            Ok(slot) => Some(slot),
-            Err(limit) => {
-                crate::metrics::limit_hit(limit);
-                let retry_after =
-                    ctx.limiter
-                        .retry_after(client_addr.ip(), limit, std::time::Instant::now());
-                warn!(
-                    limit = limit.as_str(),
-                    retry_after_secs = retry_after.map(|d| d.as_secs()),
-                    "connection refused by abuse control"
-                );
-                if listener.tls_mode != TlsMode::Implicit {
-                    let line = postern_smtp::connection_refused(
-                        &ctx.settings.hostname,
-                        limit,
-                        retry_after,
-                    ) + "\r\n";
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        tcp.write_all(line.as_bytes()).await?;
-                        tcp.shutdown().await
-                    })
-                    .await;
-                }
-                return "limited";
-            }
-        }
+        Limits::Apply(refusal)
     };
-    let mut client = ClientStream::Plain(tcp);
-    if listener.tls_mode == TlsMode::Implicit {
-        let Some(tls) = listener.tls.clone() else {
-            return "listener has no certificate";
-        };
-        client = match timeout_at(deadline, client.upgrade(tls)).await {
-            Ok(Ok(s)) => s,
-            _ => return "tls_error",
-        };
-    }
+    let opened = match prologue::open(ctx, listener, tcp, peer, deadline, limits).await {
+        Ok(o) => o,
+        Err(reason) => return reason,
+    };
+    let _slot = opened.slot;
     let info = ClientInfo {
-        client: client_addr,
+        client: opened.client,
         local,
-        tls: client.is_tls(),
+        tls: opened.stream.is_tls(),
         session_id: id,
     };
     let options = with_probed_extensions(ctx, options, protocol);
-    let mut relay = Relay::new(options, info.clone());
-    let mut backend: Option<(String, BackendStream)> = None;
-    let mut out = Vec::new();
-    let smtp_timeout = ctx.settings.timeouts.smtp;
-    let mut stopping = false;
-    let mut cbuf = vec![0u8; READ_CHUNK];
-    let mut bbuf = vec![0u8; READ_CHUNK];
-    loop {
-        // Client output, then backend output, then events (the driver contract).
-        relay.poll_transmit_client(&mut out);
-        if !out.is_empty() {
-            // A client that never takes its replies is dropped like a silent one.
-            match timeout(smtp_timeout, client.write_all(&out)).await {
-                Ok(Ok(())) => {
-                    Bytes::add(&bytes.to_client, out.len());
-                    out.clear();
-                }
-                Ok(Err(_)) => return "client_error",
-                Err(_) => {
-                    info!("client does not read its replies");
-                    return "timeout";
-                }
+    let mut run = MxSession {
+        ctx,
+        protocol,
+        listener,
+        relay: Relay::new(options, info.clone()),
+        info,
+        backend: None,
+        bytes,
+        deadline,
+        first_read: opened.watch_untrusted_proxy,
+    };
+    run.drive(opened.stream).await
+}
+
+/// One MX or LMTP session in progress.
+struct MxSession<'a> {
+    ctx: &'a Ctx,
+    protocol: Protocol,
+    listener: &'a ListenerSettings,
+    relay: Relay,
+    info: ClientInfo,
+    backend: Option<(String, BackendStream)>,
+    bytes: &'a Bytes,
+    /// The current wait's deadline: a command, a reply, a chunk.
+    deadline: Instant,
+    /// Check the first bytes for an untrusted PROXY header.
+    first_read: bool,
+}
+
+impl MxSession<'_> {
+    /// The driver loop (the contract in `postern_smtp::relay`): client output, then
+    /// backend output, then events, then wait for either side.
+    async fn drive(&mut self, mut client: ClientStream) -> &'static str {
+        let smtp_timeout = self.ctx.settings.timeouts.smtp;
+        let mut stopping = false;
+        let mut out = Vec::new();
+        let mut cbuf = vec![0u8; READ_CHUNK];
+        let mut bbuf = vec![0u8; READ_CHUNK];
+        loop {
+            if let Err(reason) = self.transmit(&mut client, &mut out, smtp_timeout).await {
+                return reason;
             }
-        }
-        relay.poll_transmit_backend(&mut out);
-        if !out.is_empty() {
-            if let Some((_, b)) = backend.as_mut()
-                && (b.write_all(&out).await.is_err() || b.flush().await.is_err())
-            {
-                relay.handle_backend_closed();
-                backend = None;
+            if let Some(event) = self.relay.poll_event() {
+                match self.event(&mut client, event).await {
+                    Flow::Continue => {}
+                    Flow::End(reason) => return reason,
+                    Flow::StartTls => {
+                        client =
+                            match prologue::handshake(client, self.listener, self.deadline).await {
+                                Ok(s) => s,
+                                Err(reason) => return reason,
+                            };
+                        self.relay.handle_tls_ready();
+                    }
+                }
+                continue;
             }
-            out.clear();
-        }
-        if let Some(event) = relay.poll_event() {
-            match event {
-                RelayEvent::Rejected(reason) => info!(reason, "client input rejected"),
-                RelayEvent::StartTls => {
-                    let Some(tls) = listener.tls.clone() else {
-                        return "listener has no certificate";
-                    };
-                    client = match timeout_at(deadline, client.upgrade(tls)).await {
-                        Ok(Ok(s)) => s,
-                        _ => return "tls_error",
-                    };
-                    relay.handle_tls_ready();
-                }
-                RelayEvent::RouteRecipient(address) => {
-                    let route = route(ctx, &address, protocol).await;
-                    relay.handle_route(route);
-                }
-                RelayEvent::Connect(BackendId(name)) => {
-                    match connect(ctx, &name, protocol, &info).await {
-                        Some(stream) => {
-                            tracing::Span::current().record("backend", name.as_str());
-                            crate::access_log::note_backend(&name);
-                            backend = Some((name, stream));
-                            relay.handle_backend_connected();
+            if self.relay.has_client_output() {
+                continue;
+            }
+            self.deadline = Instant::now() + smtp_timeout;
+            let want_client = self.relay.wants_client_input();
+            tokio::select! {
+                r = client.read(&mut cbuf), if want_client => match r {
+                    Ok(0) | Err(_) => {
+                        // A message cut short never gets its final "." at the backend,
+                        // which discards it: close both without another byte.
+                        if let Some((_, mut b)) = self.backend.take() {
+                            let _ = b.shutdown().await;
                         }
-                        None => relay.handle_backend_closed(),
+                        return "client_closed";
                     }
-                }
-                RelayEvent::CloseBackend(reason) => {
-                    debug!(reason, "closing the backend connection");
-                    if let Some((_, mut b)) = backend.take() {
-                        let _ = b.shutdown().await;
+                    Ok(n) => {
+                        Bytes::add(&self.bytes.from_client, n);
+                        let input = cbuf.get(..n).unwrap_or_default();
+                        if untrusted_proxy_header(&mut self.first_read, input) {
+                            return "untrusted_proxy_header";
+                        }
+                        self.relay.handle_client_input(input);
                     }
-                }
-                RelayEvent::Close(reason) => {
-                    let _ = client.shutdown().await;
-                    if let Some((_, mut b)) = backend.take() {
-                        let _ = b.shutdown().await;
+                },
+                r = read_backend(&mut self.backend, &mut bbuf) => match r {
+                    Some(n) if n > 0 => {
+                        self.relay.handle_backend_input(bbuf.get(..n).unwrap_or_default());
                     }
-                    return reason.as_str();
-                }
-            }
-            continue;
-        }
-        if relay.has_client_output() {
-            continue;
-        }
-        // Wait for either side. The deadline is per wait: a command, a reply, a chunk.
-        deadline = Instant::now() + smtp_timeout;
-        let want_client = relay.wants_client_input();
-        tokio::select! {
-            r = client.read(&mut cbuf), if want_client => match r {
-                Ok(0) | Err(_) => {
-                    // A message cut short never gets its final "." at the backend,
-                    // which discards it: close both without another byte.
-                    if let Some((_, mut b)) = backend.take() {
-                        let _ = b.shutdown().await;
+                    _ => {
+                        self.backend = None;
+                        self.relay.handle_backend_closed();
                     }
-                    return "client_closed";
+                },
+                () = tokio::time::sleep_until(self.deadline) => {
+                    self.relay.shutdown(Shutdown::IdleTimeout);
                 }
-                Ok(n) => {
-                    Bytes::add(&bytes.from_client, n);
-                    let input = cbuf.get(..n).unwrap_or_default();
-                    if untrusted_proxy_header(&mut first_read, input) {
-                        return "untrusted_proxy_header";
-                    }
-                    relay.handle_client_input(input);
+                // Postern is stopping: 421 now; an interrupted transaction is retried
+                // by the client, as after any 421.
+                () = self.ctx.cancel.cancelled(), if !stopping => {
+                    stopping = true;
+                    self.relay.shutdown(Shutdown::ServerShutdown);
                 }
-            },
-            r = read_backend(&mut backend, &mut bbuf) => match r {
-                Some(n) if n > 0 => relay.handle_backend_input(bbuf.get(..n).unwrap_or_default()),
-                _ => {
-                    backend = None;
-                    relay.handle_backend_closed();
-                }
-            },
-            () = tokio::time::sleep_until(deadline) => relay.shutdown(Shutdown::IdleTimeout),
-            // Postern is stopping: 421 now; an interrupted transaction is retried by
-            // the client, as after any 421.
-            () = ctx.cancel.cancelled(), if !stopping => {
-                stopping = true;
-                relay.shutdown(Shutdown::ServerShutdown);
             }
         }
     }
+
+    /// Writes the relay's output: the client's, then the backend's.
+    async fn transmit(
+        &mut self,
+        client: &mut ClientStream,
+        out: &mut Vec<u8>,
+        smtp_timeout: Duration,
+    ) -> Result<(), &'static str> {
+        self.relay.poll_transmit_client(out);
+        if !out.is_empty() {
+            // A client that never takes its replies is dropped like a silent one.
+            match timeout(smtp_timeout, client.write_all(out)).await {
+                Ok(Ok(())) => {
+                    Bytes::add(&self.bytes.to_client, out.len());
+                    out.clear();
+                }
+                Ok(Err(_)) => return Err("client_error"),
+                Err(_) => {
+                    info!("client does not read its replies");
+                    return Err("timeout");
+                }
+            }
+        }
+        self.relay.poll_transmit_backend(out);
+        if !out.is_empty() {
+            if let Some((_, b)) = self.backend.as_mut()
+                && (b.write_all(out).await.is_err() || b.flush().await.is_err())
+            {
+                self.relay.handle_backend_closed();
+                self.backend = None;
+            }
+            out.clear();
+        }
+        Ok(())
+    }
+
+    /// Carries out one event of the relay machine.
+    async fn event(&mut self, client: &mut ClientStream, event: RelayEvent) -> Flow {
+        match event {
+            RelayEvent::Rejected(reason) => info!(reason, "client input rejected"),
+            RelayEvent::StartTls => return Flow::StartTls,
+            RelayEvent::RouteRecipient(address) => {
+                let route = route(self.ctx, &address, self.protocol).await;
+                self.relay.handle_route(route);
+            }
+            RelayEvent::Connect(BackendId(name)) => {
+                match connect(self.ctx, &name, self.protocol, &self.info).await {
+                    Some(stream) => {
+                        tracing::Span::current().record("backend", name.as_str());
+                        crate::access_log::note_backend(&name);
+                        self.backend = Some((name, stream));
+                        self.relay.handle_backend_connected();
+                    }
+                    None => self.relay.handle_backend_closed(),
+                }
+            }
+            RelayEvent::CloseBackend(reason) => {
+                debug!(reason, "closing the backend connection");
+                if let Some((_, mut b)) = self.backend.take() {
+                    let _ = b.shutdown().await;
+                }
+            }
+            RelayEvent::Close(reason) => {
+                let _ = client.shutdown().await;
+                if let Some((_, mut b)) = self.backend.take() {
+                    let _ = b.shutdown().await;
+                }
+                return Flow::End(reason.as_str());
+            }
+        }
+        Flow::Continue
+    }
+}
+
+/// What the driver loop does after an event.
+enum Flow {
+    Continue,
+    End(&'static str),
+    /// Upgrade the client connection, then tell the machine.
+    StartTls,
 }
 
 /// Reads from the backend, or never completes when there is none.

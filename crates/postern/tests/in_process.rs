@@ -236,3 +236,81 @@ async fn login_relay_and_reload_in_process() {
         .expect("the server stops")
         .unwrap();
 }
+
+/// The opening every listener shares (`prologue.rs`): the per-address connection limit
+/// answered with the protocol's refusal, and a PROXY header from a peer outside
+/// `accept_proxy_from` refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_opening_refuses_over_the_limit_and_untrusted_proxy_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let b1 = backend("b1", Arc::new(AtomicUsize::new(0))).await;
+    let text = format!(
+        r#"
+[limits]
+max_connections_per_ip = 1
+
+[routing]
+store = "static"
+
+[routing.static]
+"alice" = "b1"
+
+[backends.b1]
+host = "127.0.0.1"
+imap = {{ port = {port} }}
+
+[[listeners]]
+name = "imap-plain"
+protocol = "imap"
+bind = "127.0.0.1:0"
+tls = "none"
+insecure_plaintext_auth = true
+accept_proxy_from = ["10.9.9.9"]
+
+[health]
+enabled = false
+"#,
+        port = b1.port(),
+    );
+    let config = Config::from_toml(&text, dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let (server, addr) = start(config).await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    let (first, greeting) = Client::connect(addr).await;
+    assert!(greeting.starts_with("* OK "), "{greeting}");
+    let (mut second, refusal) = Client::connect(addr).await;
+    assert!(refusal.starts_with("* BYE [LIMIT]"), "{refusal}");
+    assert_eq!(second.line().await, "", "closed after the refusal");
+    drop(first);
+
+    // The slot is freed once Postern sees the first client go: a bounded wait.
+    let mut proxied = None;
+    for _ in 0..100 {
+        let (c, greeting) = Client::connect(addr).await;
+        if greeting.starts_with("* OK ") {
+            proxied = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut proxied = proxied.expect("the first client's slot is freed");
+    proxied
+        .w
+        .write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 143\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        proxied.line().await,
+        "",
+        "an untrusted PROXY header is refused"
+    );
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the server stops")
+        .unwrap();
+}
