@@ -30,8 +30,8 @@ done
 # argument, so they are tested on a simulated one: no I/O crate, no clock read outside
 # their tests.
 modules=0
-for module in crates/postern-route/src/fence.rs crates/postern-server/src/service_health.rs \
-    crates/postern-server/src/admission.rs crates/postern-server/src/blame.rs \
+for module in crates/postern-route/src/fence.rs crates/postern-server/src/backends/service_health.rs \
+    crates/postern-server/src/backends/admission.rs crates/postern-server/src/backends/blame.rs \
     crates/postern-server/src/login/plan.rs; do
     if [ ! -f "$module" ]; then
         echo "error: $module is missing" >&2

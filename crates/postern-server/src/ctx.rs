@@ -9,7 +9,7 @@ use std::sync::Arc;
 use postern_route::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
+use crate::backends::health::Health;
 use crate::registry::Registry;
 use crate::settings::{ListenerSettings, Settings};
 
@@ -21,7 +21,7 @@ pub(crate) struct Ctx {
     pub(crate) registry: Arc<Registry>,
     pub(crate) health: Arc<Health>,
     pub(crate) limiter: Arc<postern_limits::Limiter>,
-    pub(crate) admission: Arc<crate::admit::Admission>,
+    pub(crate) admission: Arc<crate::backends::admit::Admission>,
     pub(crate) verifier: Arc<crate::auth::Verifier>,
     /// Shutdown: stop accepting, say goodbye to pre-auth clients.
     pub(crate) cancel: CancellationToken,
@@ -49,9 +49,9 @@ pub(crate) struct Listening {
 
 /// The protocol driver of a listener (the submission one keeps the probed extensions).
 pub(crate) enum ListeningDriver {
-    Imap(Arc<crate::driver::Imap>),
-    Pop3(Arc<crate::driver::Pop3>),
-    Submission(Arc<crate::driver::Submission>),
+    Imap(Arc<crate::session::driver::Imap>),
+    Pop3(Arc<crate::session::driver::Pop3>),
+    Submission(Arc<crate::session::driver::Submission>),
     Relay(Arc<postern_smtp::RelayOptions>),
 }
 

@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::backends::health::Health;
 use crate::ctx::{Ctx, Listening, ListeningDriver};
-use crate::driver::{Imap, Pop3, Submission};
-use crate::health::Health;
 use crate::registry::Registry;
 use crate::session;
+use crate::session::driver::{Imap, Pop3, Submission};
 use crate::settings::{FrontOptions, ListenerSettings, Settings};
 
 /// Why the server could not start, or a reload was refused.
@@ -60,7 +60,7 @@ pub struct Runtime {
     /// Abuse-control state.
     pub limiter: Arc<Limiter>,
     /// Logins in flight and waiting, per backend service.
-    pub admission: Arc<crate::admit::Admission>,
+    pub admission: Arc<crate::backends::admit::Admission>,
 }
 
 impl Runtime {
@@ -73,7 +73,7 @@ impl Runtime {
             registry,
             health,
             limiter,
-            admission: crate::admit::Admission::new(settings),
+            admission: crate::backends::admit::Admission::new(settings),
         }
     }
 
@@ -488,7 +488,7 @@ fn start_generation(inner: &Arc<Inner>, ctx: &Arc<Ctx>) {
     inner
         .tracker
         .spawn(sweep_limits(Arc::clone(&ctx.limiter), ctx.retire.clone()));
-    inner.tracker.spawn(crate::health::run(
+    inner.tracker.spawn(crate::backends::health::run(
         Arc::clone(&ctx.settings),
         Arc::clone(&ctx.health),
         ctx.retire.clone(),
@@ -551,7 +551,7 @@ async fn accept_loop(
                     ListeningDriver::Relay(options) => {
                         let options = Arc::clone(options);
                         let protocol = settings.front.protocol();
-                        inner.tracker.spawn(crate::smtp_relay::run(
+                        inner.tracker.spawn(crate::session::smtp_relay::run(
                             ctx, options, protocol, settings, tcp, client, local,
                         ));
                     }

@@ -276,7 +276,7 @@ pub struct Backend {
     /// LMTP service (local delivery).
     pub lmtp: Option<Endpoint>,
     /// Admission control: logins in flight and waiting, per service of this backend.
-    pub admission: crate::admission::Limits,
+    pub admission: crate::backends::admission::Limits,
 }
 
 impl Backend {

@@ -12,7 +12,7 @@ use postern_route::store::{ChangeEvent, RouteStore, StoreError, now_secs};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::health::Health;
+use crate::backends::health::Health;
 use crate::registry::Registry;
 
 /// Entries fetched per poll; a backlog is drained over consecutive polls.

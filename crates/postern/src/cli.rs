@@ -279,7 +279,7 @@ async fn reload_counted(
     handle: &postern_server::server::Handle,
 ) -> Result<postern_server::server::ReloadSummary> {
     let result = reload(path, handle).await;
-    postern_server::metrics::reload(result.is_ok());
+    postern_server::observability::metrics::reload(result.is_ok());
     result
 }
 

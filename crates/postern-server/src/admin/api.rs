@@ -11,8 +11,8 @@ use postern_route::{Availability, BackendState, RouteError};
 use serde_json::{Value, json};
 
 use super::{Body, State};
-use crate::access_log::rfc3339;
-use crate::metrics::{self, LOGIN_RESULTS, PROTOCOLS};
+use crate::observability::access_log::rfc3339;
+use crate::observability::metrics::{self, LOGIN_RESULTS, PROTOCOLS};
 
 const STATUS_HTML: &str = include_str!("status.html");
 
@@ -218,13 +218,13 @@ async fn backends(state: &State) -> Value {
     let pinned: Option<HashMap<String, u64>> = counted.map(|(c, _)| c);
     let uncounted = store.has_uncounted_pins();
     let sessions = runtime.registry.per_backend();
-    let admission: HashMap<(String, Protocol), crate::admit::Report> = runtime
+    let admission: HashMap<(String, Protocol), crate::backends::admit::Report> = runtime
         .admission
         .reports()
         .into_iter()
         .map(|r| ((r.backend.clone(), r.protocol), r))
         .collect();
-    let mut health: BTreeMap<String, Vec<crate::health::HealthReport>> = BTreeMap::new();
+    let mut health: BTreeMap<String, Vec<crate::backends::health::HealthReport>> = BTreeMap::new();
     for r in runtime.health.reports() {
         health.entry(r.backend.clone()).or_default().push(r);
     }
@@ -298,12 +298,14 @@ async fn backends(state: &State) -> Value {
 /// answering since start is `unknown` rather than `down`.
 fn service_state(
     s: BackendState,
-    seen: crate::health::Seen,
-    admin: Option<crate::health::AdminState>,
+    seen: crate::backends::health::Seen,
+    admin: Option<crate::backends::health::AdminState>,
 ) -> &'static str {
     match (s, seen, admin) {
-        (_, _, Some(crate::health::AdminState::Down)) => "down",
-        (BackendState::Up | BackendState::Down, crate::health::Seen::Unknown, _) => "unknown",
+        (_, _, Some(crate::backends::health::AdminState::Down)) => "down",
+        (BackendState::Up | BackendState::Down, crate::backends::health::Seen::Unknown, _) => {
+            "unknown"
+        }
         _ => state_name(s),
     }
 }

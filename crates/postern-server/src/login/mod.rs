@@ -15,10 +15,10 @@ use postern_route::{Availability, BackendState, RouteError, Source, UserName};
 use tokio::time::{Instant, timeout_at};
 use tracing::{Span, debug, info, warn};
 
-use crate::backend::{self, BackendError, BackendStream, ClientTls};
+use crate::backends::backend::{self, BackendError, BackendStream, ClientTls};
 use crate::ctx::Ctx;
-use crate::driver::Driver;
 use crate::registry::{SessionGuard, SessionInfo};
+use crate::session::driver::Driver;
 use crate::settings::{AuthMode, BackendTls, Endpoint, ProxyProtocol, TlsClient};
 
 use plan::{Answer, AskFailure, Input, LoginAs, Penalty, Plan, Reached, Setup, Step, Why};
@@ -95,8 +95,10 @@ pub(crate) async fn login<D: Driver>(
     let verdict = match &outcome {
         Login::Verdict(v) | Login::Close(v) | Login::Accepted { verdict: v, .. } => v,
     };
-    crate::metrics::login(D::PROTOCOL, verdict);
-    crate::access_log::note_login(crate::metrics::login_result(verdict));
+    crate::observability::metrics::login(D::PROTOCOL, verdict);
+    crate::observability::access_log::note_login(crate::observability::metrics::login_result(
+        verdict,
+    ));
     outcome
 }
 
@@ -231,8 +233,8 @@ impl<D: Driver> Run<'_, D> {
         let span = Span::current();
         span.record("user", decision.user.as_str());
         span.record("backend", decision.backend.as_str());
-        crate::access_log::note_user(decision.user.as_str());
-        crate::access_log::note_backend(&decision.backend);
+        crate::observability::access_log::note_user(decision.user.as_str());
+        crate::observability::access_log::note_backend(&decision.backend);
         let temporary = (decision.source == Source::Temporary)
             .then_some(decision.pinned.as_deref())
             .flatten();
@@ -347,7 +349,7 @@ impl<D: Driver> Run<'_, D> {
         let driver = self.driver;
         let span = Span::current();
         span.record("user", user);
-        crate::access_log::note_user(user);
+        crate::observability::access_log::note_user(user);
         let known = ctx.settings.backends.values().find_map(|b| {
             let (endpoint, options) = driver.backend(b)?;
             let ip: IpAddr = b.host.parse().ok()?;
@@ -380,7 +382,7 @@ impl<D: Driver> Run<'_, D> {
             },
         };
         span.record("backend", target.name);
-        crate::access_log::note_backend(target.name);
+        crate::observability::access_log::note_backend(target.name);
         if let Some(guard) = &self.guard {
             guard.set_backend(target.name, None);
         }
@@ -574,7 +576,7 @@ impl<D: Driver> Run<'_, D> {
                     reason = why.as_str(),
                     "backend busy: no login slot (admission control)"
                 );
-                crate::metrics::admission_refused(target.name, D::PROTOCOL, why);
+                crate::observability::metrics::admission_refused(target.name, D::PROTOCOL, why);
                 return Err(Trouble::Unavailable);
             }
         };

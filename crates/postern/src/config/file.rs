@@ -691,11 +691,11 @@ impl Default for BackendAdmission {
 }
 
 fn default_max_in_flight() -> u32 {
-    postern_server::admission::Limits::default().max_in_flight
+    postern_server::backends::admission::Limits::default().max_in_flight
 }
 
 fn default_max_queue() -> u32 {
-    postern_server::admission::Limits::default().max_queue
+    postern_server::backends::admission::Limits::default().max_queue
 }
 
 /// `backends.NAME.submission.login`.

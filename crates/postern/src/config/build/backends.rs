@@ -111,7 +111,7 @@ fn backend(name: &str, b: &file::Backend, base: &Path) -> Result<Backend> {
         submission,
         smtp,
         lmtp,
-        admission: postern_server::admission::Limits {
+        admission: postern_server::backends::admission::Limits {
             max_in_flight: b.admission.max_in_flight,
             max_queue: b.admission.queue,
         },
@@ -215,7 +215,7 @@ fn backend_tls(
         (None, None) => None,
         _ => bail!("backends.{name}.tls: cert and key go together"),
     };
-    let config = postern_server::backend::client_config(
+    let config = postern_server::backends::backend::client_config(
         ca.as_deref(),
         identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
     )
@@ -223,7 +223,7 @@ fn backend_tls(
     let server = t
         .and_then(|t| t.name.clone())
         .unwrap_or_else(|| host.to_owned());
-    let verified = postern_server::backend::server_name(&server)
+    let verified = postern_server::backends::backend::server_name(&server)
         .ok_or_else(|| anyhow!("backends.{name}.tls.name: {server:?} is not a valid name"))?;
     Ok(TlsClient {
         config,
@@ -316,7 +316,7 @@ mod tests {
         assert!(b1.pop3.is_none() && b1.submission.is_none() && b1.smtp.is_none());
         assert_eq!(
             b1.admission,
-            postern_server::admission::Limits {
+            postern_server::backends::admission::Limits {
                 max_in_flight: 64,
                 max_queue: 256
             }
@@ -332,7 +332,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             b["b1"].admission,
-            postern_server::admission::Limits {
+            postern_server::backends::admission::Limits {
                 max_in_flight: 8,
                 max_queue: 0
             }

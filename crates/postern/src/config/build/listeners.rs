@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use postern_server::relay::tls;
 use postern_server::settings::ProxyIn;
-use postern_server::{AuthMode, Backend, ListenerSettings, TlsMode, tls};
+use postern_server::{AuthMode, Backend, ListenerSettings, TlsMode};
 
 use super::auth::{auth_mode, listener_mode};
 use super::fronts::{self, Front};

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow, bail, ensure};
 use postern_server::Timeouts;
-use postern_server::access_log::AccessLog;
 use postern_server::admin::AdminSettings;
+use postern_server::observability::access_log::AccessLog;
 
 use crate::config::file;
 

@@ -11,6 +11,10 @@
 //! All protocol decisions live in the sans-IO machines and routing decisions in the
 //! router; this module moves bytes, applies timeouts, reports backend health and logs.
 
+pub(crate) mod driver;
+pub(crate) mod prologue;
+pub(crate) mod smtp_relay;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,15 +26,15 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
-use crate::backend::{BackendStream, ClientTls};
+use crate::backends::backend::{BackendStream, ClientTls};
 use crate::ctx::Ctx;
-use crate::driver::Driver;
 use crate::login::{Attempt, Login, login};
-use crate::prologue::{self, Limits, REFUSAL_WRITE, untrusted_proxy_header};
 use crate::registry::SessionGuard;
+use crate::relay::stream::ClientStream;
 use crate::relay::{self, Stats};
+use crate::session::driver::Driver;
 use crate::settings::ListenerSettings;
-use crate::stream::ClientStream;
+use prologue::{Limits, REFUSAL_WRITE, untrusted_proxy_header};
 
 /// How a session ended, for its last log line.
 enum End {
@@ -66,7 +70,7 @@ pub(crate) async fn run<D: Driver>(
     async move {
         let started = Instant::now();
         debug!("connected");
-        let _open = crate::metrics::connection(D::PROTOCOL, &listener.name);
+        let _open = crate::observability::metrics::connection(D::PROTOCOL, &listener.name);
         // Shutdown reaches the session inside: pre-auth it says goodbye, relayed it
         // runs on until the grace period ends (then its kick token fires).
         let kill = ctx.kill.clone();
@@ -76,7 +80,7 @@ pub(crate) async fn run<D: Driver>(
         // layer around a future keeps its own copy of it (rust-lang/rust#62958).
         // The kill token bounds the login phase here; a relayed session watches it
         // through its registry token, so it ends as relayed, with its byte counts.
-        let (end, facts) = crate::access_log::scope(Box::pin(async {
+        let (end, facts) = crate::observability::access_log::scope(Box::pin(async {
             let mut relayed = None;
             let end = tokio::select! {
                 end = Box::pin(session::<D>(
@@ -99,13 +103,13 @@ pub(crate) async fn run<D: Driver>(
             ),
         };
         if let Some((up, down)) = relayed {
-            crate::metrics::relayed_bytes(D::PROTOCOL, up, down);
+            crate::observability::metrics::relayed_bytes(D::PROTOCOL, up, down);
         }
-        crate::access_log::session_ended(
+        crate::observability::access_log::session_ended(
             &ctx.settings.access_log,
             ctx.generation,
             &facts,
-            &crate::access_log::Ended {
+            &crate::observability::access_log::Ended {
                 id: &id,
                 protocol: D::PROTOCOL,
                 listener: &listener.name,
@@ -207,7 +211,10 @@ async fn session<D: Driver>(
                         handoff,
                         guard: accepted.guard,
                         _slots: (opened.slot, accepted.slot),
-                        _relaying: crate::metrics::relaying(D::PROTOCOL, &listener.name),
+                        _relaying: crate::observability::metrics::relaying(
+                            D::PROTOCOL,
+                            &listener.name,
+                        ),
                     }));
                     return End::PreAuth("relayed");
                 }
@@ -418,7 +425,7 @@ struct Relayed {
         postern_limits::ConnectionGuard,
         Option<postern_limits::SessionGuard>,
     ),
-    _relaying: crate::metrics::Relaying,
+    _relaying: crate::observability::metrics::Relaying,
 }
 
 /// Finishes the hand-off and relays until the session ends or is kicked.

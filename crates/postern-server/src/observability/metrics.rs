@@ -17,8 +17,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::admit::Admission;
-use crate::health::Health;
+use crate::backends::admit::Admission;
+use crate::backends::health::Health;
 use crate::registry::Registry as Sessions;
 use crate::settings::Settings;
 
@@ -323,8 +323,8 @@ impl Metrics {
                 .set(i64::from(r.up));
             let admin = match r.admin {
                 None => 0,
-                Some(crate::health::AdminState::Drain) => 1,
-                Some(crate::health::AdminState::Down) => 2,
+                Some(crate::backends::health::AdminState::Drain) => 1,
+                Some(crate::backends::health::AdminState::Down) => 2,
             };
             self.backend_admin
                 .get_or_create(&BackendLabels { backend: r.backend })
@@ -526,7 +526,11 @@ impl Drop for Relaying {
 }
 
 /// A login got no admission slot.
-pub(crate) fn admission_refused(backend: &str, protocol: Protocol, why: crate::admit::Refused) {
+pub(crate) fn admission_refused(
+    backend: &str,
+    protocol: Protocol,
+    why: crate::backends::admit::Refused,
+) {
     get()
         .admission_refused
         .get_or_create(&AdmissionLabels {

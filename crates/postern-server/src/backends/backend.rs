@@ -68,12 +68,12 @@ impl BackendError {
     }
 
     /// Whether the backend did not answer in time (slow, or frozen) or is not there.
-    pub fn kind(&self) -> crate::service_health::FailureKind {
+    pub fn kind(&self) -> crate::backends::service_health::FailureKind {
         let (BackendError::Connect(e) | BackendError::Tls(e) | BackendError::Login(e)) = self;
         if e.kind() == io::ErrorKind::TimedOut {
-            crate::service_health::FailureKind::Timeout
+            crate::backends::service_health::FailureKind::Timeout
         } else {
-            crate::service_health::FailureKind::Hard
+            crate::backends::service_health::FailureKind::Hard
         }
     }
 }
@@ -240,10 +240,10 @@ impl AsyncWrite for BackendStream {
 pub fn client_config(
     ca: Option<&std::path::Path>,
     identity: Option<(&std::path::Path, &std::path::Path)>,
-) -> Result<Arc<rustls::ClientConfig>, crate::tls::TlsError> {
+) -> Result<Arc<rustls::ClientConfig>, crate::relay::tls::TlsError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    let err = |path: &std::path::Path, reason: String| crate::tls::TlsError::Certificate {
+    let err = |path: &std::path::Path, reason: String| crate::relay::tls::TlsError::Certificate {
         path: path.display().to_string(),
         reason,
     };
@@ -266,7 +266,7 @@ pub fn client_config(
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| crate::tls::TlsError::Pair {
+        .map_err(|e| crate::relay::tls::TlsError::Pair {
             cert: String::new(),
             key: String::new(),
             reason: e.to_string(),
@@ -275,9 +275,9 @@ pub fn client_config(
     let config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let (chain, key_der) = crate::tls::load_pair(cert, key)?;
+            let (chain, key_der) = crate::relay::tls::load_pair(cert, key)?;
             builder.with_client_auth_cert(chain, key_der).map_err(|e| {
-                crate::tls::TlsError::Pair {
+                crate::relay::tls::TlsError::Pair {
                     cert: cert.display().to_string(),
                     key: key.display().to_string(),
                     reason: e.to_string(),

@@ -4,7 +4,7 @@
 //!
 //! - **splice** (Linux, both sides plaintext TCP): each direction splices from its
 //!   source socket into a pipe and from the pipe into the other socket, so the bytes
-//!   never enter user space (see [`crate::splice`]). A pipe is held only while bytes are
+//!   never enter user space (see [`crate::relay::splice`]). A pipe is held only while bytes are
 //!   in flight; an idle session holds none.
 //! - **copy** (TLS on either side, or no pipe to be had): each poll reads into a buffer
 //!   on the stack and writes it straight to the other side; only bytes the other side
@@ -24,6 +24,11 @@
 //! over: the client gets [`LINGER`] to close too, then the relay ends, so a client that
 //! never closes does not hold its session slot until the idle timeout.
 
+#[cfg(target_os = "linux")]
+pub(crate) mod splice;
+pub mod stream;
+pub mod tls;
+
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -33,9 +38,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
-use crate::backend::BackendStream;
-use crate::splice::Fault;
-use crate::stream::ClientStream;
+use crate::backends::backend::BackendStream;
+use crate::relay::splice::Fault;
+use crate::relay::stream::ClientStream;
 
 /// How long a client may keep its side open after the backend closed.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -370,14 +375,14 @@ impl Mode {
 #[cfg(target_os = "linux")]
 #[derive(Debug)]
 enum Way {
-    Splice(crate::splice::SpliceHalf),
+    Splice(crate::relay::splice::SpliceHalf),
     Copy(Half),
 }
 
 #[cfg(target_os = "linux")]
 impl Default for Way {
     fn default() -> Self {
-        Way::Splice(crate::splice::SpliceHalf::default())
+        Way::Splice(crate::relay::splice::SpliceHalf::default())
     }
 }
 
@@ -424,8 +429,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
     use tokio::net::TcpStream;
 
-    use crate::backend::BackendStream;
-    use crate::stream::ClientStream;
+    use crate::backends::backend::BackendStream;
+    use crate::relay::stream::ClientStream;
 
     #[tokio::test]
     async fn moves_bytes_and_propagates_half_close() {

@@ -31,12 +31,14 @@ impl ClientStream {
                 let tls = match TlsAcceptor::from(config).accept(tcp).await {
                     Ok(tls) => ClientStream::Tls(Box::new(tls)),
                     Err(e) => {
-                        crate::metrics::tls_handshake(None);
+                        crate::observability::metrics::tls_handshake(None);
                         return Err(e);
                     }
                 };
-                crate::metrics::tls_handshake(Some(tls.tls_version().unwrap_or("unknown")));
-                crate::access_log::note_tls(tls.tls_version());
+                crate::observability::metrics::tls_handshake(Some(
+                    tls.tls_version().unwrap_or("unknown"),
+                ));
+                crate::observability::access_log::note_tls(tls.tls_version());
                 Ok(tls)
             }
             ClientStream::Tls(_) => Err(io::Error::other("TLS is already active")),

@@ -2,7 +2,7 @@
 //! PROXY header from a trusted balancer, the per-address connection limit (answered
 //! with the protocol's refusal), and implicit TLS, all within the pre-auth deadline.
 //! Both session drivers — the login-then-relay one ([`crate::session`]) and the MX /
-//! LMTP relay ([`crate::smtp_relay`]) — start here, so a rule of the opening (what a
+//! LMTP relay ([`crate::session::smtp_relay`]) — start here, so a rule of the opening (what a
 //! PROXY header from an untrusted peer gets, whether a TLS listener answers a refusal)
 //! is written once.
 
@@ -17,8 +17,8 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Span, debug, field, info, warn};
 
 use crate::ctx::Ctx;
+use crate::relay::stream::ClientStream;
 use crate::settings::{ListenerSettings, TlsMode};
-use crate::stream::ClientStream;
 
 /// How long a refusal may take to write: the client gets one chance to read it.
 pub(crate) const REFUSAL_WRITE: Duration = Duration::from_secs(2);
@@ -105,7 +105,7 @@ async fn refuse<F>(
 ) where
     F: FnOnce(Limit, Option<Duration>) -> Vec<u8>,
 {
-    crate::metrics::limit_hit(limit);
+    crate::observability::metrics::limit_hit(limit);
     let retry_after = ctx
         .limiter
         .retry_after(client.ip(), limit, std::time::Instant::now());
@@ -212,7 +212,7 @@ async fn proxied_client(
             let span = Span::current();
             span.record("client", field::display(real));
             span.record("via", field::display(peer));
-            crate::access_log::note_client(real);
+            crate::observability::access_log::note_client(real);
             Some(real)
         }
         Ok(None) => Some(peer),

@@ -17,12 +17,12 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tracing::{Instrument, debug, field, info, info_span, warn};
 
-use crate::backend::{self, BackendStream, ClientTls};
+use crate::backends::backend::{self, BackendStream, ClientTls};
 use crate::ctx::Ctx;
-use crate::prologue::{self, Limits, untrusted_proxy_header};
+use crate::relay::stream::ClientStream;
+use crate::session::prologue::{self, Limits, untrusted_proxy_header};
 use crate::session::session_id;
 use crate::settings::ListenerSettings;
-use crate::stream::ClientStream;
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -48,12 +48,12 @@ pub(crate) async fn run(
     );
     async move {
         let started = Instant::now();
-        let _open = crate::metrics::connection(protocol, &listener.name);
+        let _open = crate::observability::metrics::connection(protocol, &listener.name);
         // Shutdown reaches the session inside (a 421), and the kill token after the
         // grace period.
         let kill = ctx.kill.clone();
         let bytes = Bytes::default();
-        let (reason, facts) = crate::access_log::scope(async {
+        let (reason, facts) = crate::observability::access_log::scope(async {
             tokio::select! {
                 r = session(&ctx, options, protocol, &listener, tcp, peer, local, id.clone(), &bytes) => r,
                 () = kill.cancelled() => "shutdown",
@@ -65,11 +65,11 @@ pub(crate) async fn run(
             secs = started.elapsed().as_secs_f64(),
             "session ended"
         );
-        crate::access_log::session_ended(
+        crate::observability::access_log::session_ended(
             &ctx.settings.access_log,
             ctx.generation,
             &facts,
-            &crate::access_log::Ended {
+            &crate::observability::access_log::Ended {
                 id: &id,
                 protocol,
                 listener: &listener.name,
@@ -287,7 +287,7 @@ impl MxSession<'_> {
                 match connect(self.ctx, &name, self.protocol, &self.info).await {
                     Some(stream) => {
                         tracing::Span::current().record("backend", name.as_str());
-                        crate::access_log::note_backend(&name);
+                        crate::observability::access_log::note_backend(&name);
                         self.backend = Some((name, stream));
                         self.relay.handle_backend_connected();
                     }

@@ -108,14 +108,14 @@ pub(crate) struct Submission {
     /// The listener's settings; the extensions are replaced by what the backends'
     /// EHLO says once the health checks have probed them.
     pub(crate) options: Arc<postern_smtp::Options>,
-    pub(crate) health: Arc<crate::health::Health>,
+    pub(crate) health: Arc<crate::backends::health::Health>,
     pub(crate) current: std::sync::RwLock<Arc<postern_smtp::Options>>,
 }
 
 impl Submission {
     pub(crate) fn new(
         options: Arc<postern_smtp::Options>,
-        health: Arc<crate::health::Health>,
+        health: Arc<crate::backends::health::Health>,
     ) -> Self {
         Self {
             current: std::sync::RwLock::new(Arc::clone(&options)),

@@ -22,11 +22,11 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::backend::{self, BackendStream, ClientTls};
-use crate::blame::{Blame, Verdict as Blamed};
+use crate::backends::backend::{self, BackendStream, ClientTls};
+use crate::backends::blame::{Blame, Verdict as Blamed};
+pub use crate::backends::service_health::{FailureKind, LastError, Seen};
+use crate::backends::service_health::{ServiceHealth, Thresholds, Transition};
 use crate::registry::Registry;
-pub use crate::service_health::{FailureKind, LastError, Seen};
-use crate::service_health::{ServiceHealth, Thresholds, Transition};
 
 /// Without active checks, how often a down service gets one real login through.
 const HALF_OPEN_AFTER: Duration = Duration::from_secs(10);

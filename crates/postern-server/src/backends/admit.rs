@@ -9,7 +9,7 @@ use postern_proto::Protocol;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::admission::{Admit, Gate, Limits, Released, Ticket, Totals};
+use crate::backends::admission::{Admit, Gate, Limits, Released, Ticket, Totals};
 use crate::settings::Settings;
 
 type Key = (String, Protocol);
