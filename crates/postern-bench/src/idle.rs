@@ -103,35 +103,172 @@ async fn measure(args: Args) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let loadavg_before = procfs::loadavg();
-    let baseline = procfs::mem_sum(&target.args.pid)?;
-    let tcp_baseline = procfs::tcp_stat()?;
-    let slab_baseline_kib = procfs::slab_kib()?;
+    let base = Baseline::read(&target.args.pid)?;
     eprintln!(
         "{} idle {}: baseline RSS {} KiB (anon {} KiB)",
         target.args.name,
         tls_name(target.args.tls),
-        baseline.rss_kib,
-        baseline.anon_kib
+        base.mem.rss_kib,
+        base.mem.anon_kib
     );
 
-    let (release, released) = watch::channel(false);
-    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let mut handles = Vec::new();
-    let mut opened = 0u64;
-    let mut established = 0u64;
-    let mut failed = 0u64;
-    let mut errors = Vec::new();
+    let mut sessions = Sessions::new(&args, target, timeout);
     let mut steps: Vec<Step> = Vec::new();
     for &size in &args.sessions {
         let t = Instant::now();
+        sessions.open_up_to(size).await?;
+        let open_s = t.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs_f64(args.settle.max(0.0))).await;
+        let step = base.step(
+            &sessions.target.args.pid,
+            size,
+            sessions.established,
+            open_s,
+            steps.last(),
+        )?;
+        step.print();
+        steps.push(step);
+    }
+    if sessions.failed > 0 {
+        eprintln!(
+            "  {} sessions failed to open; first errors: {:?}",
+            sessions.failed, sessions.errors
+        );
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
+    let established = sessions.established;
+    let target = Arc::clone(&sessions.target);
+    let (failed, errors, alive) = sessions.close_all().await;
+    eprintln!("  {alive} of {established} sessions answered DONE and LOGOUT at the end");
+    let out = Output {
+        kind: "idle",
+        target: target.args.name.clone(),
+        scenario: target.args.scenario.clone(),
+        tls: target.args.tls,
+        baseline: base.mem,
+        tcp_baseline: base.tcp,
+        slab_baseline_kib: base.slab_kib,
+        steps,
+        failed,
+        errors,
+        alive_at_end: alive,
+        loadavg_before,
+        loadavg_after: procfs::loadavg(),
+    };
+    crate::emit(&out)
+}
+
+/// What the proxy and the kernel held before the first session.
+struct Baseline {
+    mem: Mem,
+    tcp: TcpStat,
+    slab_kib: u64,
+}
+
+impl Baseline {
+    fn read(pid: &[u32]) -> Result<Self> {
+        Ok(Self {
+            mem: procfs::mem_sum(pid)?,
+            tcp: procfs::tcp_stat()?,
+            slab_kib: procfs::slab_kib()?,
+        })
+    }
+
+    /// Reads memory now and expresses it per session, against this baseline and the
+    /// previous step.
+    fn step(
+        &self,
+        pid: &[u32],
+        sessions: u64,
+        established: u64,
+        open_s: f64,
+        prev: Option<&Step>,
+    ) -> Result<Step> {
+        let now = Self::read(pid)?;
+        let per = |now: u64, then: u64, n: u64| (now as f64 - then as f64) / n.max(1) as f64;
+        let marginal = prev.map(|prev| {
+            per(
+                now.mem.rss_kib,
+                prev.mem.rss_kib,
+                established.saturating_sub(prev.established),
+            )
+        });
+        Ok(Step {
+            sessions,
+            established,
+            open_s,
+            mem: now.mem,
+            kib_per_session: per(now.mem.rss_kib, self.mem.rss_kib, established),
+            anon_kib_per_session: per(now.mem.anon_kib, self.mem.anon_kib, established),
+            marginal_kib_per_session: marginal,
+            tcp: now.tcp,
+            tcp_kib_per_session: per(now.tcp.mem_kib, self.tcp.mem_kib, established),
+            slab_kib: now.slab_kib,
+            slab_kib_per_session: per(now.slab_kib, self.slab_kib, established),
+        })
+    }
+}
+
+impl Step {
+    fn print(&self) {
+        eprintln!(
+            "  {} sessions in IDLE (opened in {:.1} s): RSS {} KiB, \
+             {:.2} KiB/session (anon {:.2}){}, kernel: TCP buffers {:.2}, slab {:.2} KiB/session",
+            self.established,
+            self.open_s,
+            self.mem.rss_kib,
+            self.kib_per_session,
+            self.anon_kib_per_session,
+            self.marginal_kib_per_session
+                .map_or(String::new(), |m| format!(", marginal {m:.2} KiB/session")),
+            self.tcp_kib_per_session,
+            self.slab_kib_per_session,
+        );
+    }
+}
+
+/// The sessions held open: each a task that sits in IDLE until released.
+struct Sessions {
+    target: Arc<Target>,
+    timeout: Duration,
+    warmup: u64,
+    permits: Arc<Semaphore>,
+    release: watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<bool>>,
+    opened: u64,
+    established: u64,
+    failed: u64,
+    errors: Vec<String>,
+}
+
+impl Sessions {
+    fn new(args: &Args, target: Arc<Target>, timeout: Duration) -> Self {
+        Self {
+            target,
+            timeout,
+            warmup: args.warmup,
+            permits: Arc::new(Semaphore::new(args.concurrency.max(1))),
+            release: watch::channel(false).0,
+            handles: Vec::new(),
+            opened: 0,
+            established: 0,
+            failed: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Opens sessions until `size` have been tried, and waits until each is in IDLE
+    /// or has failed.
+    async fn open_up_to(&mut self, size: u64) -> Result<()> {
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
-        while opened < size {
-            let permit = Arc::clone(&permits).acquire_owned().await?;
-            let target = Arc::clone(&target);
+        while self.opened < size {
+            let permit = Arc::clone(&self.permits).acquire_owned().await?;
+            let target = Arc::clone(&self.target);
             let ready = ready_tx.clone();
-            let released = released.clone();
-            let n = args.warmup + opened;
-            handles.push(tokio::spawn(async move {
+            let released = self.release.subscribe();
+            let n = self.warmup + self.opened;
+            let timeout = self.timeout;
+            self.handles.push(tokio::spawn(async move {
                 let opened = tokio::time::timeout(timeout, open(&target, n)).await;
                 drop(permit);
                 let mut conn = match opened {
@@ -153,86 +290,34 @@ async fn measure(args: Args) -> Result<()> {
                     Ok(Ok(()))
                 )
             }));
-            opened += 1;
+            self.opened += 1;
         }
         drop(ready_tx);
         while let Some(r) = ready_rx.recv().await {
             match r {
-                Ok(()) => established += 1,
+                Ok(()) => self.established += 1,
                 Err(e) => {
-                    failed += 1;
-                    if errors.len() < 5 {
-                        errors.push(e);
+                    self.failed += 1;
+                    if self.errors.len() < 5 {
+                        self.errors.push(e);
                     }
                 }
             }
         }
-        let open_s = t.elapsed().as_secs_f64();
-        tokio::time::sleep(Duration::from_secs_f64(args.settle.max(0.0))).await;
-        let mem = procfs::mem_sum(&target.args.pid)?;
-        let tcp = procfs::tcp_stat()?;
-        let slab_kib = procfs::slab_kib()?;
-        let per = |now: u64, then: u64, n: u64| (now as f64 - then as f64) / n.max(1) as f64;
-        let marginal = steps.last().map(|prev| {
-            per(
-                mem.rss_kib,
-                prev.mem.rss_kib,
-                established.saturating_sub(prev.established),
-            )
-        });
-        let step = Step {
-            sessions: size,
-            established,
-            open_s,
-            mem,
-            kib_per_session: per(mem.rss_kib, baseline.rss_kib, established),
-            anon_kib_per_session: per(mem.anon_kib, baseline.anon_kib, established),
-            marginal_kib_per_session: marginal,
-            tcp,
-            tcp_kib_per_session: per(tcp.mem_kib, tcp_baseline.mem_kib, established),
-            slab_kib,
-            slab_kib_per_session: per(slab_kib, slab_baseline_kib, established),
-        };
-        eprintln!(
-            "  {established} sessions in IDLE (opened in {open_s:.1} s): RSS {} KiB, \
-             {:.2} KiB/session (anon {:.2}){}, kernel: TCP buffers {:.2}, slab {:.2} KiB/session",
-            mem.rss_kib,
-            step.kib_per_session,
-            step.anon_kib_per_session,
-            marginal.map_or(String::new(), |m| format!(", marginal {m:.2} KiB/session")),
-            step.tcp_kib_per_session,
-            step.slab_kib_per_session,
-        );
-        steps.push(step);
+        Ok(())
     }
-    if failed > 0 {
-        eprintln!("  {failed} sessions failed to open; first errors: {errors:?}");
-    }
-    tokio::time::sleep(Duration::from_secs_f64(args.hold.max(0.0))).await;
-    let _ = release.send(true);
-    let mut alive = 0;
-    for h in handles {
-        if matches!(h.await, Ok(true)) {
-            alive += 1;
+
+    /// Releases every session and counts those that still answered DONE and LOGOUT.
+    async fn close_all(self) -> (u64, Vec<String>, u64) {
+        let _ = self.release.send(true);
+        let mut alive = 0;
+        for h in self.handles {
+            if matches!(h.await, Ok(true)) {
+                alive += 1;
+            }
         }
+        (self.failed, self.errors, alive)
     }
-    eprintln!("  {alive} of {established} sessions answered DONE and LOGOUT at the end");
-    let out = Output {
-        kind: "idle",
-        target: target.args.name.clone(),
-        scenario: target.args.scenario.clone(),
-        tls: target.args.tls,
-        baseline,
-        tcp_baseline,
-        slab_baseline_kib,
-        steps,
-        failed,
-        errors,
-        alive_at_end: alive,
-        loadavg_before,
-        loadavg_after: procfs::loadavg(),
-    };
-    crate::emit(&out)
 }
 
 fn tls_name(tls: TlsMode) -> &'static str {

@@ -127,247 +127,275 @@ fn ratio_cell(num: Option<f64>, den: Option<f64>) -> String {
     }
 }
 
-fn render(r: &Results) -> String {
-    let mut out = String::new();
-    let rate = r
-        .first("imap-login")
-        .and_then(|v| num(v, &["rate"]))
-        .unwrap_or(0.0);
-    let tls_rate = r
-        .first("imap-login-tls")
-        .and_then(|v| num(v, &["rate"]))
-        .unwrap_or(0.0);
-    let hs_conc = r
-        .first("tls-handshake")
-        .and_then(|v| num(v, &["concurrency"]))
-        .unwrap_or(0.0);
-    let relay_size = r
-        .first("relay")
-        .and_then(|v| num(v, &["size"]))
-        .unwrap_or(0.0)
-        / 1e6;
-    let idle_sizes = |scenario: &str| -> (f64, f64) {
-        let v = r.first(scenario);
-        let size = |last| {
-            v.and_then(|v| idle_step(v, last))
+/// The figures the rows' labels name: the rates, sizes and session counts of this run.
+struct Params {
+    rate: f64,
+    tls_rate: f64,
+    hs_conc: f64,
+    relay_mb: f64,
+    idle_small: f64,
+    idle_big: f64,
+    tls_small: f64,
+    tls_big: f64,
+}
+
+impl Params {
+    fn of(r: &Results) -> Self {
+        let first = |scenario: &str, key: &str| {
+            r.first(scenario)
+                .and_then(|v| num(v, &[key]))
+                .unwrap_or(0.0)
+        };
+        let idle_size = |scenario: &str, last: bool| {
+            r.first(scenario)
+                .and_then(|v| idle_step(v, last))
                 .and_then(|s| num(s, &["sessions"]))
                 .unwrap_or(0.0)
         };
-        (size(false), size(true))
-    };
-    let (idle_small, idle_big) = idle_sizes("idle-plain");
-    let (tls_small, tls_big) = idle_sizes("idle-tls");
-    let all: &[&str] = &TARGETS;
-    let proxies: &[&str] = &["nginx", "haproxy", "postern"];
+        Self {
+            rate: first("imap-login", "rate"),
+            tls_rate: first("imap-login-tls", "rate"),
+            hs_conc: first("tls-handshake", "concurrency"),
+            relay_mb: first("relay", "size") / 1e6,
+            idle_small: idle_size("idle-plain", false),
+            idle_big: idle_size("idle-plain", true),
+            tls_small: idle_size("idle-tls", false),
+            tls_big: idle_size("idle-tls", true),
+        }
+    }
+}
 
-    let mut rows: Vec<Row<'_>> = vec![
-        Row {
-            label: format!(
-                "IMAP login session, plaintext, {rate:.0}/s: proxy CPU per session (µs)"
-            ),
-            scenario: "imap-login",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["proxy_cpu_us_per_session"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: "… plus nginx's auth_http responder, CPU per session (µs)".into(),
-            scenario: "imap-login",
-            targets: &["nginx"],
-            f: Box::new(|v| num(v, &["aux_cpu_us_per_session"])),
-            decimals: 0,
-            ratio: Ratio::None,
-        },
-        Row {
-            label: "… session latency p50 (ms)".into(),
-            scenario: "imap-login",
-            targets: all,
-            f: Box::new(|v| num(v, &["session_us", "p50"]).map(|x| x / 1000.0)),
-            decimals: 3,
-            ratio: Ratio::None,
-        },
-        Row {
-            label: "… session latency p99 (ms)".into(),
-            scenario: "imap-login",
-            targets: all,
-            f: Box::new(|v| num(v, &["session_us", "p99"]).map(|x| x / 1000.0)),
-            decimals: 3,
-            ratio: Ratio::None,
-        },
-        Row {
-            label: format!(
-                "POP3 login session, plaintext, {rate:.0}/s: proxy CPU per session (µs)"
-            ),
-            scenario: "pop3-login",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["proxy_cpu_us_per_session"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: "… session latency p99 (ms)".into(),
-            scenario: "pop3-login",
-            targets: all,
-            f: Box::new(|v| num(v, &["session_us", "p99"]).map(|x| x / 1000.0)),
-            decimals: 3,
-            ratio: Ratio::None,
-        },
-        Row {
-            label: format!(
-                "Relay, {relay_size:.0} MB FETCH on one connection: MB/s (median FETCH)"
-            ),
-            scenario: "relay",
-            targets: all,
-            f: Box::new(|v| num(v, &["mb_per_s", "p50"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: "… proxy CPU per GB relayed (ms)".into(),
-            scenario: "relay",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["proxy_cpu_ms_per_gb"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: format!(
-                "Relay, {relay_size:.0} MB FETCHes on 4 connections at once: MB/s (median FETCH)"
-            ),
-            scenario: "relay-4",
-            targets: all,
-            f: Box::new(|v| num(v, &["mb_per_s", "p50"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: "… proxy CPU per GB relayed (ms)".into(),
-            scenario: "relay-4",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["proxy_cpu_ms_per_gb"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: format!(
-                "Idle IMAP session (IDLE), plaintext: proxy KiB per session at {idle_big:.0}"
-            ),
-            scenario: "idle-plain",
-            targets: proxies,
-            f: Box::new(|v| idle_step(v, true).and_then(|s| num(s, &["kib_per_session"]))),
-            decimals: 2,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: format!("… at {idle_small:.0}"),
-            scenario: "idle-plain",
-            targets: proxies,
-            f: Box::new(|v| idle_step(v, false).and_then(|s| num(s, &["kib_per_session"]))),
-            decimals: 2,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: format!("… marginal, {idle_small:.0} → {idle_big:.0}"),
-            scenario: "idle-plain",
-            targets: proxies,
-            f: Box::new(|v| idle_step(v, true).and_then(|s| num(s, &["marginal_kib_per_session"]))),
-            decimals: 2,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: format!(
-                "Idle IMAP session (IDLE), implicit TLS: proxy KiB per session at {tls_big:.0}"
-            ),
-            scenario: "idle-tls",
-            targets: proxies,
-            f: Box::new(|v| idle_step(v, true).and_then(|s| num(s, &["kib_per_session"]))),
-            decimals: 2,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: format!("… at {tls_small:.0}"),
-            scenario: "idle-tls",
-            targets: proxies,
-            f: Box::new(|v| idle_step(v, false).and_then(|s| num(s, &["kib_per_session"]))),
-            decimals: 2,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: format!("… marginal, {tls_small:.0} → {tls_big:.0}"),
-            scenario: "idle-tls",
-            targets: proxies,
-            f: Box::new(|v| idle_step(v, true).and_then(|s| num(s, &["marginal_kib_per_session"]))),
-            decimals: 2,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: "Kernel slab growth per idle plaintext session, machine-wide: its 4 loopback sockets (KiB)".into(),
-            scenario: "idle-plain",
-            targets: proxies,
-            f: Box::new(|v| idle_step(v, true).and_then(|s| num(s, &["slab_kib_per_session"]))),
-            decimals: 1,
-            ratio: Ratio::None,
-        },
-        Row {
-            label: format!(
+const ALL: &[&str] = &TARGETS;
+const PROXIES: &[&str] = &["nginx", "haproxy", "postern"];
+
+fn row(
+    label: impl Into<String>,
+    scenario: &'static str,
+    targets: &'static [&'static str],
+    f: Metric<'static>,
+    decimals: usize,
+    ratio: Ratio,
+) -> Row<'static> {
+    Row {
+        label: label.into(),
+        scenario,
+        targets,
+        f,
+        decimals,
+        ratio,
+    }
+}
+
+fn cpu_per_session() -> Metric<'static> {
+    Box::new(|v| num(v, &["proxy_cpu_us_per_session"]))
+}
+
+/// A latency quantile of the session, in ms.
+fn latency(q: &'static str) -> Metric<'static> {
+    Box::new(move |v| num(v, &["session_us", q]).map(|x| x / 1000.0))
+}
+
+/// A figure of an idle run's largest (`last`) or smallest step.
+fn idle_figure(last: bool, key: &'static str) -> Metric<'static> {
+    Box::new(move |v| idle_step(v, last).and_then(|s| num(s, &[key])))
+}
+
+fn login_rows(p: &Params) -> Vec<Row<'static>> {
+    let rate = p.rate;
+    vec![
+        row(
+            format!("IMAP login session, plaintext, {rate:.0}/s: proxy CPU per session (µs)"),
+            "imap-login",
+            PROXIES,
+            cpu_per_session(),
+            0,
+            Ratio::ToProxies,
+        ),
+        row(
+            "… plus nginx's auth_http responder, CPU per session (µs)",
+            "imap-login",
+            &["nginx"],
+            Box::new(|v| num(v, &["aux_cpu_us_per_session"])),
+            0,
+            Ratio::None,
+        ),
+        row(
+            "… session latency p50 (ms)",
+            "imap-login",
+            ALL,
+            latency("p50"),
+            3,
+            Ratio::None,
+        ),
+        row(
+            "… session latency p99 (ms)",
+            "imap-login",
+            ALL,
+            latency("p99"),
+            3,
+            Ratio::None,
+        ),
+        row(
+            format!("POP3 login session, plaintext, {rate:.0}/s: proxy CPU per session (µs)"),
+            "pop3-login",
+            PROXIES,
+            cpu_per_session(),
+            0,
+            Ratio::ToProxies,
+        ),
+        row(
+            "… session latency p99 (ms)",
+            "pop3-login",
+            ALL,
+            latency("p99"),
+            3,
+            Ratio::None,
+        ),
+    ]
+}
+
+fn relay_rows(p: &Params) -> Vec<Row<'static>> {
+    let mb = p.relay_mb;
+    let throughput = || -> Metric<'static> { Box::new(|v| num(v, &["mb_per_s", "p50"])) };
+    let per_gb = || -> Metric<'static> { Box::new(|v| num(v, &["proxy_cpu_ms_per_gb"])) };
+    let mut rows = Vec::new();
+    for (scenario, what) in [
+        ("relay", format!("{mb:.0} MB FETCH on one connection")),
+        (
+            "relay-4",
+            format!("{mb:.0} MB FETCHes on 4 connections at once"),
+        ),
+    ] {
+        rows.push(row(
+            format!("Relay, {what}: MB/s (median FETCH)"),
+            scenario,
+            ALL,
+            throughput(),
+            0,
+            Ratio::ToProxies,
+        ));
+        rows.push(row(
+            "… proxy CPU per GB relayed (ms)",
+            scenario,
+            PROXIES,
+            per_gb(),
+            0,
+            Ratio::ToProxies,
+        ));
+    }
+    rows
+}
+
+fn idle_rows(p: &Params) -> Vec<Row<'static>> {
+    let mut rows = Vec::new();
+    for (scenario, what, small, big) in [
+        ("idle-plain", "plaintext", p.idle_small, p.idle_big),
+        ("idle-tls", "implicit TLS", p.tls_small, p.tls_big),
+    ] {
+        rows.push(row(
+            format!("Idle IMAP session (IDLE), {what}: proxy KiB per session at {big:.0}"),
+            scenario,
+            PROXIES,
+            idle_figure(true, "kib_per_session"),
+            2,
+            Ratio::ToProxies,
+        ));
+        rows.push(row(
+            format!("… at {small:.0}"),
+            scenario,
+            PROXIES,
+            idle_figure(false, "kib_per_session"),
+            2,
+            Ratio::ToProxies,
+        ));
+        rows.push(row(
+            format!("… marginal, {small:.0} → {big:.0}"),
+            scenario,
+            PROXIES,
+            idle_figure(true, "marginal_kib_per_session"),
+            2,
+            Ratio::ToProxies,
+        ));
+    }
+    rows.push(row(
+        "Kernel slab growth per idle plaintext session, machine-wide: its 4 loopback sockets (KiB)",
+        "idle-plain",
+        PROXIES,
+        idle_figure(true, "slab_kib_per_session"),
+        1,
+        Ratio::None,
+    ));
+    rows
+}
+
+fn tls_rows(p: &Params) -> Vec<Row<'static>> {
+    let (tls_rate, hs_conc) = (p.tls_rate, p.hs_conc);
+    vec![
+        row(
+            format!(
                 "IMAP login session, implicit TLS, {tls_rate:.0}/s: proxy CPU per session (µs)"
             ),
-            scenario: "imap-login-tls",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["proxy_cpu_us_per_session"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: "… session latency p50 (ms)".into(),
-            scenario: "imap-login-tls",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["session_us", "p50"]).map(|x| x / 1000.0)),
-            decimals: 3,
-            ratio: Ratio::None,
-        },
-        Row {
-            label: "… session latency p99 (ms)".into(),
-            scenario: "imap-login-tls",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["session_us", "p99"]).map(|x| x / 1000.0)),
-            decimals: 3,
-            ratio: Ratio::None,
-        },
-        Row {
-            label: format!(
+            "imap-login-tls",
+            PROXIES,
+            cpu_per_session(),
+            0,
+            Ratio::ToProxies,
+        ),
+        row(
+            "… session latency p50 (ms)",
+            "imap-login-tls",
+            PROXIES,
+            latency("p50"),
+            3,
+            Ratio::None,
+        ),
+        row(
+            "… session latency p99 (ms)",
+            "imap-login-tls",
+            PROXIES,
+            latency("p99"),
+            3,
+            Ratio::None,
+        ),
+        row(
+            format!(
                 "TLS handshakes/s (connect, handshake, greeting, LOGOUT; {hs_conc:.0} in flight, load generator on the same 2 cores)"
             ),
-            scenario: "tls-handshake",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["sessions_per_s"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-        Row {
-            label: "… proxy CPU per handshake session (µs)".into(),
-            scenario: "tls-handshake",
-            targets: proxies,
-            f: Box::new(|v| num(v, &["proxy_cpu_us_per_session"])),
-            decimals: 0,
-            ratio: Ratio::ToProxies,
-        },
-    ];
+            "tls-handshake",
+            PROXIES,
+            Box::new(|v| num(v, &["sessions_per_s"])),
+            0,
+            Ratio::ToProxies,
+        ),
+        row(
+            "… proxy CPU per handshake session (µs)",
+            "tls-handshake",
+            PROXIES,
+            cpu_per_session(),
+            0,
+            Ratio::ToProxies,
+        ),
+    ]
+}
 
+/// The main table: each row's medians (with ranges) per target, and Postern's ratios.
+fn main_table(r: &Results, rows: &[Row<'_>]) -> String {
+    let mut out = String::new();
     out.push_str(
         "| Measurement | direct | nginx | HAProxy | Postern | Postern ÷ nginx | Postern ÷ HAProxy |\n",
     );
     out.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
-    for row in rows.drain(..) {
-        let mut cells = Vec::new();
-        for t in TARGETS {
-            if row.targets.contains(&t) {
-                cells.push(cell(&r.values(row.scenario, t, &*row.f), row.decimals));
-            } else {
-                cells.push("–".to_owned());
-            }
-        }
+    for row in rows {
+        let cells: Vec<String> = TARGETS
+            .iter()
+            .map(|t| {
+                if row.targets.contains(t) {
+                    cell(&r.values(row.scenario, t, &*row.f), row.decimals)
+                } else {
+                    "–".to_owned()
+                }
+            })
+            .collect();
         let ratio = |to: &str| match row.ratio {
             Ratio::ToProxies => ratio_cell(
                 r.median(row.scenario, "postern", &*row.f),
@@ -387,25 +415,25 @@ fn render(r: &Results) -> String {
             ratio("haproxy"),
         );
     }
+    out
+}
 
-    // Derived rows: differences against direct, and the TLS cost per handshake.
-    let p = |scenario: &str, target: &str, q: &'static str| {
-        r.median(scenario, target, &move |v: &Value| {
-            num(v, &["session_us", q]).map(|x| x / 1000.0)
-        })
-    };
+/// Rows derived from several measurements: differences against direct, and the TLS
+/// cost per handshake.
+fn derived_table(r: &Results, rate: f64) -> String {
+    let mut out = String::new();
+    let p =
+        |scenario: &str, target: &str, q: &'static str| r.median(scenario, target, &*latency(q));
     let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
     let show = |v: Option<f64>, d: usize| v.map_or("–".to_owned(), |x| format!("{x:+.d$}"));
-    out.push('\n');
     out.push_str("| Derived | nginx | HAProxy | Postern |\n|---|---:|---:|---:|\n");
-    let proxies3 = ["nginx", "haproxy", "postern"];
     let row3 = |out: &mut String, label: &str, f: &dyn Fn(&str) -> String| {
         let _ = writeln!(
             out,
             "| {label} | {} | {} | {} |",
-            f(proxies3[0]),
-            f(proxies3[1]),
-            f(proxies3[2])
+            f(PROXIES[0]),
+            f(PROXIES[1]),
+            f(PROXIES[2])
         );
     };
     for (scenario, name) in [("imap-login", "IMAP"), ("pop3-login", "POP3")] {
@@ -424,11 +452,7 @@ fn render(r: &Results) -> String {
     row3(&mut out, "Relay throughput ÷ direct", &|t| {
         relay_ratio(t).map_or("–".into(), |x| format!("{x:.2}×"))
     });
-    let cpu = |scenario: &str, t: &str| {
-        r.median(scenario, t, &|v: &Value| {
-            num(v, &["proxy_cpu_us_per_session"])
-        })
-    };
+    let cpu = |scenario: &str, t: &str| r.median(scenario, t, &*cpu_per_session());
     let hs = |t: &str| diff(cpu("imap-login-tls", t), cpu("imap-login", t));
     row3(
         &mut out,
@@ -444,9 +468,20 @@ fn render(r: &Results) -> String {
         "TLS handshake sessions per core-second (10⁶ ÷ CPU per handshake session)",
         &|t| per_core(t).map_or("–".into(), |x| format!("{x:.0}")),
     );
+    out
+}
 
+fn render(r: &Results) -> String {
+    let p = Params::of(r);
+    let mut rows = login_rows(&p);
+    rows.extend(relay_rows(&p));
+    rows.extend(idle_rows(&p));
+    rows.extend(tls_rows(&p));
+    let mut out = main_table(r, &rows);
     out.push('\n');
-    out.push_str(&targets(r, rate));
+    out.push_str(&derived_table(r, p.rate));
+    out.push('\n');
+    out.push_str(&targets(r, p.rate));
     out
 }
 
