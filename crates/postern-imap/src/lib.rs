@@ -21,6 +21,15 @@ pub mod login;
 
 pub use front::{Front, Options};
 
+/// How a health check that logged in (or only read the greeting) leaves a IMAP
+/// backend, so the backend logs a clean goodbye rather than a dropped connection.
+pub const CHECK_GOODBYE: &[u8] = b"Z LOGOUT\r\n";
+
+/// The health check that does not log in: the greeting must be `* OK`.
+pub fn greeting_check() -> postern_proto::GreetingCheck {
+    postern_proto::GreetingCheck::new(b"* OK", CHECK_GOODBYE)
+}
+
 /// What Postern sends a relayed IMAP client before it closes the session itself (kick,
 /// shutdown, idle timeout): an untagged `BYE`, which RFC 9051 allows at any time, with
 /// `[UNAVAILABLE]` (RFC 5530) where reconnecting helps.

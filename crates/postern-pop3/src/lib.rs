@@ -22,6 +22,15 @@ pub mod login;
 
 pub use front::{Front, Options, apop_timestamp, is_apop_timestamp};
 
+/// How a health check that logged in (or only read the greeting) leaves a POP3
+/// backend, so the backend logs a clean goodbye rather than a dropped connection.
+pub const CHECK_GOODBYE: &[u8] = b"QUIT\r\n";
+
+/// The health check that does not log in: the greeting must be `+OK`.
+pub fn greeting_check() -> postern_proto::GreetingCheck {
+    postern_proto::GreetingCheck::new(b"+OK", CHECK_GOODBYE)
+}
+
 /// What Postern sends a relayed POP3 client before it closes the session itself. POP3
 /// has no unsolicited replies, but Dovecot sends this one and clients show it.
 pub fn relayed_goodbye(why: postern_proto::Shutdown) -> Vec<u8> {

@@ -23,6 +23,7 @@
     )
 )]
 
+pub mod greeting;
 pub mod lines;
 pub mod machine;
 pub mod output;
@@ -32,9 +33,10 @@ pub mod sasl;
 pub mod secret;
 pub mod transcript;
 
+pub use greeting::GreetingCheck;
 pub use machine::{
-    BackendLogin, ClientInfo, CloseReason, Event, Failure, FrontEnd, Limit, LoginEvent, Reply,
-    Shutdown, Verdict,
+    BackendLogin, BackendMachine, BackendStep, ClientInfo, CloseReason, Event, Failure, FrontEnd,
+    Limit, LoginEvent, Reply, Shutdown, Verdict,
 };
 pub use output::Output;
 pub use protocol::Protocol;

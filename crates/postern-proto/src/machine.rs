@@ -249,6 +249,57 @@ pub trait BackendLogin {
         Self: Sized;
 }
 
+/// Any machine that talks to a backend before (or instead of) a relay: the logins, and
+/// the health checks (greeting checks, SMTP's EHLO probe). The runtime has one driver
+/// for all of them: write what the machine queued, act on its step, read, feed.
+pub trait BackendMachine {
+    /// What the machine ends with: a login's [`Verdict`], a check's result.
+    type Outcome;
+    /// Feeds bytes read from the backend.
+    fn handle_input(&mut self, bytes: &[u8]);
+    /// Reports that the TLS handshake requested by [`BackendStep::StartTls`] finished.
+    fn handle_tls_ready(&mut self) {}
+    /// Appends bytes to send to the backend.
+    fn poll_transmit(&mut self, out: &mut Vec<u8>);
+    /// The next step, once the machine needs one; `None` means "read more".
+    fn poll_step(&mut self) -> Option<BackendStep<Self::Outcome>>;
+}
+
+/// What a [`BackendMachine`] asks its driver for.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "an unhandled step stalls the machine"]
+pub enum BackendStep<O> {
+    /// Flush output, run a TLS client handshake, then call `handle_tls_ready`.
+    StartTls,
+    /// The machine is finished. Bytes it queued before finishing (a goodbye) are
+    /// already out: the driver writes before it asks for the step.
+    Done(O),
+}
+
+/// Every login machine is a backend machine whose outcome is its verdict.
+impl<L: BackendLogin + ?Sized> BackendMachine for L {
+    type Outcome = Verdict;
+
+    fn handle_input(&mut self, bytes: &[u8]) {
+        BackendLogin::handle_input(self, bytes);
+    }
+
+    fn handle_tls_ready(&mut self) {
+        BackendLogin::handle_tls_ready(self);
+    }
+
+    fn poll_transmit(&mut self, out: &mut Vec<u8>) {
+        BackendLogin::poll_transmit(self, out);
+    }
+
+    fn poll_step(&mut self) -> Option<BackendStep<Verdict>> {
+        match self.poll_event()? {
+            LoginEvent::StartTls => Some(BackendStep::StartTls),
+            LoginEvent::Done(verdict) => Some(BackendStep::Done(verdict)),
+        }
+    }
+}
+
 /// What a backend login machine reports.
 #[derive(Debug)]
 #[must_use = "an unhandled event stalls the session"]

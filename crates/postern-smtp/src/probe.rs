@@ -10,6 +10,8 @@
 //! `extensions.advertise(protocol)` into the listener's options, so that what Postern
 //! advertises is what the backends really offer, not a hand-written list.
 
+use postern_proto::{BackendMachine, BackendStep};
+
 use crate::ehlo::Extensions;
 use crate::reply::{Read, ReplyReader};
 
@@ -86,6 +88,23 @@ impl Probe {
     /// probed. The driver closes the connection after sending the final QUIT.
     pub fn poll_result(&mut self) -> Option<Result<Extensions, &'static str>> {
         self.result.take()
+    }
+}
+
+/// The health checks' driver runs the probe like any backend machine.
+impl BackendMachine for Probe {
+    type Outcome = Result<Extensions, &'static str>;
+
+    fn handle_input(&mut self, bytes: &[u8]) {
+        Probe::handle_input(self, bytes);
+    }
+
+    fn poll_transmit(&mut self, out: &mut Vec<u8>) {
+        Probe::poll_transmit(self, out);
+    }
+
+    fn poll_step(&mut self) -> Option<BackendStep<Self::Outcome>> {
+        self.poll_result().map(BackendStep::Done)
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use postern_proto::{BackendLogin, ClientInfo, LoginEvent, Verdict};
+use postern_proto::{BackendMachine, BackendStep, ClientInfo};
 use proxy_header::{ProxiedAddress, ProxyHeader, SslInfo, Tlv};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -161,12 +161,14 @@ fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
     (v6(s), v6(d))
 }
 
-/// Runs the login machine on `stream`, upgrading to TLS when the machine asks.
-pub async fn login<L: BackendLogin + ?Sized>(
-    machine: &mut L,
+/// Runs a backend machine (a login, a health check) on `stream` until it is done,
+/// upgrading to TLS when the machine asks: the one driver of every backend-facing
+/// conversation.
+pub async fn drive<M: BackendMachine + ?Sized>(
+    machine: &mut M,
     mut stream: BackendStream,
     tls: Option<&TlsClient>,
-) -> Result<(Verdict, BackendStream), BackendError> {
+) -> Result<(M::Outcome, BackendStream), BackendError> {
     let mut out = Vec::new();
     let mut buf = [0u8; READ_CHUNK];
     loop {
@@ -176,9 +178,9 @@ pub async fn login<L: BackendLogin + ?Sized>(
             stream.flush().await.map_err(BackendError::Login)?;
             out.clear();
         }
-        match machine.poll_event() {
-            Some(LoginEvent::Done(verdict)) => return Ok((verdict, stream)),
-            Some(LoginEvent::StartTls) => {
+        match machine.poll_step() {
+            Some(BackendStep::Done(outcome)) => return Ok((outcome, stream)),
+            Some(BackendStep::StartTls) => {
                 let tls =
                     tls.ok_or_else(|| BackendError::Tls(io::Error::other("no TLS settings")))?;
                 stream = stream.upgrade(tls).await.map_err(BackendError::Tls)?;

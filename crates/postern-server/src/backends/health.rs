@@ -17,12 +17,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use postern_proto::{BackendLogin, ClientInfo, Credentials, Mechanism, Protocol, Secret, Verdict};
 use postern_route::{Availability, BackendState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::backends::backend::{self, BackendStream, ClientTls};
+use crate::backends::backend::{self, BackendError, BackendStream, ClientTls};
 use crate::backends::blame::{Blame, Verdict as Blamed};
 pub use crate::backends::service_health::{FailureKind, LastError, Seen};
 use crate::backends::service_health::{ServiceHealth, Thresholds, Transition};
@@ -633,54 +633,42 @@ async fn check(
 
 /// EHLO (LHLO) and QUIT: the backend is up, and this is what it supports.
 async fn ehlo(
-    mut stream: BackendStream,
+    stream: BackendStream,
     protocol: Protocol,
     hostname: &str,
 ) -> Result<Vec<String>, String> {
     let mut probe = postern_smtp::Probe::new(hostname, protocol == Protocol::Lmtp);
-    let mut buf = [0u8; 1024];
-    let mut out = Vec::new();
-    loop {
-        probe.poll_transmit(&mut out);
-        if !out.is_empty() {
-            stream.write_all(&out).await.map_err(|e| e.to_string())?;
-            out.clear();
-        }
-        if let Some(result) = probe.poll_result() {
-            let _ = stream.shutdown().await;
-            return result
-                .map(|ext| ext.advertise(protocol))
-                .map_err(str::to_owned);
-        }
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed during EHLO".into());
-        }
-        probe.handle_input(buf.get(..n).unwrap_or_default());
-    }
+    let (result, mut stream) = backend::drive(&mut probe, stream, None)
+        .await
+        .map_err(|e| conversation_error(e, "EHLO"))?;
+    let _ = stream.shutdown().await;
+    result
+        .map(|ext| ext.advertise(protocol))
+        .map_err(str::to_owned)
 }
 
-async fn greeting(mut stream: BackendStream, protocol: Protocol) -> Result<(), String> {
-    let mut buf = [0u8; 512];
-    let mut got = Vec::new();
-    while !got.contains(&b'\n') && got.len() < 4096 {
-        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed before the greeting".into());
-        }
-        got.extend_from_slice(buf.get(..n).unwrap_or_default());
-    }
-    let (want, bye): (&[u8], &[u8]) = match protocol {
-        Protocol::Imap => (b"* OK", b"Z LOGOUT\r\n"),
-        Protocol::Pop3 => (b"+OK", b"QUIT\r\n"),
-        _ => (b"220", b"QUIT\r\n"),
+/// The greeting alone, answered with the protocol's goodbye (both from its crate).
+async fn greeting(stream: BackendStream, protocol: Protocol) -> Result<(), String> {
+    let mut check = match protocol {
+        Protocol::Imap => postern_imap::greeting_check(),
+        Protocol::Pop3 => postern_pop3::greeting_check(),
+        _ => return Err("no greeting check for this protocol".into()),
     };
-    let _ = stream.write_all(bye).await;
+    let (result, mut stream) = backend::drive(&mut check, stream, None)
+        .await
+        .map_err(|e| conversation_error(e, "the greeting"))?;
     let _ = stream.shutdown().await;
-    if got.starts_with(want) {
-        Ok(())
-    } else {
-        Err("unexpected greeting".into())
+    result.map_err(str::to_owned)
+}
+
+/// A check's conversation error as the operator reads it in `last_error`.
+fn conversation_error(e: BackendError, during: &str) -> String {
+    match e {
+        BackendError::Login(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            format!("closed during {during}")
+        }
+        BackendError::Login(e) => e.to_string(),
+        e => e.to_string(),
     }
 }
 
@@ -698,29 +686,30 @@ async fn probe_login(
         password: Secret::new(probe.password.expose().as_bytes().to_vec()),
         challenge: None,
     };
-    let mut machine: Box<dyn BackendLogin + Send> = match protocol {
+    let (mut machine, bye): (Box<dyn BackendLogin + Send>, &[u8]) = match protocol {
         Protocol::Imap => {
             let o = backend.imap.as_ref().ok_or("no imap")?;
             let mut login = o.login.clone();
             login.forward_client = false;
-            Box::new(postern_imap::Login::new(creds, None, &login, info))
+            (
+                Box::new(postern_imap::Login::new(creds, None, &login, info)),
+                postern_imap::CHECK_GOODBYE,
+            )
         }
         Protocol::Pop3 => {
             let o = backend.pop3.as_ref().ok_or("no pop3")?;
             let mut login = o.login.clone();
             login.forward_client = false;
-            Box::new(postern_pop3::Login::new(creds, &login, info))
+            (
+                Box::new(postern_pop3::Login::new(creds, &login, info)),
+                postern_pop3::CHECK_GOODBYE,
+            )
         }
         _ => return Err("no probe login for this protocol".into()),
     };
-    let (verdict, mut stream) = backend::login(machine.as_mut(), stream, backend.tls.as_ref())
+    let (verdict, mut stream) = backend::drive(machine.as_mut(), stream, backend.tls.as_ref())
         .await
-        .map_err(|e| e.to_string())?;
-    let bye: &[u8] = if protocol == Protocol::Imap {
-        b"Z LOGOUT\r\n"
-    } else {
-        b"QUIT\r\n"
-    };
+        .map_err(|e| conversation_error(e, "the probe login"))?;
     let _ = stream.write_all(bye).await;
     let _ = stream.shutdown().await;
     match verdict {

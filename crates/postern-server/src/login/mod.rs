@@ -617,7 +617,7 @@ impl<D: Driver> Run<'_, D> {
         let cut = until < timed_out_at;
         let outcome = timeout_at(
             timed_out_at.min(until),
-            backend::login(machine, stream, target.tls),
+            backend::drive(machine, stream, target.tls),
         )
         .await;
         match outcome {
