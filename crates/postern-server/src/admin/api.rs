@@ -120,28 +120,10 @@ pub(crate) fn param(query: &str, key: &str) -> Option<String> {
 
 /// `%XX` and `+` decoding (invalid escapes are kept as they are).
 pub(crate) fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b {
-            b'%' => {
-                let hi = bytes.get(i + 1).and_then(|&c| hex(c));
-                let lo = bytes.get(i + 2).and_then(|&c| hex(c));
-                if let (Some(hi), Some(lo)) = (hi, lo) {
-                    out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
-                    i += 3;
-                    continue;
-                }
-                out.push(b);
-            }
-            b'+' => out.push(b' '),
-            _ => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // Form encoding's `+` first, so an encoded `%2B` still decodes to a plus sign.
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -547,5 +529,7 @@ mod tests {
         assert_eq!(param("a=1", "user"), None);
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz%41"), "%zzA");
+        assert_eq!(percent_decode("a%2Bb+c"), "a+b c");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
     }
 }
