@@ -17,6 +17,7 @@ use tracing::{Span, debug, info, warn};
 
 use crate::backends::backend::{self, BackendError, BackendStream, ClientTls};
 use crate::ctx::Ctx;
+use crate::observability::access_log::Facts;
 use crate::registry::{SessionGuard, SessionInfo};
 use crate::session::driver::Driver;
 use crate::settings::{AuthMode, BackendTls, Endpoint, ProxyProtocol, TlsClient};
@@ -64,6 +65,7 @@ pub(crate) async fn login<D: Driver>(
     front: &D::Front,
     creds: Credentials,
     attempt: &Attempt<'_>,
+    facts: &mut Facts,
 ) -> Login {
     let setup = Setup {
         auth: attempt.auth,
@@ -84,6 +86,7 @@ pub(crate) async fn login<D: Driver>(
         slot: None,
         guard: None,
         accepted: None,
+        facts,
     };
     let mut input = Input::Start;
     let outcome = loop {
@@ -96,9 +99,8 @@ pub(crate) async fn login<D: Driver>(
         Login::Verdict(v) | Login::Close(v) | Login::Accepted { verdict: v, .. } => v,
     };
     crate::observability::metrics::login(D::PROTOCOL, verdict);
-    crate::observability::access_log::note_login(crate::observability::metrics::login_result(
-        verdict,
-    ));
+    run.facts
+        .login(crate::observability::metrics::login_result(verdict));
     outcome
 }
 
@@ -119,6 +121,8 @@ struct Run<'a, D: Driver> {
     guard: Option<SessionGuard>,
     /// The logged-in backend connection and the bytes read past the login.
     accepted: Option<(BackendStream, Vec<u8>)>,
+    /// The session's record for its access-log line: the user and backend go there.
+    facts: &'a mut Facts,
 }
 
 /// Where to log in.
@@ -229,12 +233,12 @@ impl<D: Driver> Run<'_, D> {
     /// Records where the session goes; a user sent away from their pinned backend
     /// (failover, drain) has their sessions there ended now on this instance (other
     /// instances follow the pin event), before this one is served elsewhere.
-    fn assign(&self, decision: &postern_route::Decision) {
+    fn assign(&mut self, decision: &postern_route::Decision) {
         let span = Span::current();
         span.record("user", decision.user.as_str());
         span.record("backend", decision.backend.as_str());
-        crate::observability::access_log::note_user(decision.user.as_str());
-        crate::observability::access_log::note_backend(&decision.backend);
+        self.facts.user(decision.user.as_str());
+        self.facts.backend(&decision.backend);
         let temporary = (decision.source == Source::Temporary)
             .then_some(decision.pinned.as_deref())
             .flatten();
@@ -349,7 +353,7 @@ impl<D: Driver> Run<'_, D> {
         let driver = self.driver;
         let span = Span::current();
         span.record("user", user);
-        crate::observability::access_log::note_user(user);
+        self.facts.user(user);
         let known = ctx.settings.backends.values().find_map(|b| {
             let (endpoint, options) = driver.backend(b)?;
             let ip: IpAddr = b.host.parse().ok()?;
@@ -382,7 +386,7 @@ impl<D: Driver> Run<'_, D> {
             },
         };
         span.record("backend", target.name);
-        crate::observability::access_log::note_backend(target.name);
+        self.facts.backend(target.name);
         if let Some(guard) = &self.guard {
             guard.set_backend(target.name, None);
         }

@@ -7,8 +7,6 @@
 //! code that learns it; the session's end writes the line. Never a password, a SASL
 //! exchange or any other client byte: only names Postern itself decided on.
 
-use std::cell::RefCell;
-use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -18,10 +16,6 @@ use postern_proto::Protocol;
 use serde::Serialize;
 
 pub use crate::settings::AccessLog;
-
-tokio::task_local! {
-    static FACTS: RefCell<Facts>;
-}
 
 /// What a session learned about itself, for its access-log line.
 #[derive(Clone, Debug, Default)]
@@ -34,48 +28,32 @@ pub(crate) struct Facts {
     logins: u32,
 }
 
-/// Runs a session's future with a fresh [`Facts`], returning them with its output.
-pub(crate) async fn scope<F: Future>(f: F) -> (F::Output, Facts) {
-    FACTS
-        .scope(RefCell::new(Facts::default()), async {
-            let out = f.await;
-            let facts = FACTS.with(|c| c.take());
-            (out, facts)
-        })
-        .await
-}
+impl Facts {
+    /// The real client address (from a PROXY header).
+    pub(crate) fn client(&mut self, addr: SocketAddr) {
+        self.client = Some(addr);
+    }
 
-fn note(f: impl FnOnce(&mut Facts)) {
-    // Outside a session (health checks, tests) there is nothing to note.
-    let _ = FACTS.try_with(|c| f(&mut c.borrow_mut()));
-}
+    /// The negotiated TLS version.
+    pub(crate) fn tls(&mut self, version: Option<&'static str>) {
+        self.tls = version;
+    }
 
-/// The real client address (from a PROXY header).
-pub(crate) fn note_client(addr: SocketAddr) {
-    note(|f| f.client = Some(addr));
-}
+    /// The (normalized) user.
+    pub(crate) fn user(&mut self, user: &str) {
+        self.user = Some(user.to_owned());
+    }
 
-/// The negotiated TLS version.
-pub(crate) fn note_tls(version: Option<&'static str>) {
-    note(|f| f.tls = version);
-}
+    /// The backend the session was routed to.
+    pub(crate) fn backend(&mut self, backend: &str) {
+        self.backend = Some(backend.to_owned());
+    }
 
-/// The (normalized) user.
-pub(crate) fn note_user(user: &str) {
-    note(|f| f.user = Some(user.to_owned()));
-}
-
-/// The backend the session was routed to.
-pub(crate) fn note_backend(backend: &str) {
-    note(|f| f.backend = Some(backend.to_owned()));
-}
-
-/// The result of a login attempt (one of `metrics::LOGIN_RESULTS`).
-pub(crate) fn note_login(result: &'static str) {
-    note(|f| {
-        f.login = Some(result);
-        f.logins = f.logins.saturating_add(1);
-    });
+    /// The result of a login attempt (one of `metrics::LOGIN_RESULTS`).
+    pub(crate) fn login(&mut self, result: &'static str) {
+        self.login = Some(result);
+        self.logins = self.logins.saturating_add(1);
+    }
 }
 
 /// How a session ended.
@@ -273,18 +251,16 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn facts_are_per_task() {
-        let ((), facts) = scope(async {
-            note_user("bob");
-            note_backend("b2");
-            note_login("failed");
-            note_login("accepted");
-        })
-        .await;
+    #[test]
+    fn a_session_record_keeps_the_last_login_and_counts_them() {
+        let mut facts = Facts::default();
+        facts.user("bob");
+        facts.backend("b2");
+        facts.login("failed");
+        facts.login("accepted");
         assert_eq!(facts.user.as_deref(), Some("bob"));
+        assert_eq!(facts.backend.as_deref(), Some("b2"));
         assert_eq!(facts.login, Some("accepted"));
         assert_eq!(facts.logins, 2);
-        note_user("nobody"); // outside a scope: ignored
     }
 }

@@ -28,18 +28,8 @@ impl ClientStream {
     pub async fn upgrade(self, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
         match self {
             ClientStream::Plain(tcp) => {
-                let tls = match TlsAcceptor::from(config).accept(tcp).await {
-                    Ok(tls) => ClientStream::Tls(Box::new(tls)),
-                    Err(e) => {
-                        crate::observability::metrics::tls_handshake(None);
-                        return Err(e);
-                    }
-                };
-                crate::observability::metrics::tls_handshake(Some(
-                    tls.tls_version().unwrap_or("unknown"),
-                ));
-                crate::observability::access_log::note_tls(tls.tls_version());
-                Ok(tls)
+                let tls = TlsAcceptor::from(config).accept(tcp).await?;
+                Ok(ClientStream::Tls(Box::new(tls)))
             }
             ClientStream::Tls(_) => Err(io::Error::other("TLS is already active")),
         }

@@ -29,6 +29,7 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 use crate::backends::backend::{BackendStream, ClientTls};
 use crate::ctx::Ctx;
 use crate::login::{Attempt, Login, login};
+use crate::observability::access_log::Facts;
 use crate::registry::SessionGuard;
 use crate::relay::stream::ClientStream;
 use crate::relay::{self, Stats};
@@ -80,11 +81,15 @@ pub(crate) async fn run<D: Driver>(
         // layer around a future keeps its own copy of it (rust-lang/rust#62958).
         // The kill token bounds the login phase here; a relayed session watches it
         // through its registry token, so it ends as relayed, with its byte counts.
-        let (end, facts) = crate::observability::access_log::scope(Box::pin(async {
+        // The session's own record for its access-log line, filled in by the opening,
+        // the TLS handshakes and the logins.
+        let mut facts = Facts::default();
+        let end = Box::pin(async {
             let mut relayed = None;
             let end = tokio::select! {
                 end = Box::pin(session::<D>(
                     &ctx, &driver, &listener, tcp, peer, local, id.clone(), &mut relayed,
+                    &mut facts,
                 )) => end,
                 () = kill.cancelled() => End::PreAuth("shutdown"),
             };
@@ -92,7 +97,7 @@ pub(crate) async fn run<D: Driver>(
                 Some(r) => relay_session(&ctx, &*driver, r).await,
                 None => end,
             }
-        }))
+        })
         .await;
         let secs = started.elapsed().as_secs_f64();
         let (reason, relayed) = match &end {
@@ -147,6 +152,7 @@ async fn session<D: Driver>(
     local: SocketAddr,
     id: String,
     relayed: &mut Option<Box<Relayed>>,
+    facts: &mut Facts,
 ) -> End {
     let deadline = Instant::now() + ctx.settings.timeouts.preauth;
     let refusal = |limit, retry_after| {
@@ -157,7 +163,7 @@ async fn session<D: Driver>(
         out
     };
     let limits = Limits::Apply(refusal);
-    let opened = match prologue::open(ctx, listener, tcp, peer, deadline, limits).await {
+    let opened = match prologue::open(ctx, listener, tcp, peer, deadline, limits, facts).await {
         Ok(o) => o,
         Err(reason) => return End::PreAuth(reason),
     };
@@ -172,6 +178,7 @@ async fn session<D: Driver>(
         id: &id,
         deadline,
         attempts: 0,
+        facts,
     };
     let mut first_read = opened.watch_untrusted_proxy;
     let mut out = Vec::new();
@@ -190,7 +197,8 @@ async fn session<D: Driver>(
                 Next::Continue => {}
                 Next::End(end) => return end,
                 Next::StartTls => {
-                    stream = match prologue::handshake(stream, listener, deadline).await {
+                    stream = match prologue::handshake(stream, listener, deadline, pre.facts).await
+                    {
                         Ok(s) => s,
                         Err(reason) => return End::PreAuth(reason),
                     };
@@ -259,6 +267,8 @@ struct PreAuth<'a, D: Driver> {
     deadline: Instant,
     /// Login attempts so far (`Auth-Login-Attempt`).
     attempts: u32,
+    /// The session's record for its access-log line.
+    facts: &'a mut Facts,
 }
 
 /// What the pre-auth loop does after an event.
@@ -333,7 +343,7 @@ impl<D: Driver> PreAuth<'_, D> {
         // client then hears a temporary failure and the deadline's goodbye, never
         // silence. A shutdown does not wait for a login in flight (a slow backend would
         // hold the exit): the client gets the goodbye and logs in again elsewhere.
-        let login = login::<D>(ctx, self.driver, front, creds, &attempt);
+        let login = login::<D>(ctx, self.driver, front, creds, &attempt, self.facts);
         let outcome = tokio::select! {
             r = timeout_at(self.deadline, login) => Some(r),
             () = ctx.cancel.cancelled() => None,

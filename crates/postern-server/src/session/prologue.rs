@@ -17,6 +17,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Span, debug, field, info, warn};
 
 use crate::ctx::Ctx;
+use crate::observability::access_log::Facts;
 use crate::relay::stream::ClientStream;
 use crate::settings::{ListenerSettings, TlsMode};
 
@@ -52,6 +53,7 @@ pub(crate) async fn open<F>(
     peer: SocketAddr,
     deadline: Instant,
     limits: Limits<F>,
+    facts: &mut Facts,
 ) -> Result<Opened, &'static str>
 where
     F: FnOnce(Limit, Option<Duration>) -> Vec<u8>,
@@ -60,7 +62,7 @@ where
     // untrusted peer the first bytes are checked instead.
     let trusted_proxy = listener.proxy.as_ref().is_some_and(|p| p.trusts(peer.ip()));
     let client = if trusted_proxy {
-        match proxied_client(&mut tcp, peer, deadline).await {
+        match proxied_client(&mut tcp, peer, deadline, facts).await {
             Some(client) => client,
             None => return Err("proxy_header"),
         }
@@ -82,7 +84,7 @@ where
     };
     let mut stream = ClientStream::Plain(tcp);
     if listener.tls_mode == TlsMode::Implicit {
-        stream = handshake(stream, listener, deadline).await?;
+        stream = handshake(stream, listener, deadline, facts).await?;
     }
     Ok(Opened {
         stream,
@@ -131,6 +133,7 @@ pub(crate) async fn handshake(
     stream: ClientStream,
     listener: &ListenerSettings,
     deadline: Instant,
+    facts: &mut Facts,
 ) -> Result<ClientStream, &'static str> {
     let Some(tls) = listener.tls.clone() else {
         return Err("listener has no certificate");
@@ -138,10 +141,15 @@ pub(crate) async fn handshake(
     match timeout_at(deadline, stream.upgrade(tls)).await {
         Ok(Ok(s)) => {
             debug!(version = s.tls_version(), "TLS established");
+            crate::observability::metrics::tls_handshake(Some(
+                s.tls_version().unwrap_or("unknown"),
+            ));
+            facts.tls(s.tls_version());
             Ok(s)
         }
         Ok(Err(e)) => {
             info!(error = %e, "TLS handshake failed");
+            crate::observability::metrics::tls_handshake(None);
             Err("tls_error")
         }
         Err(_) => Err("preauth_timeout"),
@@ -206,13 +214,14 @@ async fn proxied_client(
     tcp: &mut TcpStream,
     peer: SocketAddr,
     deadline: Instant,
+    facts: &mut Facts,
 ) -> Option<SocketAddr> {
     match read_proxy_header(tcp, deadline).await {
         Ok(Some(real)) => {
             let span = Span::current();
             span.record("client", field::display(real));
             span.record("via", field::display(peer));
-            crate::observability::access_log::note_client(real);
+            facts.client(real);
             Some(real)
         }
         Ok(None) => Some(peer),

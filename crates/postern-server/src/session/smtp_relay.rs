@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, field, info, info_span, warn};
 
 use crate::backends::backend::{self, BackendStream, ClientTls};
 use crate::ctx::Ctx;
+use crate::observability::access_log::Facts;
 use crate::relay::stream::ClientStream;
 use crate::session::prologue::{self, Limits, untrusted_proxy_header};
 use crate::session::session_id;
@@ -53,13 +54,13 @@ pub(crate) async fn run(
         // grace period.
         let kill = ctx.kill.clone();
         let bytes = Bytes::default();
-        let (reason, facts) = crate::observability::access_log::scope(async {
-            tokio::select! {
-                r = session(&ctx, options, protocol, &listener, tcp, peer, local, id.clone(), &bytes) => r,
-                () = kill.cancelled() => "shutdown",
-            }
-        })
-        .await;
+        // The session's own record for its access-log line; like the byte counts, it
+        // outlives the session's future, which a kill drops.
+        let mut facts = Facts::default();
+        let reason = tokio::select! {
+            r = session(&ctx, options, protocol, &listener, tcp, peer, local, id.clone(), &bytes, &mut facts) => r,
+            () = kill.cancelled() => "shutdown",
+        };
         info!(
             reason,
             secs = started.elapsed().as_secs_f64(),
@@ -112,6 +113,7 @@ async fn session(
     local: SocketAddr,
     id: String,
     bytes: &Bytes,
+    facts: &mut Facts,
 ) -> &'static str {
     let deadline = Instant::now() + ctx.settings.timeouts.preauth;
     let refusal = |limit, retry_after| {
@@ -124,7 +126,7 @@ async fn session(
     } else {
         Limits::Apply(refusal)
     };
-    let opened = match prologue::open(ctx, listener, tcp, peer, deadline, limits).await {
+    let opened = match prologue::open(ctx, listener, tcp, peer, deadline, limits, facts).await {
         Ok(o) => o,
         Err(reason) => return reason,
     };
@@ -144,6 +146,7 @@ async fn session(
         info,
         backend: None,
         bytes,
+        facts,
         deadline,
         first_read: opened.watch_untrusted_proxy,
     };
@@ -159,6 +162,8 @@ struct MxSession<'a> {
     info: ClientInfo,
     backend: Option<(String, BackendStream)>,
     bytes: &'a Bytes,
+    /// The session's record for its access-log line.
+    facts: &'a mut Facts,
     /// The current wait's deadline: a command, a reply, a chunk.
     deadline: Instant,
     /// Check the first bytes for an untrusted PROXY header.
@@ -183,11 +188,17 @@ impl MxSession<'_> {
                     Flow::Continue => {}
                     Flow::End(reason) => return reason,
                     Flow::StartTls => {
-                        client =
-                            match prologue::handshake(client, self.listener, self.deadline).await {
-                                Ok(s) => s,
-                                Err(reason) => return reason,
-                            };
+                        client = match prologue::handshake(
+                            client,
+                            self.listener,
+                            self.deadline,
+                            self.facts,
+                        )
+                        .await
+                        {
+                            Ok(s) => s,
+                            Err(reason) => return reason,
+                        };
                         self.relay.handle_tls_ready();
                     }
                 }
@@ -287,7 +298,7 @@ impl MxSession<'_> {
                 match connect(self.ctx, &name, self.protocol, &self.info).await {
                     Some(stream) => {
                         tracing::Span::current().record("backend", name.as_str());
-                        crate::observability::access_log::note_backend(&name);
+                        self.facts.backend(&name);
                         self.backend = Some((name, stream));
                         self.relay.handle_backend_connected();
                     }
