@@ -7,6 +7,7 @@ FAULTS_SCALE (default 1) multiplies the load: the normal suite runs it at 1 (und
 minute on 2 cores), `scripts/faults.sh` at 10.
 """
 
+import json
 import os
 import random
 import re
@@ -14,6 +15,7 @@ import signal
 import smtplib
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from email.message import EmailMessage
@@ -310,6 +312,96 @@ def test_a_hung_password_database_takes_no_backend_down(db_cluster, certs, workd
                 time.sleep(0.5)
             assert got.startswith(b"a OK"), (u, got)
         assert "backend DOWN" not in p.log()
+    finally:
+        p.stop()
+
+
+def imap_services(p):
+    """Each backend's IMAP service as /api/backends shows it."""
+    with urllib.request.urlopen(p.admin_url + "/api/backends", timeout=30) as r:
+        backends = json.load(r)["backends"]
+    return {b["name"]: b["services"]["imap"] for b in backends}
+
+
+def test_checks_that_log_in_stall_on_a_hung_password_database_and_take_no_backend_down(
+    db_cluster, certs, workdir
+):
+    """Health checks that log in (probe_user, a user of the shared MariaDB) while that
+    MariaDB is hung (SIGSTOP): every backend's check gets the greeting and stalls in
+    the login step. Compared with each other, none of those stalls is counted: no
+    backend is marked down, no session ended; /api/backends shows them up, degraded.
+    After SIGCONT the checks pass again and the database users log in."""
+    cluster, db, users = db_cluster
+    probe = ("probe@example.test", "probe-Secret-8K")
+    db.sql(f"INSERT INTO users VALUES ('{probe[0]}','{{PLAIN}}{probe[1]}')")
+    config = base_config(cluster, certs, workdir, admin=True)
+    config["health"] = {"interval": "500ms", "timeout": "1s", "rise": 2, "fall": 2}
+    for b in config["backends"].values():
+        b["health"] = {"probe_user": probe[0], "probe_password": probe[1]}
+    p = Postern(workdir / "postern", config)
+    p.seed()
+    p.start()
+    try:
+        names = sorted(users)
+        for i, u in enumerate(names):
+            assert p.cli("route", "pin", u, f"b{i % 2 + 1}").returncode == 0
+        # The checks log in through MariaDB: both up, no error left.
+        deadline = time.monotonic() + 30
+        while any(s["state"] != "up" or s["last_error"] for s in imap_services(p).values()):
+            assert time.monotonic() < deadline, imap_services(p)
+            time.sleep(0.2)
+        sessions = []
+        for u in (ALICE, BOB):
+            raw = Raw(p.addr("imap-plain"))
+            assert raw.cmd(f"a LOGIN {u} {USERS[u]}\r\n".encode(), b"a").startswith(b"a OK")
+            sessions.append(raw)
+        stalled = re.compile(
+            r"health check's login stalled after the greeting.*backend=\"?(b\d)\b.*protocol=imap")
+        before = Counter(stalled.findall(p.log()))
+        assert before == Counter()
+        os.kill(db.proc.pid, signal.SIGSTOP)
+        try:
+            # Hung for as many checks as it takes to excuse 3 × fall stalls on each
+            # backend: without the rule, `fall` of them take a backend down.
+            deadline = time.monotonic() + 60
+            while True:
+                seen = Counter(stalled.findall(p.log()))
+                if all(seen[b] >= 6 for b in ("b1", "b2")):
+                    break
+                assert "backend DOWN" not in p.log(), p.log()[-3000:]
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.2)
+            services = imap_services(p)
+            for name, s in services.items():
+                assert s["up"] is True and s["state"] == "up", (name, s)
+                assert s["degraded"] is True, (name, s)
+                assert "greeted, no answer to the login" in (s["last_error"] or ""), (name, s)
+            log = p.log()
+            assert "backend DOWN" not in log, log[-3000:]
+            for i, s in enumerate(sessions):
+                assert b"n OK" in s.cmd(b"n NOOP\r\n", b"n"), f"session {i} was ended"
+            print(f"hung passdb, checks that log in: {dict(seen)} stalled checks excused "
+                  f"(imap), 0 DOWN, {len(sessions)} sessions kept")
+        finally:
+            os.kill(db.proc.pid, signal.SIGCONT)
+        # Recovery: the checks pass again (rise), and the database users log in.
+        deadline = time.monotonic() + 60
+        while any(s["last_error"] or s["degraded"] for s in imap_services(p).values()):
+            assert time.monotonic() < deadline, imap_services(p)
+            time.sleep(0.2)
+        for u in names:
+            for attempt in range(40):
+                raw = Raw(p.addr("imap-plain"))
+                got = raw.cmd(f"a LOGIN {u} {users[u]}\r\n".encode(), b"a")
+                raw.close()
+                if got.startswith(b"a OK"):
+                    break
+                time.sleep(0.5)
+            assert got.startswith(b"a OK"), (u, got)
+        for i, s in enumerate(sessions):
+            assert b"m OK" in s.cmd(b"m NOOP\r\n", b"m"), f"session {i} was ended"
+        health = [line for line in p.log().splitlines() if "backends::health" in line]
+        assert not any("backend DOWN" in line for line in health), health[-40:]
     finally:
         p.stop()
 

@@ -12,6 +12,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -126,16 +127,7 @@ impl LoginWatch {
     pub fn timed_out(mut self) -> Blamed {
         self.done = true;
         let (backend, protocol) = (&self.key.0, self.key.1);
-        let peers: Vec<(String, Protocol)> = match self.health.pools.get(backend) {
-            Some(pool) => self
-                .health
-                .pools
-                .iter()
-                .filter(|(b, p)| *b != backend && *p == pool)
-                .map(|(b, _)| (b.clone(), protocol))
-                .collect(),
-            None => Vec::new(),
-        };
+        let peers = self.health.peers(backend, protocol);
         let verdict = self
             .health
             .blame()
@@ -192,10 +184,62 @@ impl Health {
             operator_ups: RwLock::new(HashMap::new()),
             settings: settings.health.clone(),
             registry,
-            blame: Mutex::new(Blame::new(settings.timeouts.backend_login)),
+            blame: Mutex::new(Blame::new(
+                settings.timeouts.backend_login,
+                // A check's outcome stands until the next one is due and done, with
+                // room for the jitter between backends: two check periods.
+                (settings.health.interval + settings.health.timeout).saturating_mul(2),
+            )),
             pools,
             downs: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// The other services of `protocol` in `backend`'s pool: what its login timeouts
+    /// and stalled checks are compared with.
+    fn peers(&self, backend: &str, protocol: Protocol) -> Vec<(String, Protocol)> {
+        match self.pools.get(backend) {
+            Some(pool) => self
+                .pools
+                .iter()
+                .filter(|(b, p)| *b != backend && *p == pool)
+                .map(|(b, _)| (b.clone(), protocol))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Records the outcome of an active check. A check that logs in and stalled in
+    /// the login step (the greeting came, the answer did not) may be waiting on the
+    /// password database every backend shares: the blame judgement decides whether
+    /// it counts.
+    fn checked(&self, backend: &str, protocol: Protocol, result: Result<(), CheckFailure>) {
+        let key = (backend.to_owned(), protocol);
+        let now = Instant::now();
+        let (kind, message) = match result {
+            Ok(()) => return self.record(backend, protocol, Ok(())),
+            Err(CheckFailure::Failed(kind, message)) => (kind, message),
+            Err(CheckFailure::LoginStalled(message)) => {
+                let peers = self.peers(backend, protocol);
+                let verdict = self.blame().probe_stalled(&key, &peers, now);
+                if !verdict.is_backend() {
+                    warn!(
+                        backend,
+                        %protocol,
+                        cause = verdict.as_str(),
+                        "health check's login stalled after the greeting, not counted against the backend: the cause is shared"
+                    );
+                    if let Ok(mut checks) = self.checks.write()
+                        && let Some(c) = checks.get_mut(&key)
+                    {
+                        c.excused(message, now, SystemTime::now());
+                    }
+                    return;
+                }
+                (FailureKind::Timeout, message)
+            }
+        };
+        self.record(backend, protocol, Err((kind, message)));
     }
 
     fn blame(&self) -> std::sync::MutexGuard<'_, Blame<(String, Protocol)>> {
@@ -551,7 +595,7 @@ pub async fn run(settings: Arc<Settings>, health: Arc<Health>, cancel: Cancellat
                             health.record_extensions(&backend.name, protocol, lines);
                         }
                     });
-                    health.record(&backend.name, protocol, result);
+                    health.checked(&backend.name, protocol, result);
                     tokio::select! {
                         () = tokio::time::sleep(settings.health.interval) => {}
                         () = cancel.cancelled() => return,
@@ -570,11 +614,49 @@ fn endpoint(backend: &Backend, protocol: Protocol) -> Option<&Endpoint> {
 /// One check: connect as a real session would (PROXY header, TLS), read the greeting,
 /// and with a probe user configured, log in and out. SMTP-family services are asked
 /// for their EHLO/LHLO instead, and the extensions come back.
+/// Why a check failed.
+#[derive(Debug)]
+enum CheckFailure {
+    /// Of this kind (refused, no greeting, a wrong password, no answer at all).
+    Failed(FailureKind, String),
+    /// A check that logs in got the greeting, then no answer to its login in time:
+    /// the backend is there, its login path waits on something (its password
+    /// database).
+    LoginStalled(String),
+}
+
 async fn check(
     backend: &Backend,
     protocol: Protocol,
     s: &HealthSettings,
     hostname: &str,
+) -> Result<Option<Vec<String>>, CheckFailure> {
+    let greeted = AtomicBool::new(false);
+    let result = timeout(
+        s.timeout,
+        check_once(backend, protocol, hostname, &greeted, s),
+    )
+    .await;
+    match result {
+        Ok(r) => r.map_err(|(kind, e)| CheckFailure::Failed(kind, e)),
+        Err(_) if greeted.load(Ordering::Relaxed) => Err(CheckFailure::LoginStalled(format!(
+            "probe login: greeted, no answer to the login within {:?}",
+            s.timeout
+        ))),
+        Err(_) => Err(CheckFailure::Failed(
+            FailureKind::Timeout,
+            format!("no answer within {:?}", s.timeout),
+        )),
+    }
+}
+
+/// The check itself; `greeted` is set once a check that logs in has the greeting.
+async fn check_once(
+    backend: &Backend,
+    protocol: Protocol,
+    hostname: &str,
+    greeted: &AtomicBool,
+    s: &HealthSettings,
 ) -> Result<Option<Vec<String>>, (FailureKind, String)> {
     let hard = |e: String| (FailureKind::Hard, e);
     let Some(endpoint) = endpoint(backend, protocol) else {
@@ -617,18 +699,13 @@ async fn check(
                 .await
                 .map(|()| None)
                 .map_err(hard),
-            Some(probe) => probe_login(backend, protocol, stream, probe, &info)
+            Some(probe) => probe_login(backend, protocol, stream, probe, &info, greeted)
                 .await
                 .map(|()| None)
                 .map_err(hard),
         }
     };
-    timeout(s.timeout, work).await.map_err(|_| {
-        (
-            FailureKind::Timeout,
-            format!("no answer within {:?}", s.timeout),
-        )
-    })?
+    work.await
 }
 
 /// EHLO (LHLO) and QUIT: the backend is up, and this is what it supports.
@@ -678,6 +755,7 @@ async fn probe_login(
     stream: BackendStream,
     probe: &crate::settings::Probe,
     info: &ClientInfo,
+    greeted: &AtomicBool,
 ) -> Result<(), String> {
     let creds = Credentials {
         mechanism: Mechanism::Cleartext,
@@ -707,7 +785,11 @@ async fn probe_login(
         }
         _ => return Err("no probe login for this protocol".into()),
     };
-    let (verdict, mut stream) = backend::drive(machine.as_mut(), stream, backend.tls.as_ref())
+    let mut watched = Greeted {
+        inner: machine.as_mut(),
+        greeted,
+    };
+    let (verdict, mut stream) = backend::drive(&mut watched, stream, backend.tls.as_ref())
         .await
         .map_err(|e| conversation_error(e, "the probe login"))?;
     let _ = stream.write_all(bye).await;
@@ -716,6 +798,39 @@ async fn probe_login(
         Verdict::Accepted(_) => Ok(()),
         Verdict::Refused(_) => Err("probe login refused".into()),
         Verdict::Failed(_) => Err("probe login failed".into()),
+    }
+}
+
+/// A login machine that notes when the backend's first line (its greeting) came:
+/// a check that times out after it stalled in the login step.
+struct Greeted<'a> {
+    inner: &'a mut (dyn BackendLogin + Send),
+    greeted: &'a AtomicBool,
+}
+
+impl BackendLogin for Greeted<'_> {
+    fn handle_input(&mut self, bytes: &[u8]) {
+        if bytes.contains(&b'\n') {
+            self.greeted.store(true, Ordering::Relaxed);
+        }
+        self.inner.handle_input(bytes);
+    }
+
+    fn handle_tls_ready(&mut self) {
+        self.inner.handle_tls_ready();
+    }
+
+    fn poll_transmit(&mut self, out: &mut Vec<u8>) {
+        self.inner.poll_transmit(out);
+    }
+
+    fn poll_event(&mut self) -> Option<postern_proto::LoginEvent> {
+        self.inner.poll_event()
+    }
+
+    fn into_handoff(self) -> Vec<u8> {
+        // A check logs out at once: what followed the answer is of no use.
+        Vec::new()
     }
 }
 
@@ -751,7 +866,7 @@ mod tests {
                 ..HealthSettings::default()
             },
             registry: Arc::clone(&registry),
-            blame: Mutex::new(Blame::new(Duration::from_secs(30))),
+            blame: Mutex::new(Blame::new(Duration::from_secs(30), Duration::from_secs(8))),
             pools: HashMap::new(),
             downs: tokio::sync::watch::Sender::new(0),
         });

@@ -263,6 +263,14 @@ impl ServiceHealth {
         }
     }
 
+    /// Records a failure the blame judgement put on a shared cause (a check's login
+    /// stalled on every backend at once): shown as the last error and as degraded,
+    /// neither counted toward `fall` nor taken as a sign of life.
+    pub fn excused(&mut self, message: String, now: Instant, wall: SystemTime) {
+        self.last_slow = Some(now);
+        self.last_error = Some(LastError { message, at: wall });
+    }
+
     fn enter(&mut self, seen: Seen, wall: SystemTime) {
         self.seen = seen;
         self.since = wall;
