@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use postern_route::Router;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backends::health::Health;
 use crate::registry::Registry;
@@ -38,6 +39,9 @@ pub(crate) struct Ctx {
     pub(crate) listeners: HashMap<String, Listening>,
     /// The configuration generation (1, then one more per reload).
     pub(crate) generation: u64,
+    /// The server's session tasks, which graceful shutdown waits for: a logged-in
+    /// session is relayed in a task of its own, spawned here by its login task.
+    pub(crate) tracker: TaskTracker,
 }
 
 /// One listener of a generation.

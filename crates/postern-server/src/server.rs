@@ -154,6 +154,7 @@ fn generation(
     runtime: Runtime,
     cancel: &CancellationToken,
     kill: &CancellationToken,
+    tracker: &TaskTracker,
     number: u64,
 ) -> Result<Ctx, ServerError> {
     let verifier = crate::auth::Verifier::new(
@@ -196,6 +197,7 @@ fn generation(
         follow: CancellationToken::new(),
         listeners,
         generation: number,
+        tracker: tracker.clone(),
     })
 }
 
@@ -224,11 +226,12 @@ impl Server {
             );
             bound.push((l.name.clone(), listener));
         }
-        let ctx = generation(settings, router, runtime, &cancel, &kill, 1)?;
+        let tracker = TaskTracker::new();
+        let ctx = generation(settings, router, runtime, &cancel, &kill, &tracker, 1)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(ctx),
-                tracker: TaskTracker::new(),
+                tracker,
                 cancel,
                 kill,
                 sockets: tokio::sync::Mutex::new(sockets),
@@ -383,6 +386,7 @@ impl Handle {
             runtime,
             &inner.cancel,
             &inner.kill,
+            &inner.tracker,
             number,
         )?);
         let old = inner.current.swap(Arc::clone(&ctx));

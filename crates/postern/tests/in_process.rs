@@ -314,3 +314,108 @@ enabled = false
         .expect("the server stops")
         .unwrap();
 }
+
+/// A relayed session runs in a task of its own once its login is done (the login
+/// task ends): that task still ends on a kick with the protocol's goodbye, still
+/// holds shutdown up until it has said goodbye, and still writes the access-log line
+/// with what the login phase learned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_sessions_end_with_their_goodbye_and_access_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let b1 = backend("b1", Arc::new(AtomicUsize::new(0))).await;
+    let text = format!(
+        r#"
+[log]
+access = "access.log"
+
+[timeouts]
+shutdown_grace = "0s"
+
+[routing]
+store = "static"
+unknown_users = "reject"
+
+[routing.normalize]
+default_domain = "example.test"
+
+[routing.static]
+"alice@example.test" = "b1"
+
+[backends.b1]
+host = "127.0.0.1"
+imap = {{ port = {port} }}
+
+[[listeners]]
+name = "imap-plain"
+protocol = "imap"
+bind = "127.0.0.1:0"
+tls = "none"
+insecure_plaintext_auth = true
+
+[health]
+enabled = false
+"#,
+        port = b1.port(),
+    );
+    let config = Config::from_toml(&text, dir.path()).unwrap_or_else(|e| panic!("{e:#}"));
+    let (server, addr) = start(config).await;
+    let registry = server.registry();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+    let log_lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+
+    // A kick ends a relayed session with the goodbye.
+    let (mut kicked, _) = Client::connect(addr).await;
+    let login = kicked.cmd("a", "LOGIN alice secret").await;
+    assert!(login.last().unwrap().starts_with("a OK "), "{login:?}");
+    assert_eq!(registry.kick_user("alice@example.test"), 1);
+    assert_eq!(
+        kicked.line().await,
+        "* BYE [UNAVAILABLE] Session ended by the server, please reconnect."
+    );
+    assert_eq!(kicked.line().await, "", "closed after the goodbye");
+
+    // Shutdown, with no grace: the relayed session gets the goodbye, and the server's
+    // run ends only after the session has ended and logged.
+    let (mut relayed, _) = Client::connect(addr).await;
+    relayed.cmd("a", "LOGIN alice secret").await;
+    assert_eq!(relayed.cmd("b", "NOOP").await, ["b OK NOOP completed."]);
+    stop_tx.send(()).unwrap();
+    assert_eq!(
+        relayed.line().await,
+        "* BYE [UNAVAILABLE] Server shutting down."
+    );
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the server stops")
+        .unwrap();
+
+    let lines = log_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, reason) in lines.iter().zip(["kicked", "shutdown"]) {
+        assert_eq!(line["reason"], reason, "{line}");
+        assert_eq!(line["result"], "relayed", "{line}");
+        assert_eq!(line["user"], "alice@example.test", "{line}");
+        assert_eq!(line["backend"], "b1", "{line}");
+        assert_eq!(line["login"], "accepted", "{line}");
+        assert_eq!(line["login_attempts"], 1, "{line}");
+        assert_eq!(line["listener"], "imap-plain", "{line}");
+        assert_eq!(line["client_ip"], "127.0.0.1", "{line}");
+    }
+    // The second session relayed a NOOP each way after its login.
+    assert_eq!(lines[1]["bytes_in"], "b NOOP\r\n".len(), "{}", lines[1]);
+    assert_eq!(
+        lines[1]["bytes_out"],
+        "b OK NOOP completed.\r\n".len(),
+        "{}",
+        lines[1]
+    );
+}
