@@ -12,9 +12,11 @@
 //! - `outgoing`: TLS bytes encoded and not yet taken by the kernel (handshake flights,
 //!   session tickets, a KeyUpdate, a close_notify, or one write's records).
 //!
-//! Each is replaced by an unallocated `Vec` as soon as it is empty (`incoming` once the
-//! socket has nothing more to read), so while a session waits nothing is allocated
-//! here. Writes take at most [`MAX_WRITE`] bytes and only once the previous records are
+//! Each is replaced by an unallocated `Vec` once it is empty: `plain` at once,
+//! `incoming` when the socket has nothing more to read, `outgoing` on a flush (the relay
+//! flushes whenever its source has nothing more for now; in between, a download reuses
+//! the allocation from record to record instead of allocating and zeroing each time).
+//! So while a session waits nothing is allocated here. Writes take at most [`MAX_WRITE`] bytes and only once the previous records are
 //! in the kernel, so plaintext never piles up in user space.
 
 use std::fmt;
@@ -57,9 +59,12 @@ pub struct LeanTlsStream {
     /// Decrypted bytes not yet handed to a reader; `plain[plain_pos..]` are left.
     plain: Vec<u8>,
     plain_pos: usize,
-    /// TLS bytes to send; `outgoing[out_pos..]` are not sent yet.
+    /// TLS bytes to send: `outgoing[out_pos..out_end]` are not sent yet. The `Vec`'s
+    /// length is only how much of it is initialized: while records keep going out the
+    /// allocation is reused without zeroing it again for every record.
     outgoing: Vec<u8>,
     out_pos: usize,
+    out_end: usize,
     /// The peer's close_notify was processed: reads see end of stream.
     peer_closed: bool,
     /// The socket reached end of stream.
@@ -78,10 +83,7 @@ impl fmt::Debug for LeanTlsStream {
             .field("version", &self.tls_version())
             .field("incoming", &self.incoming.len().saturating_sub(self.start))
             .field("plain", &self.plain.len().saturating_sub(self.plain_pos))
-            .field(
-                "outgoing",
-                &self.outgoing.len().saturating_sub(self.out_pos),
-            )
+            .field("outgoing", &self.unsent())
             .field("peer_closed", &self.peer_closed)
             .finish_non_exhaustive()
     }
@@ -101,28 +103,39 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// Appends what `encode` writes to `out`, growing `out` to the size rustls asks for.
-/// `guess` is the room tried first.
+/// What [`LeanTlsStream::poll_send`] does with the outgoing buffer once it is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drained {
+    /// Free it: nothing more is expected soon.
+    Free,
+    /// Keep it for the next write, which is coming (a write in progress).
+    Keep,
+}
+
+/// Appends what `encode` writes to `out` at `*end`, growing `out` to the size rustls
+/// asks for (only the growth is zeroed). `guess` is the room tried first.
 fn append_encoded(
     out: &mut Vec<u8>,
+    end: &mut usize,
     guess: usize,
     mut encode: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
 ) -> io::Result<()> {
-    let old = out.len();
     let mut room = guess;
     // Twice at most: the first answer names the size needed.
     for _ in 0..2 {
-        out.resize(old + room, 0);
-        match encode(out.get_mut(old..).unwrap_or_default()) {
+        let want = *end + room;
+        if out.len() < want {
+            out.resize(want, 0);
+        }
+        match encode(out.get_mut(*end..want).unwrap_or_default()) {
             Ok(n) => {
-                out.truncate(old + n.min(room));
+                *end += n.min(room);
                 return Ok(());
             }
             Err(Some(needed)) if needed > room => room = needed,
             Err(_) => break,
         }
     }
-    out.truncate(old);
     Err(io::Error::other("TLS record could not be encoded"))
 }
 
@@ -155,6 +168,7 @@ impl LeanTlsStream {
             plain_pos: 0,
             outgoing: Vec::new(),
             out_pos: 0,
+            out_end: 0,
             peer_closed: false,
             tcp_eof: false,
             close_sent: false,
@@ -182,22 +196,27 @@ impl LeanTlsStream {
         self.incoming.capacity() + self.plain.capacity() + self.outgoing.capacity()
     }
 
+    /// Encoded bytes not yet taken by the socket.
+    fn unsent(&self) -> usize {
+        self.out_end.saturating_sub(self.out_pos)
+    }
+
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             // The server's flight goes out before it waits for the client's answer.
-            ready!(self.poll_send(cx))?;
+            ready!(self.poll_send(cx, Drained::Free))?;
             let pumped = match self.pump(None, None, false) {
                 Ok(p) => p,
                 Err(e) => return Poll::Ready(Err(self.fail(cx, e))),
             };
             if pumped.traffic {
-                if self.outgoing.is_empty() {
+                if self.unsent() == 0 {
                     return Poll::Ready(Ok(()));
                 }
                 // Session tickets, sent right after the handshake.
                 continue;
             }
-            if self.outgoing.len() > self.out_pos {
+            if self.unsent() > 0 {
                 continue;
             }
             if self.tcp_eof {
@@ -223,12 +242,12 @@ impl LeanTlsStream {
         let unprocessed = self.incoming.get_mut(self.start..).unwrap_or_default();
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(unprocessed);
         if let Ok(ConnectionState::EncodeTlsData(mut enc)) = state
-            && append_encoded(&mut self.outgoing, 64, |b| {
+            && append_encoded(&mut self.outgoing, &mut self.out_end, 64, |b| {
                 enc.encode(b).map_err(encode_error)
             })
             .is_ok()
         {
-            let _ = self.poll_send(cx);
+            let _ = self.poll_send(cx, Drained::Free);
         }
         self.incoming = Vec::new();
         self.start = 0;
@@ -268,7 +287,7 @@ impl LeanTlsStream {
             let mut stop = false;
             match state {
                 ConnectionState::EncodeTlsData(mut enc) => {
-                    append_encoded(&mut self.outgoing, 1024, |b| {
+                    append_encoded(&mut self.outgoing, &mut self.out_end, 1024, |b| {
                         enc.encode(b).map_err(encode_error)
                     })?;
                 }
@@ -296,13 +315,14 @@ impl LeanTlsStream {
                     if let Some(data) = write.filter(|d| !d.is_empty() && pumped.written == 0) {
                         let data = data.get(..data.len().min(MAX_WRITE)).unwrap_or(data);
                         let records = data.len() / (16 * 1024) + 1;
-                        append_encoded(&mut self.outgoing, data.len() + 64 * records, |b| {
+                        let guess = data.len() + 64 * records;
+                        append_encoded(&mut self.outgoing, &mut self.out_end, guess, |b| {
                             traffic.encrypt(data, b).map_err(encrypt_error)
                         })?;
                         pumped.written = data.len();
                     }
                     if close && !self.close_sent {
-                        append_encoded(&mut self.outgoing, 64, |b| {
+                        append_encoded(&mut self.outgoing, &mut self.out_end, 64, |b| {
                             traffic.queue_close_notify(b).map_err(encrypt_error)
                         })?;
                         self.close_sent = true;
@@ -375,17 +395,25 @@ impl LeanTlsStream {
         }
     }
 
-    /// Sends `outgoing` until it is empty (then frees it) or the socket is full.
-    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while let Some(rest) = self.outgoing.get(self.out_pos..).filter(|r| !r.is_empty()) {
+    /// Sends `outgoing` until it is empty or the socket is full; once empty, the buffer
+    /// is freed or kept as `drained` says.
+    fn poll_send(&mut self, cx: &mut Context<'_>, drained: Drained) -> Poll<io::Result<()>> {
+        while let Some(rest) = self
+            .outgoing
+            .get(self.out_pos..self.out_end)
+            .filter(|r| !r.is_empty())
+        {
             let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, rest))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.out_pos += n;
         }
-        self.outgoing = Vec::new();
         self.out_pos = 0;
+        self.out_end = 0;
+        if drained == Drained::Free {
+            self.outgoing = Vec::new();
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -421,9 +449,11 @@ impl AsyncRead for LeanTlsStream {
             }
             // What rustls asked to send (tickets, a KeyUpdate) goes out even while the
             // caller only reads; only a large backlog stops the reading.
-            match this.poll_send(cx) {
+            // The buffer is kept: a relay polls this read on every wake-up of a
+            // download, between the writes that reuse it. A flush frees it.
+            match this.poll_send(cx, Drained::Keep) {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending if this.outgoing.len().saturating_sub(this.out_pos) > MAX_BACKLOG => {
+                Poll::Pending if this.unsent() > MAX_BACKLOG => {
                     return Poll::Pending;
                 }
                 _ => {}
@@ -438,10 +468,10 @@ impl AsyncRead for LeanTlsStream {
             if let Err(e) = this.pump(Some(buf), None, false) {
                 return Poll::Ready(Err(this.fail(cx, e)));
             }
-            if this.outgoing.len() > this.out_pos {
+            if this.unsent() > 0 {
                 // Registers the writer's wake-up should the socket be full; the next
                 // read sends the rest.
-                if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                if let Poll::Ready(Err(e)) = this.poll_send(cx, Drained::Keep) {
                     return Poll::Ready(Err(e));
                 }
             }
@@ -473,8 +503,10 @@ impl AsyncWrite for LeanTlsStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        // New bytes are taken only once the kernel has all the earlier records.
-        ready!(this.poll_send(cx))?;
+        // New bytes are taken only once the kernel has all the earlier records. The
+        // buffer is kept for the next write; a flush frees it (the relay flushes
+        // whenever its source has nothing more for now).
+        ready!(this.poll_send(cx, Drained::Keep))?;
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -489,7 +521,7 @@ impl AsyncWrite for LeanTlsStream {
             return Poll::Ready(Err(io::Error::other("TLS connection cannot send")));
         }
         // Start sending now; what the socket cannot take waits for the next call.
-        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+        if let Poll::Ready(Err(e)) = this.poll_send(cx, Drained::Keep) {
             return Poll::Ready(Err(e));
         }
         Poll::Ready(Ok(pumped.written))
@@ -497,7 +529,7 @@ impl AsyncWrite for LeanTlsStream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_send(cx))?;
+        ready!(this.poll_send(cx, Drained::Free))?;
         Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
@@ -509,7 +541,7 @@ impl AsyncWrite for LeanTlsStream {
             }
             this.close_sent = true;
         }
-        ready!(this.poll_send(cx))?;
+        ready!(this.poll_send(cx, Drained::Free))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
