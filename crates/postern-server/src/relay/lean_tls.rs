@@ -630,6 +630,43 @@ mod tests {
         }
     }
 
+    /// Session tickets (TLS 1.3) and the session ID cache (TLS 1.2) work: the tickets
+    /// rustls queues after the handshake reach a client although the server never
+    /// writes application data, and a second connection resumes.
+    #[tokio::test]
+    async fn tickets_reach_the_client_and_sessions_resume() {
+        for version in VERSIONS {
+            let certs = certs();
+            let config = client_config(&certs.roots, version);
+            for (round, expected) in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed]
+                .into_iter()
+                .enumerate()
+            {
+                let (client, server) = tcp_pair().await;
+                let connector = TlsConnector::from(Arc::clone(&config));
+                let name = ServerName::try_from("localhost").unwrap();
+                let (c, s) = tokio::join!(
+                    connector.connect(name, client),
+                    LeanTlsStream::accept(server, Arc::clone(&certs.server))
+                );
+                let (mut client, mut server) = (c.unwrap(), s.unwrap());
+                assert_eq!(
+                    client.get_ref().1.handshake_kind(),
+                    Some(expected),
+                    "{version:?} round {round}"
+                );
+                client.write_all(b"ping").await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got, b"ping");
+                server.shutdown().await.unwrap();
+                // Reading to the close_notify processes the tickets sent before it.
+                client.read_to_end(&mut Vec::new()).await.unwrap();
+            }
+        }
+    }
+
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
     }
@@ -702,9 +739,10 @@ mod tests {
             let mut got = vec![0u8; msg.len()];
             server.read_exact(&mut got).await.unwrap();
             assert_eq!(got, msg);
-            // The answer follows the server's own KeyUpdate (the client asked for
-            // one); had it come under the old keys only, the client would still read
-            // it, so the client's decryption of many rounds is what is checked here.
+            // The server must have switched its read keys on the client's KeyUpdate
+            // (the data after it would not decrypt otherwise). Its answer goes out
+            // behind its own KeyUpdate (RFC 8446 §4.6.3; rustls sends it before the
+            // next record), which the client must accept for this read to succeed.
             server.write_all(&got).await.unwrap();
             let mut back = vec![0u8; msg.len()];
             client.read_exact(&mut back).await.unwrap();
