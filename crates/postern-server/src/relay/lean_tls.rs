@@ -937,6 +937,39 @@ mod tests {
         }
     }
 
+    /// Junk after the handshake, in place of records or inside one: the read fails,
+    /// and every later call fails too without asking rustls again (it must not process
+    /// bad bytes twice) and without panicking.
+    #[tokio::test]
+    async fn junk_after_the_handshake_is_an_error_every_time() {
+        let junk: [&[u8]; 3] = [
+            b"a2 LOGOUT\r\n",
+            // An application-data record whose contents are not a valid encryption.
+            &[
+                0x17, 0x03, 0x03, 0x00, 0x20, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55,
+                0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55,
+                0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55, 0x55,
+            ],
+            // A record type TLS does not have.
+            &[0x42, 0x03, 0x03, 0x00, 0x01, 0x00],
+        ];
+        for version in VERSIONS {
+            for bytes in junk {
+                let (mut client, mut server) = tls_pair(version).await;
+                client.get_mut().0.write_all(bytes).await.unwrap();
+                let mut buf = [0u8; 64];
+                assert!(
+                    server.read(&mut buf).await.is_err(),
+                    "{bytes:02x?} was read"
+                );
+                assert!(server.read(&mut buf).await.is_err());
+                assert!(server.write_all(b"* BYE\r\n").await.is_err());
+                let _ = server.shutdown().await;
+                assert_eq!(server.buffered_capacity(), 0);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn an_oversized_record_is_refused() {
         let certs = certs();
