@@ -235,7 +235,8 @@ impl Half {
 ///
 /// The future is a plain struct, not an `async fn`: it is what an idle session keeps,
 /// and an `async fn` stores its pinned arguments twice (rust-lang/rust#62958) and a
-/// `poll_fn` closure a pointer per variable it uses, ~180 bytes more in all.
+/// `poll_fn` closure a pointer per variable it uses, ~180 bytes more in all. Call it
+/// inside the runtime: the idle timer is created here.
 pub fn relay<'a, C, B, F>(
     client: &'a mut C,
     backend: &'a mut B,
