@@ -190,6 +190,77 @@ def test_a_frozen_backend_releases_its_logins_and_leaves_the_other_backend_alone
     assert b"postern-backend-b1" in got, got
 
 
+def test_logins_waiting_since_before_a_reload_are_released_at_a_down_after_it(
+    start, own_cluster
+):
+    """b1 frozen (SIGSTOP) in a shared pool with logins waiting on it; Postern reloads
+    (SIGHUP) before b1 is DOWN. The DOWN, reached by the new configuration's checks,
+    still releases the logins that started under the old one, and b2 serves them."""
+
+    def edit(c):
+        c["pools"] = {"default": {"mode": "shared", "failover": "temporary"}}
+        c["timeouts"] = {"preauth": "90s", "backend_login": "90s"}
+        # The defaults: a frozen backend is DOWN some 6 s after its last answer, time
+        # enough for the logins to reach it and for the reload to happen first.
+        c["health"] = {}
+        c["admin"] = {"bind": "127.0.0.1:0"}
+
+    p = start(edit)
+    users = [ALICE] + NEW[: 2 * SCALE]
+    for u in users[1:]:
+        assert p.cli("route", "pin", u, "b1").returncode == 0
+    b1 = own_cluster["b1"]
+    answers = {}
+    os.killpg(b1.proc.pid, signal.SIGSTOP)
+    try:
+        def login(u):
+            raw = Raw(p.addr("imap-plain"))
+            raw.send(f"a LOGIN {u} {USERS[u]}\r\n".encode())
+            got = read_until(raw.sock, b"\r\n", timeout=80)
+            if got.startswith(b"a OK"):
+                got += raw.cmd(b"b ID NIL\r\n", b"b")
+            answers[u] = got
+            raw.close()
+
+        threads = [threading.Thread(target=login, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        # Every login is on b1 (connected or logging in) under generation 1.
+        deadline = time.monotonic() + 20
+        while metric(p, "postern_backend_logins_in_flight", backend="b1",
+                     protocol="imap") < len(users):
+            assert time.monotonic() < deadline, "the logins never reached b1"
+            time.sleep(0.1)
+        p.proc.send_signal(signal.SIGHUP)
+        p.wait_log(r"configuration reloaded generation=2", timeout=20)
+        assert "backend DOWN" not in p.log(), "b1 went down before the reload"
+        p.wait_log(r"backend DOWN.*backend=\"?b1\b.*protocol=imap", timeout=60)
+        for t in threads:
+            t.join(timeout=85)
+        assert not any(t.is_alive() for t in threads), "a login on the frozen backend hung"
+    finally:
+        os.killpg(b1.proc.pid, signal.SIGCONT)
+    assert len(answers) == len(users)
+    for u, got in answers.items():
+        assert got.startswith(b"a OK") and b"postern-backend-b2" in got, (u, got)
+    log = p.log()
+    assert log.index("configuration reloaded generation=2") < log.index("backend DOWN")
+    released = log.count("backend went down during the login; routing again")
+    print(f"frozen across a reload: {len(users)} logins waiting since generation 1, "
+          f"{released} released at the DOWN after the reload, all OK on b2")
+    assert released == len(users)
+
+
+def metric(p, name: str, **labels) -> float:
+    """A value from /metrics (0 when the series is absent)."""
+    text = urllib.request.urlopen(p.admin_url + "/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line
+                                               for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @pytest.fixture
 def db_cluster(workdir, certs):
     """Two Dovecots whose passdb is, after the passwd file, one private MariaDB: users

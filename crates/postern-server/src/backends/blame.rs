@@ -111,6 +111,12 @@ impl<K: Hash + Eq + Clone> Blame<K> {
         }
     }
 
+    /// A reload changed the timeouts: what is recorded stays.
+    pub fn retime(&mut self, login_timeout: Duration, probe_window: Duration) {
+        self.login_timeout = login_timeout;
+        self.probe_window = probe_window;
+    }
+
     /// A login starts on `key` (connected, about to log in); returns its id.
     pub fn started(&mut self, key: &K, now: Instant) -> u64 {
         let id = self.next;

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use postern_proto::{BackendLogin, ClientInfo, Credentials, Mechanism, Protocol, Secret, Verdict};
@@ -95,13 +95,21 @@ pub struct Health {
     operator_ups: RwLock<HashMap<String, String>>,
     settings: HealthSettings,
     registry: Arc<Registry>,
-    /// Whose fault recent login timeouts are.
-    blame: Mutex<Blame<(String, Protocol)>>,
+    /// Whose fault recent login timeouts are; shared with the generations before and
+    /// after a reload, so logins in flight across it are judged with everyone else's.
+    blame: Arc<Mutex<Blame<(String, Protocol)>>>,
+    /// The backend-login timeout the judgement uses.
+    login_timeout: Duration,
     /// Each backend's pool: the peers a login timeout is compared with.
     pools: HashMap<String, String>,
     /// Bumped at every DOWN (checks, real logins, the operator), so logins waiting on
-    /// a backend learn at once that it went down.
-    downs: tokio::sync::watch::Sender<u64>,
+    /// a backend learn at once that it went down. One channel for every generation:
+    /// a login waiting since before a reload hears the DOWNs after it.
+    downs: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The next configuration generation's health, once a reload took over: from then
+    /// on this one forwards every report and question there, so the sessions and
+    /// logins of the old generation see (and feed) the live state.
+    successor: OnceLock<Arc<Health>>,
 }
 
 /// A login in flight on a backend service, known to the blame judgement until it is
@@ -127,7 +135,7 @@ impl LoginWatch {
     pub fn timed_out(mut self) -> Blamed {
         self.done = true;
         let (backend, protocol) = (&self.key.0, self.key.1);
-        let peers = self.health.peers(backend, protocol);
+        let peers = self.health.live().peers(backend, protocol);
         let verdict = self
             .health
             .blame()
@@ -165,6 +173,31 @@ impl Health {
     /// Every configured backend service starts unknown and routable: a fresh instance
     /// serves at once, and the checks take services out if they do not answer.
     pub fn new(settings: &Settings, registry: Arc<Registry>) -> Arc<Self> {
+        let blame = Blame::new(settings.timeouts.backend_login, probe_window(settings));
+        let downs = Arc::new(tokio::sync::watch::Sender::new(0));
+        Self::with_shared(settings, registry, Arc::new(Mutex::new(blame)), downs)
+    }
+
+    /// The health of a reloaded configuration: built like [`Health::new`], judging
+    /// blame with `old`'s record of the logins in flight and announcing its DOWNs to
+    /// the logins waiting on `old`. It knows nothing yet: the state comes over in
+    /// [`Health::take_over`], when the reload is committed.
+    pub fn renewed(settings: &Settings, registry: Arc<Registry>, old: &Health) -> Arc<Self> {
+        let old = old.live();
+        Self::with_shared(
+            settings,
+            registry,
+            Arc::clone(&old.blame),
+            Arc::clone(&old.downs),
+        )
+    }
+
+    fn with_shared(
+        settings: &Settings,
+        registry: Arc<Registry>,
+        blame: Arc<Mutex<Blame<(String, Protocol)>>>,
+        downs: Arc<tokio::sync::watch::Sender<u64>>,
+    ) -> Arc<Self> {
         let pools = settings
             .backends
             .values()
@@ -184,15 +217,38 @@ impl Health {
             operator_ups: RwLock::new(HashMap::new()),
             settings: settings.health.clone(),
             registry,
-            blame: Mutex::new(Blame::new(
-                settings.timeouts.backend_login,
-                // A check's outcome stands until the next one is due and done, with
-                // room for the jitter between backends: two check periods.
-                (settings.health.interval + settings.health.timeout).saturating_mul(2),
-            )),
+            blame,
+            login_timeout: settings.timeouts.backend_login,
             pools,
-            downs: tokio::sync::watch::Sender::new(0),
+            downs,
+            successor: OnceLock::new(),
         })
+    }
+
+    /// A reload is committed: this (the new generation's) health takes over from
+    /// `old`. It inherits the state of the backends still configured (`inherit`,
+    /// below), as `old` knows it at this moment; `old` forwards
+    /// everything here from now on, so the logins waiting on its backends for a DOWN
+    /// (on the channel both share) see the live state: a backend going down after the
+    /// reload releases the logins that started before it.
+    pub fn take_over(self: &Arc<Self>, old: &Health) {
+        let old = old.live();
+        if std::ptr::eq(old, self.as_ref()) {
+            return;
+        }
+        self.inherit(old);
+        self.blame()
+            .retime(self.login_timeout, probe_window_of(&self.settings));
+        let _ = old.successor.set(Arc::clone(self));
+    }
+
+    /// The health in force: this one, or the one of the latest reload after it.
+    fn live(&self) -> &Health {
+        let mut h = self;
+        while let Some(next) = h.successor.get() {
+            h = next;
+        }
+        h
     }
 
     /// The other services of `protocol` in `backend`'s pool: what its login timeouts
@@ -214,6 +270,9 @@ impl Health {
     /// password database every backend shares: the blame judgement decides whether
     /// it counts.
     fn checked(&self, backend: &str, protocol: Protocol, result: Result<(), CheckFailure>) {
+        if let Some(next) = self.successor.get() {
+            return next.checked(backend, protocol, result);
+        }
         let key = (backend.to_owned(), protocol);
         let now = Instant::now();
         let (kind, message) = match result {
@@ -248,6 +307,9 @@ impl Health {
 
     /// A login starts on a backend service: watched until answered or timed out.
     pub fn login_started(self: &Arc<Self>, backend: &str, protocol: Protocol) -> LoginWatch {
+        if let Some(next) = self.successor.get() {
+            return next.login_started(backend, protocol);
+        }
         let key = (backend.to_owned(), protocol);
         let id = self.blame().started(&key, Instant::now());
         LoginWatch {
@@ -261,11 +323,14 @@ impl Health {
     /// The route store or an auth server failed: login timeouts around now may wait
     /// on the same thing, and are not the backends' fault.
     pub fn dependency_failed(&self) {
+        // The judgement is shared across generations: no forwarding needed.
         self.blame().dependency_failed(Instant::now());
     }
 
     /// Returns once `backend`'s `protocol` service goes DOWN from now on (a login
     /// let through a half-open DOWN service is not stopped by the DOWN it started in).
+    /// A reload does not end the wait: the generations share the channel, and the
+    /// state asked is the live one.
     pub async fn gone_down(&self, backend: &str, protocol: Protocol) {
         let mut rx = self.downs.subscribe();
         loop {
@@ -279,6 +344,9 @@ impl Health {
     }
 
     fn is_down(&self, backend: &str, protocol: Protocol) -> bool {
+        if let Some(next) = self.successor.get() {
+            return next.is_down(backend, protocol);
+        }
         let admin = self.admin.read().ok().and_then(|a| a.get(backend).copied());
         if admin == Some(AdminState::Down) {
             return true;
@@ -297,7 +365,7 @@ impl Health {
     /// After a reload: the state of every backend service that is still configured,
     /// the operator's drains included, so that a reload neither revives a down backend
     /// nor undoes a drain.
-    pub fn inherit(&self, old: &Health) {
+    fn inherit(&self, old: &Health) {
         if let (Ok(mut mine), Ok(theirs)) = (self.checks.write(), old.checks.read()) {
             for (key, check) in mine.iter_mut() {
                 if let Some(prev) = theirs.get(key) {
@@ -359,6 +427,9 @@ impl Health {
     /// An operator said the backend is up (`postern backend up`): forget what checks
     /// and real logins said of it, so a stale passive DOWN does not outlive the fix.
     pub fn reset(&self, backend: &str) {
+        if let Some(next) = self.successor.get() {
+            return next.reset(backend);
+        }
         let (now, wall) = (Instant::now(), SystemTime::now());
         if let Ok(mut checks) = self.checks.write() {
             for ((b, _), c) in checks.iter_mut() {
@@ -371,6 +442,9 @@ impl Health {
     }
 
     fn record(&self, backend: &str, protocol: Protocol, result: Result<(), (FailureKind, String)>) {
+        if let Some(next) = self.successor.get() {
+            return next.record(backend, protocol, result);
+        }
         let t = self.thresholds();
         let (transition, first_failure) = {
             let Ok(mut checks) = self.checks.write() else {
@@ -422,6 +496,9 @@ impl Health {
 
     /// Applies the operator states read from the database.
     pub fn set_admin(&self, states: &[(String, String)]) {
+        if let Some(next) = self.successor.get() {
+            return next.set_admin(states);
+        }
         // `postern backend up` writes "up <unix time>": the backend is normal again, and
         // whatever real logins said of it is forgotten (a passive DOWN would otherwise
         // outlive the fix when active checks are off). Each new stamp resets once.
@@ -469,6 +546,9 @@ impl Health {
 
     /// Records what a backend's EHLO/LHLO allows Postern to advertise.
     pub fn record_extensions(&self, backend: &str, protocol: Protocol, lines: Vec<String>) {
+        if let Some(next) = self.successor.get() {
+            return next.record_extensions(backend, protocol, lines);
+        }
         if let Ok(mut ehlo) = self.ehlo.write() {
             ehlo.insert((backend.to_owned(), protocol), lines);
         }
@@ -478,6 +558,9 @@ impl Health {
     /// backend a client ends up on honours what it was told; `None` before any probe.
     /// SIZE is advertised with the smallest limit.
     pub fn extensions(&self, protocol: Protocol) -> Option<Vec<String>> {
+        if let Some(next) = self.successor.get() {
+            return next.extensions(protocol);
+        }
         let ehlo = self.ehlo.read().ok()?;
         // By backend name, so every instance advertises the same lines in one order.
         let mut entries: Vec<_> = ehlo.iter().filter(|((_, p), _)| *p == protocol).collect();
@@ -515,6 +598,9 @@ impl Health {
 
     /// Every service's health.
     pub fn reports(&self) -> Vec<HealthReport> {
+        if let Some(next) = self.successor.get() {
+            return next.reports();
+        }
         let admin = self.admin.read().map(|a| a.clone()).unwrap_or_default();
         let mut out: Vec<HealthReport> = self
             .checks
@@ -540,8 +626,22 @@ impl Health {
     }
 }
 
+/// How long a check's outcome stands for the blame judgement: until the next one is
+/// due and done, with room for the jitter between backends (two check periods).
+fn probe_window(settings: &Settings) -> Duration {
+    probe_window_of(&settings.health)
+}
+
+fn probe_window_of(s: &HealthSettings) -> Duration {
+    (s.interval + s.timeout).saturating_mul(2)
+}
+
 impl Availability for Health {
     fn state(&self, backend: &str, protocol: Protocol) -> BackendState {
+        // The old generation's router asks its own health: the live one answers.
+        if let Some(next) = self.successor.get() {
+            return next.state(backend, protocol);
+        }
         let admin = self.admin.read().ok().and_then(|a| a.get(backend).copied());
         if admin == Some(AdminState::Down) {
             return BackendState::Down;
@@ -851,6 +951,26 @@ mod tests {
     use crate::registry::SessionInfo;
 
     fn health(rise: u32, fall: u32) -> (Arc<Health>, Arc<Registry>) {
+        let downs = Arc::new(tokio::sync::watch::Sender::new(0));
+        let blame = Arc::new(Mutex::new(Blame::new(
+            Duration::from_secs(30),
+            Duration::from_secs(8),
+        )));
+        health_sharing(rise, fall, blame, downs)
+    }
+
+    /// A reloaded generation's health, as `Health::renewed` builds it.
+    fn renewed(old: &Health) -> Arc<Health> {
+        let (rise, fall) = (old.settings.rise, old.settings.fall);
+        health_sharing(rise, fall, Arc::clone(&old.blame), Arc::clone(&old.downs)).0
+    }
+
+    fn health_sharing(
+        rise: u32,
+        fall: u32,
+        blame: Arc<Mutex<Blame<(String, Protocol)>>>,
+        downs: Arc<tokio::sync::watch::Sender<u64>>,
+    ) -> (Arc<Health>, Arc<Registry>) {
         let registry = Registry::new();
         let mut checks = HashMap::new();
         let mut b1 = ServiceHealth::new(Instant::now(), SystemTime::now());
@@ -877,9 +997,11 @@ mod tests {
                 ..HealthSettings::default()
             },
             registry: Arc::clone(&registry),
-            blame: Mutex::new(Blame::new(Duration::from_secs(30), Duration::from_secs(8))),
+            blame,
+            login_timeout: Duration::from_secs(30),
             pools: HashMap::new(),
-            downs: tokio::sync::watch::Sender::new(0),
+            downs,
+            successor: OnceLock::new(),
         });
         (h, registry)
     }
@@ -920,6 +1042,38 @@ mod tests {
         h.set_admin(&[]);
         assert_eq!(h.state("b1", Protocol::Imap), BackendState::Up);
         assert_eq!(h.state("nope", Protocol::Imap), BackendState::Down);
+    }
+
+    #[tokio::test]
+    async fn after_a_reload_the_old_generation_waits_on_and_feeds_the_new_health() {
+        let (old, _) = health(2, 2);
+        let new = renewed(&old);
+        // A login of the old generation waits on b1 for a DOWN.
+        let waiting = {
+            let old = Arc::clone(&old);
+            tokio::spawn(async move { old.gone_down("b1", Protocol::Imap).await })
+        };
+        tokio::task::yield_now().await;
+        new.take_over(&old);
+        // A failure reported by an old-generation login counts in the live state...
+        old.report("b1", Protocol::Imap, Err("refused".into()));
+        assert!(!waiting.is_finished());
+        // ...and the new generation's DOWN releases the old generation's waiter.
+        new.report("b1", Protocol::Imap, Err("refused".into()));
+        assert_eq!(new.state("b1", Protocol::Imap), BackendState::Down);
+        // The old generation's router asks its own health: the live one answers.
+        assert_eq!(old.state("b1", Protocol::Imap), BackendState::Down);
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("released at the DOWN")
+            .expect("the waiter ran");
+        // A second handover (another reload) chains.
+        let newer = renewed(&old);
+        newer.take_over(&old);
+        old.report("b1", Protocol::Imap, Ok(()));
+        old.report("b1", Protocol::Imap, Ok(()));
+        assert_eq!(newer.state("b1", Protocol::Imap), BackendState::Up);
+        assert_eq!(new.state("b1", Protocol::Imap), BackendState::Up);
     }
 
     #[test]
