@@ -363,8 +363,11 @@ impl Health {
     }
 
     /// After a reload: the state of every backend service that is still configured,
-    /// the operator's drains included, so that a reload neither revives a down backend
-    /// nor undoes a drain.
+    /// and the operator's marks on every backend still configured (`backend
+    /// drain|down`, and the last `backend up` stamp seen), so that a reload neither
+    /// revives a down backend, nor undoes a drain, nor takes an old `backend up` for a
+    /// new one (which would forget what the checks said). A backend removed from the
+    /// configuration leaves its marks behind: added again later, it starts afresh.
     fn inherit(&self, old: &Health) {
         if let (Ok(mut mine), Ok(theirs)) = (self.checks.write(), old.checks.read()) {
             for (key, check) in mine.iter_mut() {
@@ -378,9 +381,15 @@ impl Health {
                 }
             }
         }
+        let configured = |name: &String| self.pools.contains_key(name);
         if let (Ok(mut mine), Ok(theirs)) = (self.admin.write(), old.admin.read()) {
-            for (name, state) in theirs.iter() {
+            for (name, state) in theirs.iter().filter(|(n, _)| configured(n)) {
                 mine.insert(name.clone(), *state);
+            }
+        }
+        if let (Ok(mut mine), Ok(theirs)) = (self.operator_ups.write(), old.operator_ups.read()) {
+            for (name, stamp) in theirs.iter().filter(|(n, _)| configured(n)) {
+                mine.insert(name.clone(), stamp.clone());
             }
         }
         if let (Ok(mut mine), Ok(theirs)) = (self.ehlo.write(), old.ehlo.read()) {
@@ -999,7 +1008,7 @@ mod tests {
             registry: Arc::clone(&registry),
             blame,
             login_timeout: Duration::from_secs(30),
-            pools: HashMap::new(),
+            pools: HashMap::from([("b1".to_owned(), "default".to_owned())]),
             downs,
             successor: OnceLock::new(),
         });
@@ -1074,6 +1083,51 @@ mod tests {
         old.report("b1", Protocol::Imap, Ok(()));
         assert_eq!(newer.state("b1", Protocol::Imap), BackendState::Up);
         assert_eq!(new.state("b1", Protocol::Imap), BackendState::Up);
+    }
+
+    #[test]
+    fn operator_marks_survive_a_reload_unless_the_backend_was_removed() {
+        let (old, _) = health(2, 2);
+        let imap = Protocol::Imap;
+        // `postern backend up b1` long ago: its stamp reset b1 once.
+        old.set_admin(&[("b1".into(), "up 100".into())]);
+        // Since then b1's checks took it down.
+        old.report("b1", imap, Err("refused".into()));
+        old.report("b1", imap, Err("refused".into()));
+        assert_eq!(old.state("b1", imap), BackendState::Down);
+        old.set_admin(&[("b1".into(), "up 100".into())]);
+        assert_eq!(
+            old.state("b1", imap),
+            BackendState::Down,
+            "an old stamp resets once"
+        );
+        // A reload: the new generation reads the same stamp, which is not news.
+        let new = renewed(&old);
+        new.take_over(&old);
+        new.set_admin(&[("b1".into(), "up 100".into())]);
+        assert_eq!(
+            new.state("b1", imap),
+            BackendState::Down,
+            "a reload took the old `backend up` for a new one"
+        );
+        // A new `backend up` still resets, after the reload as before it.
+        new.set_admin(&[("b1".into(), "up 200".into())]);
+        assert_eq!(new.state("b1", imap), BackendState::Up);
+        // `backend down` and `backend drain` marks come over as they are: no new kick,
+        // no moment without them.
+        new.set_admin(&[
+            ("b1".into(), "drain".into()),
+            ("gone".into(), "down".into()),
+        ]);
+        let newer = renewed(&new);
+        newer.take_over(&new);
+        assert_eq!(newer.state("b1", imap), BackendState::Draining);
+        let admin = newer.admin.read().unwrap().clone();
+        assert_eq!(
+            admin,
+            HashMap::from([("b1".to_owned(), AdminState::Drain)]),
+            "a backend no longer configured leaves its marks behind"
+        );
     }
 
     #[test]
