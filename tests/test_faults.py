@@ -394,19 +394,26 @@ def imap_services(p):
     return {b["name"]: b["services"]["imap"] for b in backends}
 
 
+@pytest.mark.parametrize("fault", ["hung", "stopped"])
 def test_checks_that_log_in_stall_on_a_hung_password_database_and_take_no_backend_down(
-    db_cluster, certs, workdir
+    db_cluster, certs, workdir, fault
 ):
     """Health checks that log in (probe_user, a user of the shared MariaDB) while that
     MariaDB is hung (SIGSTOP): every backend's check gets the greeting and stalls in
     the login step. Compared with each other, none of those stalls is counted: no
     backend is marked down, no session ended; /api/backends shows them up, degraded.
-    After SIGCONT the checks pass again and the database users log in."""
+    After SIGCONT the checks pass again and the database users log in. `stopped`:
+    MariaDB shut down (then started again) instead, so Dovecot answers each check's
+    login at once with its temporary failure (`NO [UNAVAILABLE]`): the same stall,
+    told from a wrong password."""
     cluster, db, users = db_cluster
+    stopped = fault == "stopped"
     probe = ("probe@example.test", "probe-Secret-8K")
     db.sql(f"INSERT INTO users VALUES ('{probe[0]}','{{PLAIN}}{probe[1]}')")
     config = base_config(cluster, certs, workdir, admin=True)
-    config["health"] = {"interval": "500ms", "timeout": "1s", "rise": 2, "fall": 2}
+    # Stopped, Dovecot answers after its auth_failure_delay (2 s): within the bound.
+    config["health"] = {"interval": "500ms", "timeout": "3s" if stopped else "1s",
+                        "rise": 2, "fall": 2}
     for b in config["backends"].values():
         b["health"] = {"probe_user": probe[0], "probe_password": probe[1]}
     p = Postern(workdir / "postern", config)
@@ -430,31 +437,43 @@ def test_checks_that_log_in_stall_on_a_hung_password_database_and_take_no_backen
             r"health check's login stalled after the greeting.*backend=\"?(b\d)\b.*protocol=imap")
         before = Counter(stalled.findall(p.log()))
         assert before == Counter()
-        os.kill(db.proc.pid, signal.SIGSTOP)
+        if stopped:
+            db.stop()
+        else:
+            os.kill(db.proc.pid, signal.SIGSTOP)
         try:
-            # Hung for as many checks as it takes to excuse 3 × fall stalls on each
+            # Hung (or stopped) for as many checks as it takes to excuse 3 × fall stalls on each
             # backend: without the rule, `fall` of them take a backend down.
+            # Stopped: until Dovecot, past its reconnect attempts, answers with its
+            # temporary failure on both backends too.
+            answered = re.compile(r"stalled after the greeting.*backend=\"?(b\d)\b.*"
+                                  r"protocol=imap.*greeted, then a temporary failure")
             deadline = time.monotonic() + 60
             while True:
                 seen = Counter(stalled.findall(p.log()))
-                if all(seen[b] >= 6 for b in ("b1", "b2")):
+                told = Counter(answered.findall(p.log()))
+                if all(seen[b] >= 6 and (told[b] >= 2 or not stopped) for b in ("b1", "b2")):
                     break
                 assert "backend DOWN" not in p.log(), p.log()[-3000:]
-                assert time.monotonic() < deadline, seen
+                assert time.monotonic() < deadline, (seen, told)
                 time.sleep(0.2)
             services = imap_services(p)
             for name, s in services.items():
                 assert s["up"] is True and s["state"] == "up", (name, s)
                 assert s["degraded"] is True, (name, s)
-                assert "greeted, no answer to the login" in (s["last_error"] or ""), (name, s)
+                assert "probe login: greeted" in (s["last_error"] or ""), (name, s)
             log = p.log()
             assert "backend DOWN" not in log, log[-3000:]
             for i, s in enumerate(sessions):
                 assert b"n OK" in s.cmd(b"n NOOP\r\n", b"n"), f"session {i} was ended"
             print(f"hung passdb, checks that log in: {dict(seen)} stalled checks excused "
-                  f"(imap), 0 DOWN, {len(sessions)} sessions kept")
+                  f"(imap; {dict(told)} answered with a temporary failure), 0 DOWN, "
+                  f"{len(sessions)} sessions kept")
         finally:
-            os.kill(db.proc.pid, signal.SIGCONT)
+            if stopped:
+                db.start()
+            else:
+                os.kill(db.proc.pid, signal.SIGCONT)
         # Recovery: the checks pass again (rise), and the database users log in.
         deadline = time.monotonic() + 60
         while any(s["last_error"] or s["degraded"] for s in imap_services(p).values()):

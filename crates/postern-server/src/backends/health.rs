@@ -266,9 +266,9 @@ impl Health {
     }
 
     /// Records the outcome of an active check. A check that logs in and stalled in
-    /// the login step (the greeting came, the answer did not) may be waiting on the
-    /// password database every backend shares: the blame judgement decides whether
-    /// it counts.
+    /// the login step (the greeting came, the answer did not, or it was a temporary
+    /// failure) may be waiting on the password database every backend shares: the
+    /// blame judgement decides whether it counts.
     fn checked(&self, backend: &str, protocol: Protocol, result: Result<(), CheckFailure>) {
         if let Some(next) = self.successor.get() {
             return next.checked(backend, protocol, result);
@@ -278,7 +278,7 @@ impl Health {
         let (kind, message) = match result {
             Ok(()) => return self.record(backend, protocol, Ok(())),
             Err(CheckFailure::Failed(kind, message)) => (kind, message),
-            Err(CheckFailure::LoginStalled(message)) => {
+            Err(CheckFailure::LoginStalled(kind, message)) => {
                 let peers = self.peers(backend, protocol);
                 let verdict = self.blame().probe_stalled(&key, &peers, now);
                 if !verdict.is_backend() {
@@ -286,6 +286,7 @@ impl Health {
                         backend,
                         %protocol,
                         cause = verdict.as_str(),
+                        error = message.as_str(),
                         "health check's login stalled after the greeting, not counted against the backend: the cause is shared"
                     );
                     if let Ok(mut checks) = self.checks.write()
@@ -295,7 +296,7 @@ impl Health {
                     }
                     return;
                 }
-                (FailureKind::Timeout, message)
+                (kind, message)
             }
         };
         self.record(backend, protocol, Err((kind, message)));
@@ -636,14 +637,23 @@ impl Health {
 }
 
 /// How long a check's outcome stands for the blame judgement: until the next one is
-/// due and done, with room for the jitter between backends (two check periods).
+/// due and done, with room for the jitter between backends (two check periods), and
+/// never less than the tail of an outage.
 fn probe_window(settings: &Settings) -> Duration {
     probe_window_of(&settings.health)
 }
 
 fn probe_window_of(s: &HealthSettings) -> Duration {
-    (s.interval + s.timeout).saturating_mul(2)
+    (s.interval + s.timeout)
+        .saturating_mul(2)
+        .max(PROBE_WINDOW_AT_LEAST)
 }
+
+/// The tail of a shared outage is how long the backends take to come back one after
+/// the other (each works through its backlog, reconnects to the database): seconds,
+/// however often they are checked. A faster check interval must not shorten the
+/// window below that.
+const PROBE_WINDOW_AT_LEAST: Duration = Duration::from_secs(10);
 
 impl Availability for Health {
     fn state(&self, backend: &str, protocol: Protocol) -> BackendState {
@@ -720,20 +730,22 @@ fn endpoint(backend: &Backend, protocol: Protocol) -> Option<&Endpoint> {
     backend.endpoint(protocol)
 }
 
-/// One check: connect as a real session would (PROXY header, TLS), read the greeting,
-/// and with a probe user configured, log in and out. SMTP-family services are asked
-/// for their EHLO/LHLO instead, and the extensions come back.
 /// Why a check failed.
 #[derive(Debug)]
 enum CheckFailure {
     /// Of this kind (refused, no greeting, a wrong password, no answer at all).
     Failed(FailureKind, String),
-    /// A check that logs in got the greeting, then no answer to its login in time:
-    /// the backend is there, its login path waits on something (its password
-    /// database).
-    LoginStalled(String),
+    /// A check that logs in got the greeting, then no answer to its login in time
+    /// (a timeout), or the backend's temporary failure as the answer (hard: it
+    /// answered): the backend is there, its login path waits on or fails in
+    /// something behind it (its password database hung, or down: then Dovecot
+    /// answers `NO [UNAVAILABLE]`).
+    LoginStalled(FailureKind, String),
 }
 
+/// One check: connect as a real session would (PROXY header, TLS), read the greeting,
+/// and with a probe user configured, log in and out. SMTP-family services are asked
+/// for their EHLO/LHLO instead, and the extensions come back.
 async fn check(
     backend: &Backend,
     protocol: Protocol,
@@ -747,11 +759,14 @@ async fn check(
     )
     .await;
     match result {
-        Ok(r) => r.map_err(|(kind, e)| CheckFailure::Failed(kind, e)),
-        Err(_) if greeted.load(Ordering::Relaxed) => Err(CheckFailure::LoginStalled(format!(
-            "probe login: greeted, no answer to the login within {:?}",
-            s.timeout
-        ))),
+        Ok(r) => r,
+        Err(_) if greeted.load(Ordering::Relaxed) => Err(CheckFailure::LoginStalled(
+            FailureKind::Timeout,
+            format!(
+                "probe login: greeted, no answer to the login within {:?}",
+                s.timeout
+            ),
+        )),
         Err(_) => Err(CheckFailure::Failed(
             FailureKind::Timeout,
             format!("no answer within {:?}", s.timeout),
@@ -766,8 +781,8 @@ async fn check_once(
     hostname: &str,
     greeted: &AtomicBool,
     s: &HealthSettings,
-) -> Result<Option<Vec<String>>, (FailureKind, String)> {
-    let hard = |e: String| (FailureKind::Hard, e);
+) -> Result<Option<Vec<String>>, CheckFailure> {
+    let hard = |e: String| CheckFailure::Failed(FailureKind::Hard, e);
     let Some(endpoint) = endpoint(backend, protocol) else {
         return Err(hard("protocol not served".into()));
     };
@@ -793,7 +808,7 @@ async fn check_once(
             s.timeout,
         )
         .await
-        .map_err(|e| (e.kind(), e.to_string()))?;
+        .map_err(|e| CheckFailure::Failed(e.kind(), e.to_string()))?;
         if matches!(
             protocol,
             Protocol::Submission | Protocol::Smtp | Protocol::Lmtp
@@ -810,8 +825,7 @@ async fn check_once(
                 .map_err(hard),
             Some(probe) => probe_login(backend, protocol, stream, probe, &info, greeted)
                 .await
-                .map(|()| None)
-                .map_err(hard),
+                .map(|()| None),
         }
     };
     work.await
@@ -877,7 +891,8 @@ async fn probe_login(
     probe: &crate::settings::Probe,
     info: &ClientInfo,
     greeted: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<(), CheckFailure> {
+    let hard = |e: String| CheckFailure::Failed(FailureKind::Hard, e);
     let creds = Credentials {
         mechanism: Mechanism::Cleartext,
         authzid: None,
@@ -887,18 +902,24 @@ async fn probe_login(
     };
     let mut machine: Box<dyn BackendLogin + Send> = match protocol {
         Protocol::Imap => {
-            let o = backend.imap.as_ref().ok_or("no imap")?;
+            let o = backend
+                .imap
+                .as_ref()
+                .ok_or_else(|| hard("no imap".into()))?;
             let mut login = o.login.clone();
             login.forward_client = false;
             Box::new(postern_imap::Login::new(creds, None, &login, info))
         }
         Protocol::Pop3 => {
-            let o = backend.pop3.as_ref().ok_or("no pop3")?;
+            let o = backend
+                .pop3
+                .as_ref()
+                .ok_or_else(|| hard("no pop3".into()))?;
             let mut login = o.login.clone();
             login.forward_client = false;
             Box::new(postern_pop3::Login::new(creds, &login, info))
         }
-        _ => return Err("no probe login for this protocol".into()),
+        _ => return Err(hard("no probe login for this protocol".into())),
     };
     let mut watched = Greeted {
         inner: machine.as_mut(),
@@ -906,7 +927,7 @@ async fn probe_login(
     };
     let (verdict, mut stream) = backend::login(&mut watched, stream, backend.tls.as_ref())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| hard(e.to_string()))?;
     let bye: &[u8] = if protocol == Protocol::Imap {
         b"Z LOGOUT\r\n"
     } else {
@@ -916,9 +937,28 @@ async fn probe_login(
     let _ = stream.shutdown().await;
     match verdict {
         Verdict::Accepted(_) => Ok(()),
-        Verdict::Refused(_) => Err("probe login refused".into()),
-        Verdict::Failed(_) => Err("probe login failed".into()),
+        Verdict::Refused(reply) if temporary_refusal(protocol, &reply.text) => {
+            Err(CheckFailure::LoginStalled(
+                FailureKind::Hard,
+                "probe login: greeted, then a temporary failure".into(),
+            ))
+        }
+        Verdict::Refused(_) => Err(hard("probe login refused".into())),
+        Verdict::Failed(_) => Err(hard("probe login failed".into())),
     }
+}
+
+/// Whether a refused login's answer says "temporary failure, try later" (IMAP
+/// `[UNAVAILABLE]`, RFC 5530; POP3 `[SYS/TEMP]`, RFC 3206): what Dovecot answers
+/// when its password database fails, not a wrong password.
+fn temporary_refusal(protocol: Protocol, text: &[u8]) -> bool {
+    let code: &[u8] = match protocol {
+        Protocol::Imap => b"[UNAVAILABLE]",
+        Protocol::Pop3 => b"[SYS/TEMP]",
+        _ => return false,
+    };
+    text.get(..code.len())
+        .is_some_and(|t| t.eq_ignore_ascii_case(code))
 }
 
 /// A login machine that notes when the backend's first line (its greeting) came:
@@ -1128,6 +1168,30 @@ mod tests {
             HashMap::from([("b1".to_owned(), AdminState::Drain)]),
             "a backend no longer configured leaves its marks behind"
         );
+    }
+
+    #[test]
+    fn a_temporary_failure_answered_to_a_probe_is_told_from_a_wrong_password() {
+        let imap = Protocol::Imap;
+        // Dovecot's answers when its passdb fails, and to a wrong password.
+        assert!(temporary_refusal(
+            imap,
+            b"[UNAVAILABLE] Temporary authentication failure. [b1:2026-12-04 01:00:00]"
+        ));
+        assert!(temporary_refusal(
+            Protocol::Pop3,
+            b"[SYS/TEMP] Temporary authentication failure."
+        ));
+        assert!(!temporary_refusal(
+            imap,
+            b"[AUTHENTICATIONFAILED] Authentication failed."
+        ));
+        assert!(!temporary_refusal(
+            Protocol::Pop3,
+            b"[AUTH] Authentication failed."
+        ));
+        assert!(!temporary_refusal(imap, b"[UNAVAIL"));
+        assert!(!temporary_refusal(Protocol::Smtp, b"[UNAVAILABLE]"));
     }
 
     #[test]
