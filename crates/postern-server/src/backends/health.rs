@@ -1170,6 +1170,112 @@ mod tests {
         );
     }
 
+    /// An IMAP backend for one check: `greet` or say nothing, then answer the login
+    /// with `answer` (a line after the tag), or never.
+    async fn scripted(greet: bool, answer: Option<&'static str>) -> u16 {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            if !greet {
+                std::future::pending::<()>().await;
+            }
+            w.write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready.\r\n")
+                .await
+                .unwrap();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let tag = line.split(' ').next().unwrap_or_default().to_owned();
+                let reply = if line.contains("AUTHENTICATE") {
+                    match answer {
+                        Some(a) => format!("{tag} {a}\r\n"),
+                        None => continue,
+                    }
+                } else {
+                    format!("{tag} OK done\r\n")
+                };
+                if w.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        port
+    }
+
+    fn probed(port: u16) -> Backend {
+        Backend {
+            name: "b1".into(),
+            host: "127.0.0.1".into(),
+            weight: 1,
+            pool: "default".into(),
+            tls: None,
+            probe: Some(crate::settings::Probe {
+                user: "probe".into(),
+                password: Secret::new("probe-pw".into()),
+            }),
+            imap: Some(crate::settings::ImapBackend {
+                endpoint: Endpoint {
+                    port,
+                    tls: crate::settings::BackendTls::None,
+                    proxy_protocol: crate::settings::ProxyProtocol::None,
+                },
+                login: postern_imap::LoginOptions::default(),
+            }),
+            pop3: None,
+            submission: None,
+            smtp: None,
+            lmtp: None,
+            admission: crate::backends::admission::Limits::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_check_that_logs_in_tells_a_stalled_login_step_from_other_failures() {
+        let s = HealthSettings {
+            timeout: Duration::from_millis(500),
+            ..HealthSettings::default()
+        };
+        let run = |greet, answer| {
+            let s = s.clone();
+            async move {
+                let b = probed(scripted(greet, answer).await);
+                check(&b, Protocol::Imap, &s, "postern.test").await
+            }
+        };
+        // Greeted, then no answer to the login: a stall (a hung password database).
+        assert!(matches!(
+            run(true, None).await,
+            Err(CheckFailure::LoginStalled(FailureKind::Timeout, _))
+        ));
+        // Greeted, then the temporary failure Dovecot answers when its database is
+        // down: a stall too, but an answer (hard when counted).
+        assert!(matches!(
+            run(
+                true,
+                Some("NO [UNAVAILABLE] Temporary authentication failure.")
+            )
+            .await,
+            Err(CheckFailure::LoginStalled(FailureKind::Hard, _))
+        ));
+        // No greeting at all: a frozen backend, never excused.
+        assert!(matches!(
+            run(false, None).await,
+            Err(CheckFailure::Failed(FailureKind::Timeout, _))
+        ));
+        // A wrong probe password: the backend's answer, never excused.
+        assert!(matches!(
+            run(
+                true,
+                Some("NO [AUTHENTICATIONFAILED] Authentication failed.")
+            )
+            .await,
+            Err(CheckFailure::Failed(FailureKind::Hard, _))
+        ));
+        assert!(matches!(run(true, Some("OK Logged in")).await, Ok(None)));
+    }
+
     #[test]
     fn a_temporary_failure_answered_to_a_probe_is_told_from_a_wrong_password() {
         let imap = Protocol::Imap;
