@@ -72,59 +72,12 @@ started[backend]=$!
 wait_for "$tmp/backend.out" '"event":"ready"' "the fake backend"
 f_imap=$(sed -n 's/.*"imap":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$tmp/backend.out" | head -n1)
 
-# bench-compare.sh's Postern, less what the idle run does not use.
-cat > "$tmp/postern.toml" <<EOF
-[log]
-level = "warn,postern_server::server=info"
+f_pop3=$(sed -n 's/.*"pop3":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$tmp/backend.out" | head -n1)
 
-[tls]
-cert = "$tmp/tls/cert.pem"
-key = "$tmp/tls/key.pem"
-
-[routing]
-store = "sql"
-unknown_users = "hash"
-
-[routing.sql]
-url = "sqlite:$tmp/routes.db"
-
-[routing.cache]
-ttl = "1h"
-
-[limits]
-trusted_networks = []
-max_connections_per_ip = 1000000
-connection_rate_per_ip = 100000000
-max_sessions_per_user = 1000000
-max_failures_per_ip = 1000000
-max_failures_per_user = 1000000
-
-[backends.b1]
-host = "127.0.0.1"
-[backends.b1.imap]
-port = $f_imap
-
-[backends.b2]
-host = "127.0.0.1"
-[backends.b2.imap]
-port = $f_imap
-
-[[listeners]]
-name = "imap"
-protocol = "imap"
-bind = "127.0.0.1:0"
-tls = "none"
-insecure_plaintext_auth = true
-
-[[listeners]]
-name = "imaps"
-protocol = "imap"
-bind = "127.0.0.1:0"
-tls = "implicit"
-EOF
-for i in $(seq 0 99); do
-    echo "INSERT INTO routes (username, backend) VALUES ('bench$i@example.test', 'b$((i % 2 + 1))') ON CONFLICT (username) DO UPDATE SET backend = excluded.backend;"
-done > "$tmp/seed.sql"
+# bench-compare.sh's Postern, both backends on the fake one.
+. "$here/scripts/bench-lib.sh"
+dir=$tmp bench_postern_conf "$f_imap" "$f_pop3" "$f_imap" "$f_pop3"
+bench_seed_sql 100 > "$tmp/seed.sql"
 "${builds[0]}" -c "$tmp/postern.toml" db seed "$tmp/seed.sql" > "$tmp/seed.log" 2>&1 \
     || { cat "$tmp/seed.log" >&2; die "seeding the route table failed"; }
 
