@@ -366,78 +366,10 @@ EOF
 }
 
 # --- Postern: routes pinned in SQLite, served from the route cache ------------------
-{
-    for i in $(seq 0 $((users - 1))); do
-        echo "INSERT INTO routes (username, backend) VALUES ('bench$i@example.test', 'b$((i % 2 + 1))') ON CONFLICT (username) DO UPDATE SET backend = excluded.backend;"
-    done
-} > "$tmp/seed.sql"
+. "$here/scripts/bench-lib.sh"
+bench_seed_sql "$users" > "$tmp/seed.sql"
 write_postern_conf() {
-    cat > "$tmp/postern.toml" <<EOF
-[log]
-# Per-session info lines off during load, listener addresses on.
-level = "warn,postern_server::server=info"
-
-[tls]
-cert = "$tmp/tls/cert.pem"
-key = "$tmp/tls/key.pem"
-
-[routing]
-store = "sql"
-unknown_users = "hash"
-
-[routing.sql]
-url = "sqlite:$tmp/routes.db"
-
-[routing.cache]
-# Every measured login is a route-cache hit (the warm-up logs every user in first).
-ttl = "1h"
-
-[limits]
-# Every session comes from 127.0.0.1 and 100 users share 8 000 idle sessions: keep the
-# accounting running (it is part of a login's cost) but out of the way.
-trusted_networks = []
-max_connections_per_ip = 1000000
-connection_rate_per_ip = 100000000
-max_sessions_per_user = 1000000
-# Logins in flight from one address count against the failure budget (a burst of
-# 128 concurrent logins from 127.0.0.1 would be refused as a brute force).
-max_failures_per_ip = 1000000
-max_failures_per_user = 1000000
-
-[backends.b1]
-host = "127.0.0.1"
-[backends.b1.imap]
-port = $b1_imap
-[backends.b1.pop3]
-port = $b1_pop3
-
-[backends.b2]
-host = "127.0.0.1"
-[backends.b2.imap]
-port = $b2_imap
-[backends.b2.pop3]
-port = $b2_pop3
-
-[[listeners]]
-name = "imap"
-protocol = "imap"
-bind = "127.0.0.1:0"
-tls = "none"
-insecure_plaintext_auth = true
-
-[[listeners]]
-name = "imaps"
-protocol = "imap"
-bind = "127.0.0.1:0"
-tls = "implicit"
-
-[[listeners]]
-name = "pop3"
-protocol = "pop3"
-bind = "127.0.0.1:0"
-tls = "none"
-insecure_plaintext_auth = true
-EOF
+    dir=$tmp bench_postern_conf "$b1_imap" "$b1_pop3" "$b2_imap" "$b2_pop3"
 }
 write_postern_conf
 "$postern" -c "$tmp/postern.toml" check > "$tmp/check.log" 2>&1 || { cat "$tmp/check.log" >&2; die "postern check failed"; }

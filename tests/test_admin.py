@@ -333,6 +333,49 @@ def test_reload_through_the_api_and_the_cli(make_admin, certs):
     login(p, certs).logout()
 
 
+def test_operator_marks_survive_a_reload(make_admin):
+    """`postern backend up` and `backend down` marks across two `postern reload`s: the
+    old `up` stamp is not taken for a new one (which would forget that b1's checks
+    keep failing), and b2 stays down without being marked (and its sessions kicked)
+    again."""
+
+    def edit(c):
+        c["health"] = {"interval": "300ms", "timeout": "1s", "rise": 2, "fall": 2,
+                       "startup_grace": "0s"}
+        # b1's checks log in with a wrong password: they keep it DOWN.
+        c["backends"]["b1"]["health"] = {"probe_user": BOB, "probe_password": "not-it"}
+
+    p = make_admin(edit=edit)
+    b1_down = re.compile(r"backend DOWN.*backend=\"?b1\b.*protocol=imap")
+    p.wait_log(b1_down.pattern, timeout=20)
+    assert p.cli("backend", "up", "b1").returncode == 0
+    p.wait_log(r"backend health reset by the operator backend=\"?b1", timeout=20)
+    # Forgotten, then down again by its checks.
+    deadline = time.monotonic() + 20
+    while len(b1_down.findall(p.log())) < 2:
+        assert time.monotonic() < deadline, p.log()[-2000:]
+        time.sleep(0.1)
+    assert p.cli("backend", "down", "b2").returncode == 0
+    p.wait_log(r"backend marked down backend=\"?b2", timeout=20)
+    admin_addr = p.admin_url.removeprefix("http://")
+    for generation in (2, 3):
+        r = p.cli("reload", "--admin", admin_addr)
+        assert r.returncode == 0 and f"reloaded: generation {generation}" in r.stdout, r.stderr
+    backends = {b["name"]: b for b in api_json(p, "/api/backends")["backends"]}
+    assert backends["b2"]["admin_state"] == "down", backends["b2"]
+    assert backends["b1"]["services"]["imap"]["state"] == "down", backends["b1"]
+    # Every stored state applied by the reloaded generation (as its change-log
+    # follower does each tick), b1's old `up` stamp among them: a sync point.
+    assert api(p, "/api/backends/b2/drain", method="POST")[0] == 200
+    log = p.log()
+    assert log.count("backend health reset by the operator") == 1, log[-3000:]
+    assert len(re.findall(r"backend marked down backend=\"?b2", log)) == 1
+    assert len(re.findall(r"backend state set by the operator backend=\"?b2\"? state=\"?down",
+                          log)) == 1
+    backends = {b["name"]: b for b in api_json(p, "/api/backends")["backends"]}
+    assert backends["b1"]["services"]["imap"]["state"] == "down", backends["b1"]
+
+
 def test_reload_cli_needs_an_admin_section(make_postern):
     p = make_postern(start=False)
     r = p.cli("reload")

@@ -190,6 +190,77 @@ def test_a_frozen_backend_releases_its_logins_and_leaves_the_other_backend_alone
     assert b"postern-backend-b1" in got, got
 
 
+def test_logins_waiting_since_before_a_reload_are_released_at_a_down_after_it(
+    start, own_cluster
+):
+    """b1 frozen (SIGSTOP) in a shared pool with logins waiting on it; Postern reloads
+    (SIGHUP) before b1 is DOWN. The DOWN, reached by the new configuration's checks,
+    still releases the logins that started under the old one, and b2 serves them."""
+
+    def edit(c):
+        c["pools"] = {"default": {"mode": "shared", "failover": "temporary"}}
+        c["timeouts"] = {"preauth": "90s", "backend_login": "90s"}
+        # The defaults: a frozen backend is DOWN some 6 s after its last answer, time
+        # enough for the logins to reach it and for the reload to happen first.
+        c["health"] = {}
+        c["admin"] = {"bind": "127.0.0.1:0"}
+
+    p = start(edit)
+    users = [ALICE] + NEW[: 2 * SCALE]
+    for u in users[1:]:
+        assert p.cli("route", "pin", u, "b1").returncode == 0
+    b1 = own_cluster["b1"]
+    answers = {}
+    os.killpg(b1.proc.pid, signal.SIGSTOP)
+    try:
+        def login(u):
+            raw = Raw(p.addr("imap-plain"))
+            raw.send(f"a LOGIN {u} {USERS[u]}\r\n".encode())
+            got = read_until(raw.sock, b"\r\n", timeout=80)
+            if got.startswith(b"a OK"):
+                got += raw.cmd(b"b ID NIL\r\n", b"b")
+            answers[u] = got
+            raw.close()
+
+        threads = [threading.Thread(target=login, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        # Every login is on b1 (connected or logging in) under generation 1.
+        deadline = time.monotonic() + 20
+        while metric(p, "postern_backend_logins_in_flight", backend="b1",
+                     protocol="imap") < len(users):
+            assert time.monotonic() < deadline, "the logins never reached b1"
+            time.sleep(0.1)
+        p.proc.send_signal(signal.SIGHUP)
+        p.wait_log(r"configuration reloaded generation=2", timeout=20)
+        assert "backend DOWN" not in p.log(), "b1 went down before the reload"
+        p.wait_log(r"backend DOWN.*backend=\"?b1\b.*protocol=imap", timeout=60)
+        for t in threads:
+            t.join(timeout=85)
+        assert not any(t.is_alive() for t in threads), "a login on the frozen backend hung"
+    finally:
+        os.killpg(b1.proc.pid, signal.SIGCONT)
+    assert len(answers) == len(users)
+    for u, got in answers.items():
+        assert got.startswith(b"a OK") and b"postern-backend-b2" in got, (u, got)
+    log = p.log()
+    assert log.index("configuration reloaded generation=2") < log.index("backend DOWN")
+    released = log.count("backend went down during the login; routing again")
+    print(f"frozen across a reload: {len(users)} logins waiting since generation 1, "
+          f"{released} released at the DOWN after the reload, all OK on b2")
+    assert released == len(users)
+
+
+def metric(p, name: str, **labels) -> float:
+    """A value from /metrics (0 when the series is absent)."""
+    text = urllib.request.urlopen(p.admin_url + "/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line
+                                               for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @pytest.fixture
 def db_cluster(workdir, certs):
     """Two Dovecots whose passdb is, after the passwd file, one private MariaDB: users
@@ -323,19 +394,26 @@ def imap_services(p):
     return {b["name"]: b["services"]["imap"] for b in backends}
 
 
+@pytest.mark.parametrize("fault", ["hung", "stopped"])
 def test_checks_that_log_in_stall_on_a_hung_password_database_and_take_no_backend_down(
-    db_cluster, certs, workdir
+    db_cluster, certs, workdir, fault
 ):
     """Health checks that log in (probe_user, a user of the shared MariaDB) while that
     MariaDB is hung (SIGSTOP): every backend's check gets the greeting and stalls in
     the login step. Compared with each other, none of those stalls is counted: no
     backend is marked down, no session ended; /api/backends shows them up, degraded.
-    After SIGCONT the checks pass again and the database users log in."""
+    After SIGCONT the checks pass again and the database users log in. `stopped`:
+    MariaDB shut down (then started again) instead, so Dovecot answers each check's
+    login at once with its temporary failure (`NO [UNAVAILABLE]`): the same stall,
+    told from a wrong password."""
     cluster, db, users = db_cluster
+    stopped = fault == "stopped"
     probe = ("probe@example.test", "probe-Secret-8K")
     db.sql(f"INSERT INTO users VALUES ('{probe[0]}','{{PLAIN}}{probe[1]}')")
     config = base_config(cluster, certs, workdir, admin=True)
-    config["health"] = {"interval": "500ms", "timeout": "1s", "rise": 2, "fall": 2}
+    # Stopped, Dovecot answers after its auth_failure_delay (2 s): within the bound.
+    config["health"] = {"interval": "500ms", "timeout": "3s" if stopped else "1s",
+                        "rise": 2, "fall": 2}
     for b in config["backends"].values():
         b["health"] = {"probe_user": probe[0], "probe_password": probe[1]}
     p = Postern(workdir / "postern", config)
@@ -357,33 +435,45 @@ def test_checks_that_log_in_stall_on_a_hung_password_database_and_take_no_backen
             sessions.append(raw)
         stalled = re.compile(
             r"health check's login stalled after the greeting.*backend=\"?(b\d)\b.*protocol=imap")
+        # Counted from the fault on (a check may have been slow at start-up).
         before = Counter(stalled.findall(p.log()))
-        assert before == Counter()
-        os.kill(db.proc.pid, signal.SIGSTOP)
+        if stopped:
+            db.stop()
+        else:
+            os.kill(db.proc.pid, signal.SIGSTOP)
         try:
-            # Hung for as many checks as it takes to excuse 3 × fall stalls on each
+            # Hung (or stopped) for as many checks as it takes to excuse 3 × fall stalls on each
             # backend: without the rule, `fall` of them take a backend down.
+            # Stopped: until Dovecot, past its reconnect attempts, answers with its
+            # temporary failure on both backends too.
+            answered = re.compile(r"stalled after the greeting.*backend=\"?(b\d)\b.*"
+                                  r"protocol=imap.*greeted, then a temporary failure")
             deadline = time.monotonic() + 60
             while True:
-                seen = Counter(stalled.findall(p.log()))
-                if all(seen[b] >= 6 for b in ("b1", "b2")):
+                seen = Counter(stalled.findall(p.log())) - before
+                told = Counter(answered.findall(p.log()))
+                if all(seen[b] >= 6 and (told[b] >= 2 or not stopped) for b in ("b1", "b2")):
                     break
                 assert "backend DOWN" not in p.log(), p.log()[-3000:]
-                assert time.monotonic() < deadline, seen
+                assert time.monotonic() < deadline, (seen, told)
                 time.sleep(0.2)
             services = imap_services(p)
             for name, s in services.items():
                 assert s["up"] is True and s["state"] == "up", (name, s)
                 assert s["degraded"] is True, (name, s)
-                assert "greeted, no answer to the login" in (s["last_error"] or ""), (name, s)
+                assert "probe login: greeted" in (s["last_error"] or ""), (name, s)
             log = p.log()
             assert "backend DOWN" not in log, log[-3000:]
             for i, s in enumerate(sessions):
                 assert b"n OK" in s.cmd(b"n NOOP\r\n", b"n"), f"session {i} was ended"
             print(f"hung passdb, checks that log in: {dict(seen)} stalled checks excused "
-                  f"(imap), 0 DOWN, {len(sessions)} sessions kept")
+                  f"(imap; {dict(told)} answered with a temporary failure), 0 DOWN, "
+                  f"{len(sessions)} sessions kept")
         finally:
-            os.kill(db.proc.pid, signal.SIGCONT)
+            if stopped:
+                db.start()
+            else:
+                os.kill(db.proc.pid, signal.SIGCONT)
         # Recovery: the checks pass again (rise), and the database users log in.
         deadline = time.monotonic() + 60
         while any(s["last_error"] or s["degraded"] for s in imap_services(p).values()):

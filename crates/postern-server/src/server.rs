@@ -81,8 +81,9 @@ impl Runtime {
     /// the backends are the same ones; the abuse-control counts kept unless the limits
     /// themselves changed (then they start afresh).
     pub fn renew(&self, settings: &Settings) -> Self {
-        let health = Health::new(settings, Arc::clone(&self.registry));
-        health.inherit(&self.health);
+        // Its state is taken over from the running one when the reload is committed
+        // (`Server::reload`): a reload refused after this point changes nothing.
+        let health = Health::renewed(settings, Arc::clone(&self.registry), &self.health);
         let limiter = if self.limiter.settings() == &settings.limits {
             Arc::clone(&self.limiter)
         } else {
@@ -389,6 +390,11 @@ impl Handle {
             &inner.tracker,
             number,
         )?);
+        // Nothing can fail from here on. The health takes over before the swap, so a
+        // connection of the new generation never sees a state that forgot the old
+        // one; and from here on the old generation's checks, sessions and logins
+        // waiting on its backends see (and feed) the new generation's health.
+        ctx.health.take_over(&inner.current.load().health);
         let old = inner.current.swap(Arc::clone(&ctx));
         inner.generation.store(number, Ordering::Release);
         old.retire.cancel();

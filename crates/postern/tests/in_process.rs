@@ -419,3 +419,150 @@ enabled = false
         lines[1]
     );
 }
+
+/// A backend that greets and then never answers a login (a Dovecot whose auth hangs,
+/// or one frozen after its greeting). Each login line it swallows is announced.
+async fn stuck_backend(logins: tokio::sync::mpsc::UnboundedSender<()>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
+            let logins = logins.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                w.write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR ID AUTH=PLAIN] ready.\r\n")
+                    .await
+                    .unwrap();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.contains("AUTHENTICATE") {
+                        let _ = logins.send(());
+                    }
+                }
+                drop(w);
+            });
+        }
+    });
+    addr
+}
+
+fn shared_pool_config(dir: &Path, b1: SocketAddr, b2: SocketAddr) -> Config {
+    let text = format!(
+        r#"
+[limits]
+trusted_networks = ["127.0.0.1"]
+
+[routing]
+store = "static"
+unknown_users = "reject"
+
+[routing.normalize]
+default_domain = "example.test"
+
+[routing.static]
+"alice@example.test" = "b1"
+
+[pools.default]
+mode = "shared"
+failover = "temporary"
+
+[backends.b1]
+host = "127.0.0.1"
+imap = {{ port = {p1} }}
+
+[backends.b2]
+host = "127.0.0.1"
+imap = {{ port = {p2} }}
+
+[[listeners]]
+name = "imap-plain"
+protocol = "imap"
+bind = "127.0.0.1:0"
+tls = "none"
+insecure_plaintext_auth = true
+
+[timeouts]
+# Far beyond the test's bounded waits: only the release at DOWN can answer in time.
+preauth = "600s"
+backend_login = "600s"
+
+[health]
+# No checks: the DOWN below comes from the failures reported to the health state,
+# without a start-up grace holding it back.
+enabled = false
+startup_grace = "0s"
+"#,
+        p1 = b1.port(),
+        p2 = b2.port(),
+    );
+    Config::from_toml(&text, dir).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A login that started under the previous configuration generation is released when
+/// its backend goes DOWN after the reload, and routed again: a shared-pool user lands
+/// on the other backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_waiting_since_before_a_reload_is_released_at_down_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut stuck_logins) = tokio::sync::mpsc::unbounded_channel();
+    let b1 = stuck_backend(tx).await;
+    let n2 = Arc::new(AtomicUsize::new(0));
+    let b2 = backend("b2", Arc::clone(&n2)).await;
+    let (server, addr) = start(shared_pool_config(dir.path(), b1, b2)).await;
+    let handle = server.handle();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    // Alice's login reaches b1 and waits there, in generation 1.
+    let (mut c, _) = Client::connect(addr).await;
+    c.w.write_all(b"a LOGIN alice secret\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stuck_logins.recv())
+        .await
+        .expect("the login reaches b1")
+        .unwrap();
+
+    // A reload (the same configuration): generation 2, with its own health.
+    let new = shared_pool_config(dir.path(), b1, b2);
+    let runtime = handle.runtime().renew(&new.settings);
+    let router = new
+        .router_with(Arc::clone(&runtime.health) as Arc<dyn postern_route::Availability>)
+        .await
+        .unwrap();
+    handle
+        .reload(Arc::new(new.settings), router, runtime)
+        .await
+        .unwrap();
+    assert_eq!(handle.generation(), 2);
+
+    // b1 goes DOWN in generation 2 (`fall` failures, as real logins report them).
+    let health = handle.runtime().health;
+    for _ in 0..2 {
+        health.report("b1", postern_proto::Protocol::Imap, Err("refused".into()));
+    }
+    assert_eq!(
+        postern_route::Availability::state(&*health, "b1", postern_proto::Protocol::Imap),
+        postern_route::BackendState::Down
+    );
+
+    // The waiting login is released and routed again: b2 serves alice.
+    let answer = c.line().await;
+    assert_eq!(answer, "a OK [CAPABILITY IMAP4rev1 IDLE] Logged in");
+    assert_eq!(c.cmd("b", "ID NIL").await[0], "* ID (\"name\" \"b2\")");
+    assert_eq!(n2.load(Ordering::SeqCst), 1);
+    assert!(
+        stuck_logins.try_recv().is_err(),
+        "the login was not sent to b1 again"
+    );
+
+    stop_tx.send(()).unwrap();
+    drop(c);
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the server stops")
+        .unwrap();
+}

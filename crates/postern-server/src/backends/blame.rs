@@ -21,8 +21,10 @@
 //!
 //! Health checks that log in (`probe_user`) wait on the same password database, so
 //! the same question is asked of them ([`Blame::probe_stalled`]): a check that got
-//! the greeting and then timed out in the login step is compared with the other
-//! backends' checks of the last two check periods (the probe window).
+//! the greeting and then stalled in the login step (no answer in time, or the
+//! backend's temporary failure as the answer, which is what Dovecot says when its
+//! password database is down) is compared with the other backends' checks of
+//! the last two check periods, and at least 10 s (the probe window).
 //!
 //! | what the other backends' checks did within the probe window | verdict |
 //! |---|---|
@@ -111,6 +113,12 @@ impl<K: Hash + Eq + Clone> Blame<K> {
         }
     }
 
+    /// A reload changed the timeouts: what is recorded stays.
+    pub fn retime(&mut self, login_timeout: Duration, probe_window: Duration) {
+        self.login_timeout = login_timeout;
+        self.probe_window = probe_window;
+    }
+
     /// A login starts on `key` (connected, about to log in); returns its id.
     pub fn started(&mut self, key: &K, now: Instant) -> u64 {
         let id = self.next;
@@ -139,7 +147,8 @@ impl<K: Hash + Eq + Clone> Blame<K> {
         self.dependency_failed = Some(now);
     }
 
-    /// A health check of `key` got the greeting, then timed out in the login step;
+    /// A health check of `key` got the greeting, then stalled in the login step (timed
+    /// out, or was answered with a temporary failure);
     /// `peers` are the other backend services of its pool. Records it and judges it
     /// (the table at the top).
     pub fn probe_stalled(&mut self, key: &K, peers: &[K], now: Instant) -> Verdict {

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use postern_proto::{BackendLogin, ClientInfo, Credentials, Mechanism, Protocol, Secret, Verdict};
@@ -95,13 +95,21 @@ pub struct Health {
     operator_ups: RwLock<HashMap<String, String>>,
     settings: HealthSettings,
     registry: Arc<Registry>,
-    /// Whose fault recent login timeouts are.
-    blame: Mutex<Blame<(String, Protocol)>>,
+    /// Whose fault recent login timeouts are; shared with the generations before and
+    /// after a reload, so logins in flight across it are judged with everyone else's.
+    blame: Arc<Mutex<Blame<(String, Protocol)>>>,
+    /// The backend-login timeout the judgement uses.
+    login_timeout: Duration,
     /// Each backend's pool: the peers a login timeout is compared with.
     pools: HashMap<String, String>,
     /// Bumped at every DOWN (checks, real logins, the operator), so logins waiting on
-    /// a backend learn at once that it went down.
-    downs: tokio::sync::watch::Sender<u64>,
+    /// a backend learn at once that it went down. One channel for every generation:
+    /// a login waiting since before a reload hears the DOWNs after it.
+    downs: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The next configuration generation's health, once a reload took over: from then
+    /// on this one forwards every report and question there, so the sessions and
+    /// logins of the old generation see (and feed) the live state.
+    successor: OnceLock<Arc<Health>>,
 }
 
 /// A login in flight on a backend service, known to the blame judgement until it is
@@ -127,7 +135,7 @@ impl LoginWatch {
     pub fn timed_out(mut self) -> Blamed {
         self.done = true;
         let (backend, protocol) = (&self.key.0, self.key.1);
-        let peers = self.health.peers(backend, protocol);
+        let peers = self.health.live().peers(backend, protocol);
         let verdict = self
             .health
             .blame()
@@ -165,6 +173,31 @@ impl Health {
     /// Every configured backend service starts unknown and routable: a fresh instance
     /// serves at once, and the checks take services out if they do not answer.
     pub fn new(settings: &Settings, registry: Arc<Registry>) -> Arc<Self> {
+        let blame = Blame::new(settings.timeouts.backend_login, probe_window(settings));
+        let downs = Arc::new(tokio::sync::watch::Sender::new(0));
+        Self::with_shared(settings, registry, Arc::new(Mutex::new(blame)), downs)
+    }
+
+    /// The health of a reloaded configuration: built like [`Health::new`], judging
+    /// blame with `old`'s record of the logins in flight and announcing its DOWNs to
+    /// the logins waiting on `old`. It knows nothing yet: the state comes over in
+    /// [`Health::take_over`], when the reload is committed.
+    pub fn renewed(settings: &Settings, registry: Arc<Registry>, old: &Health) -> Arc<Self> {
+        let old = old.live();
+        Self::with_shared(
+            settings,
+            registry,
+            Arc::clone(&old.blame),
+            Arc::clone(&old.downs),
+        )
+    }
+
+    fn with_shared(
+        settings: &Settings,
+        registry: Arc<Registry>,
+        blame: Arc<Mutex<Blame<(String, Protocol)>>>,
+        downs: Arc<tokio::sync::watch::Sender<u64>>,
+    ) -> Arc<Self> {
         let pools = settings
             .backends
             .values()
@@ -184,15 +217,38 @@ impl Health {
             operator_ups: RwLock::new(HashMap::new()),
             settings: settings.health.clone(),
             registry,
-            blame: Mutex::new(Blame::new(
-                settings.timeouts.backend_login,
-                // A check's outcome stands until the next one is due and done, with
-                // room for the jitter between backends: two check periods.
-                (settings.health.interval + settings.health.timeout).saturating_mul(2),
-            )),
+            blame,
+            login_timeout: settings.timeouts.backend_login,
             pools,
-            downs: tokio::sync::watch::Sender::new(0),
+            downs,
+            successor: OnceLock::new(),
         })
+    }
+
+    /// A reload is committed: this (the new generation's) health takes over from
+    /// `old`. It inherits the state of the backends still configured (`inherit`,
+    /// below), as `old` knows it at this moment; `old` forwards
+    /// everything here from now on, so the logins waiting on its backends for a DOWN
+    /// (on the channel both share) see the live state: a backend going down after the
+    /// reload releases the logins that started before it.
+    pub fn take_over(self: &Arc<Self>, old: &Health) {
+        let old = old.live();
+        if std::ptr::eq(old, self.as_ref()) {
+            return;
+        }
+        self.inherit(old);
+        self.blame()
+            .retime(self.login_timeout, probe_window_of(&self.settings));
+        let _ = old.successor.set(Arc::clone(self));
+    }
+
+    /// The health in force: this one, or the one of the latest reload after it.
+    fn live(&self) -> &Health {
+        let mut h = self;
+        while let Some(next) = h.successor.get() {
+            h = next;
+        }
+        h
     }
 
     /// The other services of `protocol` in `backend`'s pool: what its login timeouts
@@ -210,16 +266,19 @@ impl Health {
     }
 
     /// Records the outcome of an active check. A check that logs in and stalled in
-    /// the login step (the greeting came, the answer did not) may be waiting on the
-    /// password database every backend shares: the blame judgement decides whether
-    /// it counts.
+    /// the login step (the greeting came, the answer did not, or it was a temporary
+    /// failure) may be waiting on the password database every backend shares: the
+    /// blame judgement decides whether it counts.
     fn checked(&self, backend: &str, protocol: Protocol, result: Result<(), CheckFailure>) {
+        if let Some(next) = self.successor.get() {
+            return next.checked(backend, protocol, result);
+        }
         let key = (backend.to_owned(), protocol);
         let now = Instant::now();
         let (kind, message) = match result {
             Ok(()) => return self.record(backend, protocol, Ok(())),
             Err(CheckFailure::Failed(kind, message)) => (kind, message),
-            Err(CheckFailure::LoginStalled(message)) => {
+            Err(CheckFailure::LoginStalled(kind, message)) => {
                 let peers = self.peers(backend, protocol);
                 let verdict = self.blame().probe_stalled(&key, &peers, now);
                 if !verdict.is_backend() {
@@ -227,6 +286,7 @@ impl Health {
                         backend,
                         %protocol,
                         cause = verdict.as_str(),
+                        error = message.as_str(),
                         "health check's login stalled after the greeting, not counted against the backend: the cause is shared"
                     );
                     if let Ok(mut checks) = self.checks.write()
@@ -236,7 +296,7 @@ impl Health {
                     }
                     return;
                 }
-                (FailureKind::Timeout, message)
+                (kind, message)
             }
         };
         self.record(backend, protocol, Err((kind, message)));
@@ -248,6 +308,9 @@ impl Health {
 
     /// A login starts on a backend service: watched until answered or timed out.
     pub fn login_started(self: &Arc<Self>, backend: &str, protocol: Protocol) -> LoginWatch {
+        if let Some(next) = self.successor.get() {
+            return next.login_started(backend, protocol);
+        }
         let key = (backend.to_owned(), protocol);
         let id = self.blame().started(&key, Instant::now());
         LoginWatch {
@@ -261,11 +324,14 @@ impl Health {
     /// The route store or an auth server failed: login timeouts around now may wait
     /// on the same thing, and are not the backends' fault.
     pub fn dependency_failed(&self) {
+        // The judgement is shared across generations: no forwarding needed.
         self.blame().dependency_failed(Instant::now());
     }
 
     /// Returns once `backend`'s `protocol` service goes DOWN from now on (a login
     /// let through a half-open DOWN service is not stopped by the DOWN it started in).
+    /// A reload does not end the wait: the generations share the channel, and the
+    /// state asked is the live one.
     pub async fn gone_down(&self, backend: &str, protocol: Protocol) {
         let mut rx = self.downs.subscribe();
         loop {
@@ -279,6 +345,9 @@ impl Health {
     }
 
     fn is_down(&self, backend: &str, protocol: Protocol) -> bool {
+        if let Some(next) = self.successor.get() {
+            return next.is_down(backend, protocol);
+        }
         let admin = self.admin.read().ok().and_then(|a| a.get(backend).copied());
         if admin == Some(AdminState::Down) {
             return true;
@@ -295,9 +364,12 @@ impl Health {
     }
 
     /// After a reload: the state of every backend service that is still configured,
-    /// the operator's drains included, so that a reload neither revives a down backend
-    /// nor undoes a drain.
-    pub fn inherit(&self, old: &Health) {
+    /// and the operator's marks on every backend still configured (`backend
+    /// drain|down`, and the last `backend up` stamp seen), so that a reload neither
+    /// revives a down backend, nor undoes a drain, nor takes an old `backend up` for a
+    /// new one (which would forget what the checks said). A backend removed from the
+    /// configuration leaves its marks behind: added again later, it starts afresh.
+    fn inherit(&self, old: &Health) {
         if let (Ok(mut mine), Ok(theirs)) = (self.checks.write(), old.checks.read()) {
             for (key, check) in mine.iter_mut() {
                 if let Some(prev) = theirs.get(key) {
@@ -310,9 +382,15 @@ impl Health {
                 }
             }
         }
+        let configured = |name: &String| self.pools.contains_key(name);
         if let (Ok(mut mine), Ok(theirs)) = (self.admin.write(), old.admin.read()) {
-            for (name, state) in theirs.iter() {
+            for (name, state) in theirs.iter().filter(|(n, _)| configured(n)) {
                 mine.insert(name.clone(), *state);
+            }
+        }
+        if let (Ok(mut mine), Ok(theirs)) = (self.operator_ups.write(), old.operator_ups.read()) {
+            for (name, stamp) in theirs.iter().filter(|(n, _)| configured(n)) {
+                mine.insert(name.clone(), stamp.clone());
             }
         }
         if let (Ok(mut mine), Ok(theirs)) = (self.ehlo.write(), old.ehlo.read()) {
@@ -359,6 +437,9 @@ impl Health {
     /// An operator said the backend is up (`postern backend up`): forget what checks
     /// and real logins said of it, so a stale passive DOWN does not outlive the fix.
     pub fn reset(&self, backend: &str) {
+        if let Some(next) = self.successor.get() {
+            return next.reset(backend);
+        }
         let (now, wall) = (Instant::now(), SystemTime::now());
         if let Ok(mut checks) = self.checks.write() {
             for ((b, _), c) in checks.iter_mut() {
@@ -371,6 +452,9 @@ impl Health {
     }
 
     fn record(&self, backend: &str, protocol: Protocol, result: Result<(), (FailureKind, String)>) {
+        if let Some(next) = self.successor.get() {
+            return next.record(backend, protocol, result);
+        }
         let t = self.thresholds();
         let (transition, first_failure) = {
             let Ok(mut checks) = self.checks.write() else {
@@ -422,6 +506,9 @@ impl Health {
 
     /// Applies the operator states read from the database.
     pub fn set_admin(&self, states: &[(String, String)]) {
+        if let Some(next) = self.successor.get() {
+            return next.set_admin(states);
+        }
         // `postern backend up` writes "up <unix time>": the backend is normal again, and
         // whatever real logins said of it is forgotten (a passive DOWN would otherwise
         // outlive the fix when active checks are off). Each new stamp resets once.
@@ -469,6 +556,9 @@ impl Health {
 
     /// Records what a backend's EHLO/LHLO allows Postern to advertise.
     pub fn record_extensions(&self, backend: &str, protocol: Protocol, lines: Vec<String>) {
+        if let Some(next) = self.successor.get() {
+            return next.record_extensions(backend, protocol, lines);
+        }
         if let Ok(mut ehlo) = self.ehlo.write() {
             ehlo.insert((backend.to_owned(), protocol), lines);
         }
@@ -478,6 +568,9 @@ impl Health {
     /// backend a client ends up on honours what it was told; `None` before any probe.
     /// SIZE is advertised with the smallest limit.
     pub fn extensions(&self, protocol: Protocol) -> Option<Vec<String>> {
+        if let Some(next) = self.successor.get() {
+            return next.extensions(protocol);
+        }
         let ehlo = self.ehlo.read().ok()?;
         // By backend name, so every instance advertises the same lines in one order.
         let mut entries: Vec<_> = ehlo.iter().filter(|((_, p), _)| *p == protocol).collect();
@@ -515,6 +608,9 @@ impl Health {
 
     /// Every service's health.
     pub fn reports(&self) -> Vec<HealthReport> {
+        if let Some(next) = self.successor.get() {
+            return next.reports();
+        }
         let admin = self.admin.read().map(|a| a.clone()).unwrap_or_default();
         let mut out: Vec<HealthReport> = self
             .checks
@@ -540,8 +636,31 @@ impl Health {
     }
 }
 
+/// How long a check's outcome stands for the blame judgement: until the next one is
+/// due and done, with room for the jitter between backends (two check periods), and
+/// never less than the tail of an outage.
+fn probe_window(settings: &Settings) -> Duration {
+    probe_window_of(&settings.health)
+}
+
+fn probe_window_of(s: &HealthSettings) -> Duration {
+    (s.interval + s.timeout)
+        .saturating_mul(2)
+        .max(PROBE_WINDOW_AT_LEAST)
+}
+
+/// The tail of a shared outage is how long the backends take to come back one after
+/// the other (each works through its backlog, reconnects to the database): seconds,
+/// however often they are checked. A faster check interval must not shorten the
+/// window below that.
+const PROBE_WINDOW_AT_LEAST: Duration = Duration::from_secs(10);
+
 impl Availability for Health {
     fn state(&self, backend: &str, protocol: Protocol) -> BackendState {
+        // The old generation's router asks its own health: the live one answers.
+        if let Some(next) = self.successor.get() {
+            return next.state(backend, protocol);
+        }
         let admin = self.admin.read().ok().and_then(|a| a.get(backend).copied());
         if admin == Some(AdminState::Down) {
             return BackendState::Down;
@@ -611,20 +730,22 @@ fn endpoint(backend: &Backend, protocol: Protocol) -> Option<&Endpoint> {
     backend.endpoint(protocol)
 }
 
-/// One check: connect as a real session would (PROXY header, TLS), read the greeting,
-/// and with a probe user configured, log in and out. SMTP-family services are asked
-/// for their EHLO/LHLO instead, and the extensions come back.
 /// Why a check failed.
 #[derive(Debug)]
 enum CheckFailure {
     /// Of this kind (refused, no greeting, a wrong password, no answer at all).
     Failed(FailureKind, String),
-    /// A check that logs in got the greeting, then no answer to its login in time:
-    /// the backend is there, its login path waits on something (its password
-    /// database).
-    LoginStalled(String),
+    /// A check that logs in got the greeting, then no answer to its login in time
+    /// (a timeout), or the backend's temporary failure as the answer (hard: it
+    /// answered): the backend is there, its login path waits on or fails in
+    /// something behind it (its password database hung, or down: then Dovecot
+    /// answers `NO [UNAVAILABLE]`).
+    LoginStalled(FailureKind, String),
 }
 
+/// One check: connect as a real session would (PROXY header, TLS), read the greeting,
+/// and with a probe user configured, log in and out. SMTP-family services are asked
+/// for their EHLO/LHLO instead, and the extensions come back.
 async fn check(
     backend: &Backend,
     protocol: Protocol,
@@ -638,11 +759,14 @@ async fn check(
     )
     .await;
     match result {
-        Ok(r) => r.map_err(|(kind, e)| CheckFailure::Failed(kind, e)),
-        Err(_) if greeted.load(Ordering::Relaxed) => Err(CheckFailure::LoginStalled(format!(
-            "probe login: greeted, no answer to the login within {:?}",
-            s.timeout
-        ))),
+        Ok(r) => r,
+        Err(_) if greeted.load(Ordering::Relaxed) => Err(CheckFailure::LoginStalled(
+            FailureKind::Timeout,
+            format!(
+                "probe login: greeted, no answer to the login within {:?}",
+                s.timeout
+            ),
+        )),
         Err(_) => Err(CheckFailure::Failed(
             FailureKind::Timeout,
             format!("no answer within {:?}", s.timeout),
@@ -657,8 +781,8 @@ async fn check_once(
     hostname: &str,
     greeted: &AtomicBool,
     s: &HealthSettings,
-) -> Result<Option<Vec<String>>, (FailureKind, String)> {
-    let hard = |e: String| (FailureKind::Hard, e);
+) -> Result<Option<Vec<String>>, CheckFailure> {
+    let hard = |e: String| CheckFailure::Failed(FailureKind::Hard, e);
     let Some(endpoint) = endpoint(backend, protocol) else {
         return Err(hard("protocol not served".into()));
     };
@@ -684,7 +808,7 @@ async fn check_once(
             s.timeout,
         )
         .await
-        .map_err(|e| (e.kind(), e.to_string()))?;
+        .map_err(|e| CheckFailure::Failed(e.kind(), e.to_string()))?;
         if matches!(
             protocol,
             Protocol::Submission | Protocol::Smtp | Protocol::Lmtp
@@ -701,8 +825,7 @@ async fn check_once(
                 .map_err(hard),
             Some(probe) => probe_login(backend, protocol, stream, probe, &info, greeted)
                 .await
-                .map(|()| None)
-                .map_err(hard),
+                .map(|()| None),
         }
     };
     work.await
@@ -756,7 +879,8 @@ async fn probe_login(
     probe: &crate::settings::Probe,
     info: &ClientInfo,
     greeted: &AtomicBool,
-) -> Result<(), String> {
+) -> Result<(), CheckFailure> {
+    let hard = |e: String| CheckFailure::Failed(FailureKind::Hard, e);
     let creds = Credentials {
         mechanism: Mechanism::Cleartext,
         authzid: None,
@@ -766,7 +890,10 @@ async fn probe_login(
     };
     let (mut machine, bye): (Box<dyn BackendLogin + Send>, &[u8]) = match protocol {
         Protocol::Imap => {
-            let o = backend.imap.as_ref().ok_or("no imap")?;
+            let o = backend
+                .imap
+                .as_ref()
+                .ok_or_else(|| hard("no imap".into()))?;
             let mut login = o.login.clone();
             login.forward_client = false;
             (
@@ -775,7 +902,10 @@ async fn probe_login(
             )
         }
         Protocol::Pop3 => {
-            let o = backend.pop3.as_ref().ok_or("no pop3")?;
+            let o = backend
+                .pop3
+                .as_ref()
+                .ok_or_else(|| hard("no pop3".into()))?;
             let mut login = o.login.clone();
             login.forward_client = false;
             (
@@ -783,7 +913,7 @@ async fn probe_login(
                 postern_pop3::CHECK_GOODBYE,
             )
         }
-        _ => return Err("no probe login for this protocol".into()),
+        _ => return Err(hard("no probe login for this protocol".into())),
     };
     let mut watched = Greeted {
         inner: machine.as_mut(),
@@ -791,14 +921,33 @@ async fn probe_login(
     };
     let (verdict, mut stream) = backend::drive(&mut watched, stream, backend.tls.as_ref())
         .await
-        .map_err(|e| conversation_error(e, "the probe login"))?;
+        .map_err(|e| hard(conversation_error(e, "the probe login")))?;
     let _ = stream.write_all(bye).await;
     let _ = stream.shutdown().await;
     match verdict {
         Verdict::Accepted(_) => Ok(()),
-        Verdict::Refused(_) => Err("probe login refused".into()),
-        Verdict::Failed(_) => Err("probe login failed".into()),
+        Verdict::Refused(reply) if temporary_refusal(protocol, &reply.text) => {
+            Err(CheckFailure::LoginStalled(
+                FailureKind::Hard,
+                "probe login: greeted, then a temporary failure".into(),
+            ))
+        }
+        Verdict::Refused(_) => Err(hard("probe login refused".into())),
+        Verdict::Failed(_) => Err(hard("probe login failed".into())),
     }
+}
+
+/// Whether a refused login's answer says "temporary failure, try later" (IMAP
+/// `[UNAVAILABLE]`, RFC 5530; POP3 `[SYS/TEMP]`, RFC 3206): what Dovecot answers
+/// when its password database fails, not a wrong password.
+fn temporary_refusal(protocol: Protocol, text: &[u8]) -> bool {
+    let code: &[u8] = match protocol {
+        Protocol::Imap => b"[UNAVAILABLE]",
+        Protocol::Pop3 => b"[SYS/TEMP]",
+        _ => return false,
+    };
+    text.get(..code.len())
+        .is_some_and(|t| t.eq_ignore_ascii_case(code))
 }
 
 /// A login machine that notes when the backend's first line (its greeting) came:
@@ -840,6 +989,26 @@ mod tests {
     use crate::registry::SessionInfo;
 
     fn health(rise: u32, fall: u32) -> (Arc<Health>, Arc<Registry>) {
+        let downs = Arc::new(tokio::sync::watch::Sender::new(0));
+        let blame = Arc::new(Mutex::new(Blame::new(
+            Duration::from_secs(30),
+            Duration::from_secs(8),
+        )));
+        health_sharing(rise, fall, blame, downs)
+    }
+
+    /// A reloaded generation's health, as `Health::renewed` builds it.
+    fn renewed(old: &Health) -> Arc<Health> {
+        let (rise, fall) = (old.settings.rise, old.settings.fall);
+        health_sharing(rise, fall, Arc::clone(&old.blame), Arc::clone(&old.downs)).0
+    }
+
+    fn health_sharing(
+        rise: u32,
+        fall: u32,
+        blame: Arc<Mutex<Blame<(String, Protocol)>>>,
+        downs: Arc<tokio::sync::watch::Sender<u64>>,
+    ) -> (Arc<Health>, Arc<Registry>) {
         let registry = Registry::new();
         let mut checks = HashMap::new();
         let mut b1 = ServiceHealth::new(Instant::now(), SystemTime::now());
@@ -866,9 +1035,11 @@ mod tests {
                 ..HealthSettings::default()
             },
             registry: Arc::clone(&registry),
-            blame: Mutex::new(Blame::new(Duration::from_secs(30), Duration::from_secs(8))),
-            pools: HashMap::new(),
-            downs: tokio::sync::watch::Sender::new(0),
+            blame,
+            login_timeout: Duration::from_secs(30),
+            pools: HashMap::from([("b1".to_owned(), "default".to_owned())]),
+            downs,
+            successor: OnceLock::new(),
         });
         (h, registry)
     }
@@ -909,6 +1080,213 @@ mod tests {
         h.set_admin(&[]);
         assert_eq!(h.state("b1", Protocol::Imap), BackendState::Up);
         assert_eq!(h.state("nope", Protocol::Imap), BackendState::Down);
+    }
+
+    #[tokio::test]
+    async fn after_a_reload_the_old_generation_waits_on_and_feeds_the_new_health() {
+        let (old, _) = health(2, 2);
+        let new = renewed(&old);
+        // A login of the old generation waits on b1 for a DOWN.
+        let waiting = {
+            let old = Arc::clone(&old);
+            tokio::spawn(async move { old.gone_down("b1", Protocol::Imap).await })
+        };
+        tokio::task::yield_now().await;
+        new.take_over(&old);
+        // A failure reported by an old-generation login counts in the live state...
+        old.report("b1", Protocol::Imap, Err("refused".into()));
+        assert!(!waiting.is_finished());
+        // ...and the new generation's DOWN releases the old generation's waiter.
+        new.report("b1", Protocol::Imap, Err("refused".into()));
+        assert_eq!(new.state("b1", Protocol::Imap), BackendState::Down);
+        // The old generation's router asks its own health: the live one answers.
+        assert_eq!(old.state("b1", Protocol::Imap), BackendState::Down);
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("released at the DOWN")
+            .expect("the waiter ran");
+        // A second handover (another reload) chains.
+        let newer = renewed(&old);
+        newer.take_over(&old);
+        old.report("b1", Protocol::Imap, Ok(()));
+        old.report("b1", Protocol::Imap, Ok(()));
+        assert_eq!(newer.state("b1", Protocol::Imap), BackendState::Up);
+        assert_eq!(new.state("b1", Protocol::Imap), BackendState::Up);
+    }
+
+    #[test]
+    fn operator_marks_survive_a_reload_unless_the_backend_was_removed() {
+        let (old, _) = health(2, 2);
+        let imap = Protocol::Imap;
+        // `postern backend up b1` long ago: its stamp reset b1 once.
+        old.set_admin(&[("b1".into(), "up 100".into())]);
+        // Since then b1's checks took it down.
+        old.report("b1", imap, Err("refused".into()));
+        old.report("b1", imap, Err("refused".into()));
+        assert_eq!(old.state("b1", imap), BackendState::Down);
+        old.set_admin(&[("b1".into(), "up 100".into())]);
+        assert_eq!(
+            old.state("b1", imap),
+            BackendState::Down,
+            "an old stamp resets once"
+        );
+        // A reload: the new generation reads the same stamp, which is not news.
+        let new = renewed(&old);
+        new.take_over(&old);
+        new.set_admin(&[("b1".into(), "up 100".into())]);
+        assert_eq!(
+            new.state("b1", imap),
+            BackendState::Down,
+            "a reload took the old `backend up` for a new one"
+        );
+        // A new `backend up` still resets, after the reload as before it.
+        new.set_admin(&[("b1".into(), "up 200".into())]);
+        assert_eq!(new.state("b1", imap), BackendState::Up);
+        // `backend down` and `backend drain` marks come over as they are: no new kick,
+        // no moment without them.
+        new.set_admin(&[
+            ("b1".into(), "drain".into()),
+            ("gone".into(), "down".into()),
+        ]);
+        let newer = renewed(&new);
+        newer.take_over(&new);
+        assert_eq!(newer.state("b1", imap), BackendState::Draining);
+        let admin = newer.admin.read().unwrap().clone();
+        assert_eq!(
+            admin,
+            HashMap::from([("b1".to_owned(), AdminState::Drain)]),
+            "a backend no longer configured leaves its marks behind"
+        );
+    }
+
+    /// An IMAP backend for one check: `greet` or say nothing, then answer the login
+    /// with `answer` (a line after the tag), or never.
+    async fn scripted(greet: bool, answer: Option<&'static str>) -> u16 {
+        use tokio::io::AsyncBufReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            if !greet {
+                std::future::pending::<()>().await;
+            }
+            w.write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] ready.\r\n")
+                .await
+                .unwrap();
+            let mut lines = tokio::io::BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let tag = line.split(' ').next().unwrap_or_default().to_owned();
+                let reply = if line.contains("AUTHENTICATE") {
+                    match answer {
+                        Some(a) => format!("{tag} {a}\r\n"),
+                        None => continue,
+                    }
+                } else {
+                    format!("{tag} OK done\r\n")
+                };
+                if w.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        port
+    }
+
+    fn probed(port: u16) -> Backend {
+        Backend {
+            name: "b1".into(),
+            host: "127.0.0.1".into(),
+            weight: 1,
+            pool: "default".into(),
+            tls: None,
+            probe: Some(crate::settings::Probe {
+                user: "probe".into(),
+                password: Secret::new("probe-pw".into()),
+            }),
+            imap: Some(crate::settings::ImapBackend {
+                endpoint: Endpoint {
+                    port,
+                    tls: crate::settings::BackendTls::None,
+                    proxy_protocol: crate::settings::ProxyProtocol::None,
+                },
+                login: postern_imap::LoginOptions::default(),
+            }),
+            pop3: None,
+            submission: None,
+            smtp: None,
+            lmtp: None,
+            admission: crate::backends::admission::Limits::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_check_that_logs_in_tells_a_stalled_login_step_from_other_failures() {
+        let s = HealthSettings {
+            timeout: Duration::from_millis(500),
+            ..HealthSettings::default()
+        };
+        let run = |greet, answer| {
+            let s = s.clone();
+            async move {
+                let b = probed(scripted(greet, answer).await);
+                check(&b, Protocol::Imap, &s, "postern.test").await
+            }
+        };
+        // Greeted, then no answer to the login: a stall (a hung password database).
+        assert!(matches!(
+            run(true, None).await,
+            Err(CheckFailure::LoginStalled(FailureKind::Timeout, _))
+        ));
+        // Greeted, then the temporary failure Dovecot answers when its database is
+        // down: a stall too, but an answer (hard when counted).
+        assert!(matches!(
+            run(
+                true,
+                Some("NO [UNAVAILABLE] Temporary authentication failure.")
+            )
+            .await,
+            Err(CheckFailure::LoginStalled(FailureKind::Hard, _))
+        ));
+        // No greeting at all: a frozen backend, never excused.
+        assert!(matches!(
+            run(false, None).await,
+            Err(CheckFailure::Failed(FailureKind::Timeout, _))
+        ));
+        // A wrong probe password: the backend's answer, never excused.
+        assert!(matches!(
+            run(
+                true,
+                Some("NO [AUTHENTICATIONFAILED] Authentication failed.")
+            )
+            .await,
+            Err(CheckFailure::Failed(FailureKind::Hard, _))
+        ));
+        assert!(matches!(run(true, Some("OK Logged in")).await, Ok(None)));
+    }
+
+    #[test]
+    fn a_temporary_failure_answered_to_a_probe_is_told_from_a_wrong_password() {
+        let imap = Protocol::Imap;
+        // Dovecot's answers when its passdb fails, and to a wrong password.
+        assert!(temporary_refusal(
+            imap,
+            b"[UNAVAILABLE] Temporary authentication failure. [b1:2026-12-04 01:00:00]"
+        ));
+        assert!(temporary_refusal(
+            Protocol::Pop3,
+            b"[SYS/TEMP] Temporary authentication failure."
+        ));
+        assert!(!temporary_refusal(
+            imap,
+            b"[AUTHENTICATIONFAILED] Authentication failed."
+        ));
+        assert!(!temporary_refusal(
+            Protocol::Pop3,
+            b"[AUTH] Authentication failed."
+        ));
+        assert!(!temporary_refusal(imap, b"[UNAVAIL"));
+        assert!(!temporary_refusal(Protocol::Smtp, b"[UNAVAILABLE]"));
     }
 
     #[test]

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# bench-idle.sh: the idle-memory rows of bench-compare.sh for one or more Postern
+# builds, alternated, without nginx and HAProxy: a before/after of a change.
+#
+# Starts the bench's fake backend, then for each round and each build a fresh Postern
+# (the configuration and route table bench-compare.sh gives it), runs `postern-bench
+# idle` against it and stops it. Fresh each time: memory an earlier run freed stays in
+# the allocator and would make new sessions look free.
+#
+#   scripts/bench-idle.sh OLD_POSTERN NEW_POSTERN            # plaintext, 4000,8000, 2 rounds
+#   scripts/bench-idle.sh --tls --sizes 2000 --rounds 1 BIN  # implicit TLS
+#   scripts/bench-idle.sh --bench PATH --out DIR ...         # postern-bench; where results go
+#
+# Each build is labelled by its path in DIR/results.jsonl (`name`); DIR/run.log has
+# the human summaries, one line per size with KiB per session and the marginal figure.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+sizes=4000,8000 rounds=2 tls=0 out="" conc=128
+bench=${CARGO_TARGET_DIR:-$here/target}/release/postern-bench
+builds=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --sizes) sizes=$2; shift ;;
+        --rounds) rounds=$2; shift ;;
+        --tls) tls=1 ;;
+        --bench) bench=$2; shift ;;
+        --out) out=$2; shift ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+        *) builds+=("$1") ;;
+    esac
+    shift
+done
+die() { echo "bench-idle: $*" >&2; exit 1; }
+[ ${#builds[@]} -gt 0 ] || die "name at least one postern binary (see --help)"
+for b in "${builds[@]}" "$bench"; do [ -x "$b" ] || die "not executable: $b"; done
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+max=${sizes##*,}
+[ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((2 * max + 200)) ] \
+    || die "open-files limit $(ulimit -n) is too low for $max proxied sessions"
+
+out=${out:-$here/var/bench/idle-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+results=$out/results.jsonl log=$out/run.log
+: > "$results"
+: > "$log"
+tmp=$(mktemp -d /tmp/postern-bench-idle.XXXXXX)
+declare -A started=()
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    for pid in "${started[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${started[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$tmp"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+say() { echo "== $*" | tee -a "$log" >&2; }
+wait_for() { # wait_for FILE PATTERN WHAT
+    for _ in $(seq 300); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$3 did not start; see $1"
+}
+
+"$here/scripts/gen-certs.sh" "$tmp/tls" > /dev/null
+"$bench" fake-backend > "$tmp/backend.out" 2> "$tmp/backend.err" &
+started[backend]=$!
+wait_for "$tmp/backend.out" '"event":"ready"' "the fake backend"
+f_imap=$(sed -n 's/.*"imap":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$tmp/backend.out" | head -n1)
+
+f_pop3=$(sed -n 's/.*"pop3":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$tmp/backend.out" | head -n1)
+
+# bench-compare.sh's Postern, both backends on the fake one.
+. "$here/scripts/bench-lib.sh"
+dir=$tmp bench_postern_conf "$f_imap" "$f_pop3" "$f_imap" "$f_pop3"
+bench_seed_sql 100 > "$tmp/seed.sql"
+"${builds[0]}" -c "$tmp/postern.toml" db seed "$tmp/seed.sql" > "$tmp/seed.log" 2>&1 \
+    || { cat "$tmp/seed.log" >&2; die "seeding the route table failed"; }
+
+listener=imap scenario=idle-plain opts=()
+[ "$tls" = 1 ] && listener=imaps scenario=idle-tls opts=(--tls implicit --ca "$tmp/tls/ca.pem")
+say "load $(cut -d' ' -f1-3 /proc/loadavg); $scenario at $sizes, $rounds rounds of ${builds[*]}"
+for r in $(seq "$rounds"); do
+    for b in "${builds[@]}"; do
+        : > "$tmp/postern.log"
+        "$b" -c "$tmp/postern.toml" run 2> "$tmp/postern.log" &
+        started[postern]=$!
+        wait_for "$tmp/postern.log" "listener=$listener .*addr=" "Postern ($b)"
+        addr=$(sed -n "s/.*listening listener=$listener .*addr=\([0-9.:]*\).*/\1/p" "$tmp/postern.log" | head -n1)
+        say "round $r: $b"
+        "$bench" idle --name "$b" --scenario "$scenario" --pid "${started[postern]}" \
+            "${opts[@]}" --addr "$addr" --sessions "$sizes" --concurrency "$conc" \
+            >> "$results" 2> >(tee -a "$log" >&2)
+        kill -TERM "${started[postern]}"
+        wait "${started[postern]}" 2>/dev/null || true
+        unset "started[postern]"
+    done
+done
+say "load $(cut -d' ' -f1-3 /proc/loadavg) at the end; results in $out"
