@@ -24,6 +24,7 @@
 //! over: the client gets [`LINGER`] to close too, then the relay ends, so a client that
 //! never closes does not hold its session slot until the idle timeout.
 
+pub mod lean_tls;
 #[cfg(target_os = "linux")]
 pub(crate) mod splice;
 pub mod stream;

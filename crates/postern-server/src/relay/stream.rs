@@ -8,16 +8,17 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+
+use crate::relay::lean_tls::LeanTlsStream;
 
 /// A client connection.
 #[derive(Debug)]
 pub enum ClientStream {
     /// Plaintext TCP.
     Plain(TcpStream),
-    /// TLS over TCP, implicit or after STARTTLS.
-    Tls(Box<TlsStream<TcpStream>>),
+    /// TLS over TCP, implicit or after STARTTLS, with buffers that are freed while
+    /// the session is idle (see [`crate::relay::lean_tls`]).
+    Tls(Box<LeanTlsStream>),
 }
 
 impl ClientStream {
@@ -28,7 +29,7 @@ impl ClientStream {
     pub async fn upgrade(self, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
         match self {
             ClientStream::Plain(tcp) => {
-                let tls = TlsAcceptor::from(config).accept(tcp).await?;
+                let tls = LeanTlsStream::accept(tcp, config).await?;
                 Ok(ClientStream::Tls(Box::new(tls)))
             }
             ClientStream::Tls(_) => Err(io::Error::other("TLS is already active")),
@@ -44,11 +45,7 @@ impl ClientStream {
     pub fn tls_cipher(&self) -> Option<&'static str> {
         match self {
             ClientStream::Plain(_) => None,
-            ClientStream::Tls(s) => s
-                .get_ref()
-                .1
-                .negotiated_cipher_suite()
-                .and_then(|c| c.suite().as_str()),
+            ClientStream::Tls(s) => s.tls_cipher(),
         }
     }
 
@@ -56,7 +53,7 @@ impl ClientStream {
     pub fn tls_version(&self) -> Option<&'static str> {
         match self {
             ClientStream::Plain(_) => None,
-            ClientStream::Tls(s) => s.get_ref().1.protocol_version().and_then(|v| v.as_str()),
+            ClientStream::Tls(s) => s.tls_version(),
         }
     }
 }
