@@ -67,7 +67,9 @@ async fn backend(name: &'static str, logins: Arc<AtomicUsize>) -> SocketAddr {
     addr
 }
 
-fn config(dir: &Path, b1: SocketAddr, b2: SocketAddr, alice_on: &str) -> Config {
+/// Two backends, alice pinned to `alice_on`, one plaintext IMAP listener, then
+/// `rest` (the sections a test adds).
+fn config_with(dir: &Path, b1: SocketAddr, b2: SocketAddr, alice_on: &str, rest: &str) -> Config {
     let text = format!(
         r#"
 [limits]
@@ -97,14 +99,15 @@ protocol = "imap"
 bind = "127.0.0.1:0"
 tls = "none"
 insecure_plaintext_auth = true
-
-[health]
-enabled = false
-"#,
+{rest}"#,
         p1 = b1.port(),
         p2 = b2.port(),
     );
     Config::from_toml(&text, dir).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn config(dir: &Path, b1: SocketAddr, b2: SocketAddr, alice_on: &str) -> Config {
+    config_with(dir, b1, b2, alice_on, "\n[health]\nenabled = false\n")
 }
 
 async fn start(config: Config) -> (Server, SocketAddr) {
@@ -450,39 +453,10 @@ async fn stuck_backend(logins: tokio::sync::mpsc::UnboundedSender<()>) -> Socket
 }
 
 fn shared_pool_config(dir: &Path, b1: SocketAddr, b2: SocketAddr) -> Config {
-    let text = format!(
-        r#"
-[limits]
-trusted_networks = ["127.0.0.1"]
-
-[routing]
-store = "static"
-unknown_users = "reject"
-
-[routing.normalize]
-default_domain = "example.test"
-
-[routing.static]
-"alice@example.test" = "b1"
-
+    let rest = r#"
 [pools.default]
 mode = "shared"
 failover = "temporary"
-
-[backends.b1]
-host = "127.0.0.1"
-imap = {{ port = {p1} }}
-
-[backends.b2]
-host = "127.0.0.1"
-imap = {{ port = {p2} }}
-
-[[listeners]]
-name = "imap-plain"
-protocol = "imap"
-bind = "127.0.0.1:0"
-tls = "none"
-insecure_plaintext_auth = true
 
 [timeouts]
 # Far beyond the test's bounded waits: only the release at DOWN can answer in time.
@@ -494,11 +468,8 @@ backend_login = "600s"
 # without a start-up grace holding it back.
 enabled = false
 startup_grace = "0s"
-"#,
-        p1 = b1.port(),
-        p2 = b2.port(),
-    );
-    Config::from_toml(&text, dir).unwrap_or_else(|e| panic!("{e:#}"))
+"#;
+    config_with(dir, b1, b2, "b1", rest)
 }
 
 /// A login that started under the previous configuration generation is released when
