@@ -90,6 +90,9 @@ class Dovecot:
         return Path(out.stdout.strip())
 
     def start(self, attempts: int = 5) -> "Dovecot":
+        # A restart (after kill or stop) keeps its ports: Postern's configuration names
+        # them, and a backend that came back elsewhere would look like one that never did.
+        restart = bool(self.imap_port)
         for _ in range(attempts):
             if not self.imap_port:
                 self.imap_port, self.pop3_port, self.lmtp_port = (
@@ -108,7 +111,10 @@ class Dovecot:
             if self._wait_ready():
                 return self
             self.stop()
-            self.imap_port = 0  # a port was taken: try fresh ones
+            if restart:
+                time.sleep(1)  # the same ports again, once the one holding them lets go
+            else:
+                self.imap_port = 0  # a port was taken: try fresh ones
         raise RuntimeError(f"dovecot {self.name} did not start:\n{self.log()[-2000:]}")
 
     def _wait_ready(self, timeout: float = 15.0) -> bool:
