@@ -159,14 +159,7 @@ fi
 # --- stand-ins: TLS pair, fake backend, fake auth_http --------------------------------
 "$here/scripts/gen-certs.sh" "$tmp/tls"
 
-wait_for() { # wait_for FILE PATTERN WHAT
-    for _ in $(seq 300); do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$3 did not start; see $1"
-}
-json_port() { sed -n "s/.*\"$2\":\"127\.0\.0\.1:\([0-9]*\)\".*/\1/p" "$1" | head -n1; }
+. "$here/scripts/bench-lib.sh"
 
 wait_port() { # wait_port PORT WHAT: until a connection to 127.0.0.1:PORT succeeds
     for _ in $(seq 300); do
@@ -366,7 +359,6 @@ EOF
 }
 
 # --- Postern: routes pinned in SQLite, served from the route cache ------------------
-. "$here/scripts/bench-lib.sh"
 bench_seed_sql "$users" > "$tmp/seed.sql"
 write_postern_conf() {
     dir=$tmp bench_postern_conf "$b1_imap" "$b1_pop3" "$b2_imap" "$b2_pop3"

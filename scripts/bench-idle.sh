@@ -58,24 +58,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 say() { echo "== $*" | tee -a "$log" >&2; }
-wait_for() { # wait_for FILE PATTERN WHAT
-    for _ in $(seq 300); do
-        grep -q "$2" "$1" 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$3 did not start; see $1"
-}
+. "$here/scripts/bench-lib.sh"
 
 "$here/scripts/gen-certs.sh" "$tmp/tls" > /dev/null
 "$bench" fake-backend > "$tmp/backend.out" 2> "$tmp/backend.err" &
 started[backend]=$!
 wait_for "$tmp/backend.out" '"event":"ready"' "the fake backend"
-f_imap=$(sed -n 's/.*"imap":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$tmp/backend.out" | head -n1)
+f_imap=$(json_port "$tmp/backend.out" imap)
 
-f_pop3=$(sed -n 's/.*"pop3":"127\.0\.0\.1:\([0-9]*\)".*/\1/p' "$tmp/backend.out" | head -n1)
+f_pop3=$(json_port "$tmp/backend.out" pop3)
 
 # bench-compare.sh's Postern, both backends on the fake one.
-. "$here/scripts/bench-lib.sh"
 dir=$tmp bench_postern_conf "$f_imap" "$f_pop3" "$f_imap" "$f_pop3"
 bench_seed_sql 100 > "$tmp/seed.sql"
 "${builds[0]}" -c "$tmp/postern.toml" db seed "$tmp/seed.sql" > "$tmp/seed.log" 2>&1 \

@@ -1,5 +1,17 @@
 # Shared by bench-compare.sh and bench-idle.sh: the Postern the bench measures, so
-# that an idle-only before/after runs exactly the configuration of the full comparison.
+# that an idle-only before/after runs exactly the configuration of the full comparison,
+# and the helpers both use to wait for what they start. Expects `die` to be defined.
+
+wait_for() { # wait_for FILE PATTERN WHAT
+    for _ in $(seq 300); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$3 did not start; see $1"
+}
+
+# json_port FILE NAME: the port of "NAME":"127.0.0.1:PORT" in a ready line.
+json_port() { sed -n "s/.*\"$2\":\"127\.0\.0\.1:\([0-9]*\)\".*/\1/p" "$1" | head -n1; }
 
 # bench_postern_conf B1_IMAP B1_POP3 B2_IMAP B2_POP3: writes $dir/postern.toml (routes
 # in $dir/routes.db, certificates in $dir/tls/).
