@@ -173,7 +173,10 @@ impl Health {
     /// Every configured backend service starts unknown and routable: a fresh instance
     /// serves at once, and the checks take services out if they do not answer.
     pub fn new(settings: &Settings, registry: Arc<Registry>) -> Arc<Self> {
-        let blame = Blame::new(settings.timeouts.backend_login, probe_window(settings));
+        let blame = Blame::new(
+            settings.timeouts.backend_login,
+            probe_window(&settings.health),
+        );
         let downs = Arc::new(tokio::sync::watch::Sender::new(0));
         Self::with_shared(settings, registry, Arc::new(Mutex::new(blame)), downs)
     }
@@ -238,7 +241,7 @@ impl Health {
         }
         self.inherit(old);
         self.blame()
-            .retime(self.login_timeout, probe_window_of(&self.settings));
+            .retime(self.login_timeout, probe_window(&self.settings));
         let _ = old.successor.set(Arc::clone(self));
     }
 
@@ -639,11 +642,7 @@ impl Health {
 /// How long a check's outcome stands for the blame judgement: until the next one is
 /// due and done, with room for the jitter between backends (two check periods), and
 /// never less than the tail of an outage.
-fn probe_window(settings: &Settings) -> Duration {
-    probe_window_of(&settings.health)
-}
-
-fn probe_window_of(s: &HealthSettings) -> Duration {
+fn probe_window(s: &HealthSettings) -> Duration {
     (s.interval + s.timeout)
         .saturating_mul(2)
         .max(PROBE_WINDOW_AT_LEAST)
