@@ -334,15 +334,25 @@ impl Health {
     /// Returns once `backend`'s `protocol` service goes DOWN from now on (a login
     /// let through a half-open DOWN service is not stopped by the DOWN it started in).
     /// A reload does not end the wait: the generations share the channel, and the
-    /// state asked is the live one.
-    pub async fn gone_down(&self, backend: &str, protocol: Protocol) {
+    /// state asked is the live one. "From now on" is from this call, not from the
+    /// first poll: a login's connect and login race the wait in one `select!`, and a
+    /// worker thread preempted between polling the login (which sent its credentials)
+    /// and polling this would otherwise subscribe after a DOWN that came meanwhile,
+    /// and the login would wait on a backend already given up.
+    pub fn gone_down<'a>(
+        &'a self,
+        backend: &'a str,
+        protocol: Protocol,
+    ) -> impl Future<Output = ()> + Send + 'a {
         let mut rx = self.downs.subscribe();
-        loop {
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            if self.is_down(backend, protocol) {
-                return;
+        async move {
+            loop {
+                if rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if self.is_down(backend, protocol) {
+                    return;
+                }
             }
         }
     }
@@ -1079,6 +1089,20 @@ mod tests {
         h.set_admin(&[]);
         assert_eq!(h.state("b1", Protocol::Imap), BackendState::Up);
         assert_eq!(h.state("nope", Protocol::Imap), BackendState::Down);
+    }
+
+    /// The wait starts at the call: a DOWN before its first poll (the worker thread
+    /// preempted between sending a login and polling the wait) still releases it.
+    #[tokio::test]
+    async fn a_down_before_the_first_poll_releases_the_waiter() {
+        let (h, _) = health(2, 2);
+        let waiting = h.gone_down("b1", Protocol::Imap);
+        h.report("b1", Protocol::Imap, Err("refused".into()));
+        h.report("b1", Protocol::Imap, Err("refused".into()));
+        assert_eq!(h.state("b1", Protocol::Imap), BackendState::Down);
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("released by the DOWN that came before the first poll");
     }
 
     #[tokio::test]

@@ -419,14 +419,18 @@ impl<D: Driver> Run<'_, D> {
             }
         };
         let mut machine = self.front.start_login(creds, options, info);
-        let reach = self.reach(target, &mut machine, until);
         // A backend that goes DOWN while the login waits on it (in the admission
         // queue, connecting, logging in) releases the login at once: routed again, it
-        // lands where the pool allows instead of waiting out a timeout.
-        let reached = if target.known {
+        // lands where the pool allows instead of waiting out a timeout. Watched from
+        // before the login starts (see `Health::gone_down`).
+        let gone_down = target
+            .known
+            .then(|| ctx.health.gone_down(target.name, D::PROTOCOL));
+        let reach = self.reach(target, &mut machine, until);
+        let reached = if let Some(gone_down) = gone_down {
             tokio::select! {
                 r = reach => r,
-                () = ctx.health.gone_down(target.name, D::PROTOCOL) => {
+                () = gone_down => {
                     info!("backend went down during the login; routing again");
                     Err(Trouble::ConnectDown)
                 }
