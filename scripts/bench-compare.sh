@@ -161,14 +161,6 @@ fi
 
 . "$here/scripts/bench-lib.sh"
 
-wait_port() { # wait_port PORT WHAT: until a connection to 127.0.0.1:PORT succeeds
-    for _ in $(seq 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    die "$2 did not start"
-}
-
 "$bench" fake-backend > "$tmp/backend.out" 2> "$tmp/backend.err" &
 started[backend]=$!
 wait_for "$tmp/backend.out" '"event":"ready"' "the fake backend"
@@ -187,41 +179,8 @@ start_auth auth_fake "$f_imap" "$f_pop3"
 # --- with --dovecot: two real Dovecot backends, the system tests' configuration -------
 users=100
 start_dovecot() { # start_dovecot NAME
-    local name=$1 d=$tmp/dovecot/$1 ports
-    mapfile -t ports < <("$bench" free-ports 4)
-    "$here/scripts/dovecot-conf.sh" "$name" "$d" "$tmp/dovecot/mail" "${ports[@]}" > /dev/null
-    # The bench measures the proxies, so Dovecot runs as it would for throughput: login
-    # processes serve many connections (its high-performance mode) and mail processes
-    # are reused, instead of a fork per connection and per login.
-    cat > "$d/extra.conf" <<EOF
-service imap-login {
-  service_count = 0
-  process_min_avail = $(nproc)
-  client_limit = 4000
-}
-service pop3-login {
-  service_count = 0
-  process_min_avail = $(nproc)
-  client_limit = 4000
-}
-service imap {
-  service_count = 1000
-  process_min_avail = 4
-}
-service pop3 {
-  service_count = 1000
-  process_min_avail = 4
-}
-mail_max_userip_connections = 10000
-auth_cache_size = 1M
-EOF
-    for i in $(seq 0 $((users - 1))); do
-        echo "bench$i@example.test:{PLAIN}benchpw::::::"
-    done > "$d/users"
-    dovecot -F -c "$d/dovecot.conf" > /dev/null 2>> "$d/stderr.log" &
-    started[dovecot_$name]=$!
-    wait_port "${ports[0]}" "Dovecot $name (see $d/dovecot.log)"
-    echo "${ports[0]} ${ports[1]}" > "$d/ports"
+    bench_start_dovecot "$1" "$tmp/dovecot" "$users"
+    started[dovecot_$1]=$bench_dovecot_pid
 }
 if [ "$dovecot" = 1 ]; then
     # Dovecot's unprivileged processes read their users file under the temp dir.

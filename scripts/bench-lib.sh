@@ -1,6 +1,7 @@
-# Shared by bench-compare.sh and bench-idle.sh: the Postern the bench measures, so
-# that an idle-only before/after runs exactly the configuration of the full comparison,
-# and the helpers both use to wait for what they start. Expects `die` to be defined.
+# Shared by bench-compare.sh, bench-idle.sh and bench-login.sh: the Postern and the
+# Dovecot the bench measures, so that a before/after of one figure runs exactly the
+# configuration of the full comparison, and the helpers they use to wait for what they
+# start. Expects `die`, `$here` and `$bench` (postern-bench) to be defined.
 
 wait_for() { # wait_for FILE PATTERN WHAT
     for _ in $(seq 300); do
@@ -90,4 +91,55 @@ bench_seed_sql() {
     for i in $(seq 0 $(($1 - 1))); do
         echo "INSERT INTO routes (username, backend) VALUES ('bench$i@example.test', 'b$((i % 2 + 1))') ON CONFLICT (username) DO UPDATE SET backend = excluded.backend;"
     done
+}
+
+wait_port() { # wait_port PORT WHAT: until a connection to 127.0.0.1:PORT succeeds
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    die "$2 did not start"
+}
+
+# bench_start_dovecot NAME ROOT USERS: a Dovecot backend in ROOT/NAME, its mail in
+# ROOT/mail (shared by every backend under ROOT), users bench0..bench(USERS-1)@example.test
+# with the password benchpw. Runs in the background; sets bench_dovecot_pid and writes
+# its IMAP and POP3 ports to ROOT/NAME/ports. ROOT's parents must be searchable by
+# Dovecot's unprivileged users.
+bench_start_dovecot() {
+    local name=$1 d=$2/$1 ports i
+    mapfile -t ports < <("$bench" free-ports 4)
+    "$here/scripts/dovecot-conf.sh" "$name" "$d" "$2/mail" "${ports[@]}" > /dev/null
+    # The bench measures the proxies, so Dovecot runs as it would for throughput: login
+    # processes serve many connections (its high-performance mode) and mail processes
+    # are reused, instead of a fork per connection and per login.
+    cat > "$d/extra.conf" <<CONF
+service imap-login {
+  service_count = 0
+  process_min_avail = $(nproc)
+  client_limit = 4000
+}
+service pop3-login {
+  service_count = 0
+  process_min_avail = $(nproc)
+  client_limit = 4000
+}
+service imap {
+  service_count = 1000
+  process_min_avail = 4
+}
+service pop3 {
+  service_count = 1000
+  process_min_avail = 4
+}
+mail_max_userip_connections = 10000
+auth_cache_size = 1M
+CONF
+    for i in $(seq 0 $(($3 - 1))); do
+        echo "bench$i@example.test:{PLAIN}benchpw::::::"
+    done > "$d/users"
+    dovecot -F -c "$d/dovecot.conf" > /dev/null 2>> "$d/stderr.log" &
+    bench_dovecot_pid=$!
+    wait_port "${ports[0]}" "Dovecot $name (see $d/dovecot.log)"
+    echo "${ports[0]} ${ports[1]}" > "$d/ports"
 }
