@@ -119,6 +119,8 @@ pub struct ListenerSettings {
     pub proxy: Option<ProxyIn>,
     /// Who checks the credentials of this listener's clients.
     pub auth: AuthMode,
+    /// Its session metrics, found on its first connection (`Default` to build).
+    pub meters: crate::observability::metrics::ListenerMeters,
 }
 
 /// Who decides whether a client's credentials are good.

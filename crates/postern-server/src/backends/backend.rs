@@ -170,7 +170,10 @@ pub async fn drive<M: BackendMachine + ?Sized>(
     tls: Option<&TlsClient>,
 ) -> Result<(M::Outcome, BackendStream), BackendError> {
     let mut out = Vec::new();
-    let mut buf = [0u8; READ_CHUNK];
+    // On the heap and never zeroed (`read_buf` fills spare capacity): an array here
+    // would make every future that awaits a login 4 KiB bigger, and each move of it
+    // (into a timeout, a select, a box) a 4 KiB copy.
+    let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
         machine.poll_transmit(&mut out);
         if !out.is_empty() {
@@ -189,11 +192,15 @@ pub async fn drive<M: BackendMachine + ?Sized>(
             }
             None => {}
         }
-        let n = stream.read(&mut buf).await.map_err(BackendError::Login)?;
+        buf.clear();
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(BackendError::Login)?;
         if n == 0 {
             return Err(BackendError::Login(io::ErrorKind::UnexpectedEof.into()));
         }
-        machine.handle_input(buf.get(..n).unwrap_or_default());
+        machine.handle_input(&buf);
     }
 }
 

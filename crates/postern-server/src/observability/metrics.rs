@@ -5,7 +5,7 @@
 //!
 //! Every metric is named `postern_*`; docs/operations.md lists them with their labels.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postern_proto::{Failure, Limit, Protocol, Verdict};
@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 use crate::backends::admit::Admission;
 use crate::backends::health::Health;
 use crate::registry::Registry as Sessions;
-use crate::settings::Settings;
+use crate::settings::{ListenerSettings, Settings};
 
 /// What the gauges mirror, read from the running server at scrape time (the caller
 /// takes it from its handle; the metrics do not reach into the server).
@@ -476,52 +476,82 @@ fn session_gauge(protocol: Protocol, listener: &str, state: &'static str) -> Gau
         .clone()
 }
 
+/// A listener's session metrics, found in their families once per listener and
+/// configuration generation instead of once per connection: each lookup hashes the
+/// labels and copies the listener's name, four times per login.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerMeters(OnceLock<Arc<Meters>>);
+
+#[derive(Debug)]
+pub(crate) struct Meters {
+    connections: Counter,
+    preauth: Gauge,
+    relayed: Gauge,
+}
+
+impl ListenerMeters {
+    fn get(&self, protocol: Protocol, listener: &str) -> &Arc<Meters> {
+        self.0.get_or_init(|| {
+            let connections = get()
+                .connections
+                .get_or_create(&ListenerLabels {
+                    protocol: protocol.as_str(),
+                    listener: listener.to_owned(),
+                })
+                .clone();
+            Arc::new(Meters {
+                connections,
+                preauth: session_gauge(protocol, listener, "preauth"),
+                relayed: session_gauge(protocol, listener, "relayed"),
+            })
+        })
+    }
+}
+
 /// A connection accepted on a listener; the returned guard keeps it counted as an
 /// open pre-auth session until dropped.
-pub(crate) fn connection(protocol: Protocol, listener: &str) -> SessionGauge {
-    get()
-        .connections
-        .get_or_create(&ListenerLabels {
-            protocol: protocol.as_str(),
-            listener: listener.to_owned(),
-        })
-        .inc();
-    let gauge = session_gauge(protocol, listener, "preauth");
-    gauge.inc();
-    SessionGauge(gauge)
+pub(crate) fn connection(protocol: Protocol, listener: &ListenerSettings) -> SessionGauge {
+    connection_on(&listener.meters, protocol, &listener.name)
+}
+
+fn connection_on(meters: &ListenerMeters, protocol: Protocol, name: &str) -> SessionGauge {
+    let meters = meters.get(protocol, name);
+    meters.connections.inc();
+    meters.preauth.inc();
+    SessionGauge(Arc::clone(meters))
 }
 
 /// Counts a session as open in one state while alive.
 #[derive(Debug)]
-pub(crate) struct SessionGauge(Gauge);
+pub(crate) struct SessionGauge(Arc<Meters>);
 
 impl Drop for SessionGauge {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.preauth.dec();
     }
 }
 
 /// The session logged in and is being relayed: while the guard lives it counts as
 /// `relayed` instead of `preauth`.
-pub(crate) fn relaying(protocol: Protocol, listener: &str) -> Relaying {
-    let preauth = session_gauge(protocol, listener, "preauth");
-    let relayed = session_gauge(protocol, listener, "relayed");
-    preauth.dec();
-    relayed.inc();
-    Relaying { preauth, relayed }
+pub(crate) fn relaying(protocol: Protocol, listener: &ListenerSettings) -> Relaying {
+    relaying_on(&listener.meters, protocol, &listener.name)
+}
+
+fn relaying_on(meters: &ListenerMeters, protocol: Protocol, name: &str) -> Relaying {
+    let meters = meters.get(protocol, name);
+    meters.preauth.dec();
+    meters.relayed.inc();
+    Relaying(Arc::clone(meters))
 }
 
 /// See [`relaying`].
 #[derive(Debug)]
-pub(crate) struct Relaying {
-    preauth: Gauge,
-    relayed: Gauge,
-}
+pub(crate) struct Relaying(Arc<Meters>);
 
 impl Drop for Relaying {
     fn drop(&mut self) {
-        self.relayed.dec();
-        self.preauth.inc();
+        self.0.relayed.dec();
+        self.0.preauth.inc();
     }
 }
 
@@ -655,13 +685,14 @@ mod tests {
 
     #[test]
     fn session_states_balance() {
-        let g = connection(Protocol::Lmtp, "test-balance");
+        let meters = ListenerMeters::default();
+        let g = connection_on(&meters, Protocol::Lmtp, "test-balance");
         assert_eq!(
             get().session_count(Protocol::Lmtp, "test-balance", "preauth"),
             1
         );
         {
-            let _r = relaying(Protocol::Lmtp, "test-balance");
+            let _r = relaying_on(&meters, Protocol::Lmtp, "test-balance");
             assert_eq!(
                 get().session_count(Protocol::Lmtp, "test-balance", "preauth"),
                 0
@@ -681,6 +712,22 @@ mod tests {
             0
         );
         assert_eq!(get().connection_count(Protocol::Lmtp, "test-balance"), 1);
+        // A reload builds the listener's settings again, with meters of their own:
+        // they count in the same series, and a session of the old generation still
+        // balances its gauge.
+        let old = connection_on(&meters, Protocol::Lmtp, "test-balance");
+        let reloaded = ListenerMeters::default();
+        let new = connection_on(&reloaded, Protocol::Lmtp, "test-balance");
+        assert_eq!(
+            get().session_count(Protocol::Lmtp, "test-balance", "preauth"),
+            2
+        );
+        assert_eq!(get().connection_count(Protocol::Lmtp, "test-balance"), 3);
+        drop((old, new));
+        assert_eq!(
+            get().session_count(Protocol::Lmtp, "test-balance", "preauth"),
+            0
+        );
     }
 
     #[test]

@@ -173,6 +173,7 @@ impl Builder<'_> {
             front,
             proxy: proxy_in(l, key)?,
             auth,
+            meters: Default::default(),
         })
     }
 }
