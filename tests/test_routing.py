@@ -516,7 +516,7 @@ def test_a_hung_database_does_not_hang_the_admin_api(workdir, make_postern, cert
 
         assert backends()["b2"]["pinned_users"] == 1
         assert backends()["b2"]["pinned_users_fresh"] is True
-        server.proc.send_signal(signal.SIGSTOP)
+        server.freeze()
         try:
             hung = backends()
             assert hung["b2"]["pinned_users"] == 1, hung["b2"]

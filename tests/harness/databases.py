@@ -114,6 +114,25 @@ class MariaDB:
         )
         return r.stdout
 
+    def freeze(self) -> None:
+        """SIGSTOP, returning once every thread of mariadbd is stopped: the group stop
+        completes asynchronously (a thread in a disk wait stops when the wait ends),
+        and a test asserting what a hung database does must not race it."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+        def stopped() -> bool:
+            states = []
+            for stat in glob.glob(f"/proc/{self.proc.pid}/task/*/stat"):
+                try:
+                    with open(stat) as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except (OSError, IndexError):
+                    continue
+            return bool(states) and all(s in ("T", "t") for s in states)
+
+        _wait(stopped, "mariadbd's SIGSTOP", timeout=10.0)
+
     def stop(self) -> None:
         if self.proc is None:
             return
