@@ -64,8 +64,9 @@ log=$out/run.log
 : > "$results"
 : > "$log"
 
-say() { echo "== $*" | tee -a "$log" >&2; }
 die() { echo "bench-compare: $*" >&2; exit 1; }
+# say, wait_for, wait_port, json_port, the bench's Postern and Dovecot.
+. "$here/scripts/bench-lib.sh"
 
 # --- everything started here is stopped here, whatever happens ----------------------
 tmp=$(mktemp -d /tmp/postern-bench.XXXXXX)
@@ -158,8 +159,6 @@ fi
 
 # --- stand-ins: TLS pair, fake backend, fake auth_http --------------------------------
 "$here/scripts/gen-certs.sh" "$tmp/tls"
-
-. "$here/scripts/bench-lib.sh"
 
 "$bench" fake-backend > "$tmp/backend.out" 2> "$tmp/backend.err" &
 started[backend]=$!

@@ -40,57 +40,24 @@ max=${sizes##*,}
 [ "$(ulimit -n)" = unlimited ] || [ "$(ulimit -n)" -ge $((2 * max + 200)) ] \
     || die "open-files limit $(ulimit -n) is too low for $max proxied sessions"
 
-out=${out:-$here/var/bench/idle-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$out"
-results=$out/results.jsonl log=$out/run.log
-: > "$results"
-: > "$log"
-tmp=$(mktemp -d /tmp/postern-bench-idle.XXXXXX)
-declare -A started=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    for pid in "${started[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${started[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$tmp"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-say() { echo "== $*" | tee -a "$log" >&2; }
 . "$here/scripts/bench-lib.sh"
+bench_begin idle
 
-"$here/scripts/gen-certs.sh" "$tmp/tls" > /dev/null
 "$bench" fake-backend > "$tmp/backend.out" 2> "$tmp/backend.err" &
 started[backend]=$!
 wait_for "$tmp/backend.out" '"event":"ready"' "the fake backend"
 f_imap=$(json_port "$tmp/backend.out" imap)
-
 f_pop3=$(json_port "$tmp/backend.out" pop3)
-
 # bench-compare.sh's Postern, both backends on the fake one.
-dir=$tmp bench_postern_conf "$f_imap" "$f_pop3" "$f_imap" "$f_pop3"
-bench_seed_sql 100 > "$tmp/seed.sql"
-"${builds[0]}" -c "$tmp/postern.toml" db seed "$tmp/seed.sql" > "$tmp/seed.log" 2>&1 \
-    || { cat "$tmp/seed.log" >&2; die "seeding the route table failed"; }
+bench_seeded_postern "$f_imap" "$f_pop3" "$f_imap" "$f_pop3" 100
 
 listener=imap scenario=idle-plain opts=()
 [ "$tls" = 1 ] && listener=imaps scenario=idle-tls opts=(--tls implicit --ca "$tmp/tls/ca.pem")
+measure() { # measure BUILD ADDR PID
+    "$bench" idle --name "$1" --scenario "$scenario" --pid "$3" \
+        "${opts[@]}" --addr "$2" --sessions "$sizes" --concurrency "$conc" \
+        >> "$results" 2> >(tee -a "$log" >&2)
+}
 say "load $(cut -d' ' -f1-3 /proc/loadavg); $scenario at $sizes, $rounds rounds of ${builds[*]}"
-for r in $(seq "$rounds"); do
-    for b in "${builds[@]}"; do
-        : > "$tmp/postern.log"
-        "$b" -c "$tmp/postern.toml" run 2> "$tmp/postern.log" &
-        started[postern]=$!
-        wait_for "$tmp/postern.log" "listener=$listener .*addr=" "Postern ($b)"
-        addr=$(sed -n "s/.*listening listener=$listener .*addr=\([0-9.:]*\).*/\1/p" "$tmp/postern.log" | head -n1)
-        say "round $r: $b"
-        "$bench" idle --name "$b" --scenario "$scenario" --pid "${started[postern]}" \
-            "${opts[@]}" --addr "$addr" --sessions "$sizes" --concurrency "$conc" \
-            >> "$results" 2> >(tee -a "$log" >&2)
-        kill -TERM "${started[postern]}"
-        wait "${started[postern]}" 2>/dev/null || true
-        unset "started[postern]"
-    done
-done
+bench_rounds "$listener" measure
 say "load $(cut -d' ' -f1-3 /proc/loadavg) at the end; results in $out"

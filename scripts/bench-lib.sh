@@ -1,7 +1,54 @@
 # Shared by bench-compare.sh, bench-idle.sh and bench-login.sh: the Postern and the
 # Dovecot the bench measures, so that a before/after of one figure runs exactly the
-# configuration of the full comparison, and the helpers they use to wait for what they
-# start. Expects `die`, `$here` and `$bench` (postern-bench) to be defined.
+# configuration of the full comparison, the helpers they use to wait for what they
+# start, and the run and the rounds of the two before/after scripts. Expects `die`,
+# `$here` and `$bench` (postern-bench) to be defined when its functions are called.
+
+# bench_begin KIND: where a before/after run writes ($out, default var/bench/KIND-DATE;
+# $results, $log), its temp dir ($tmp), `say`, and `started` (role -> pid): everything
+# started there is stopped, and $tmp removed, on exit, failure and Ctrl-C included.
+bench_begin() {
+    out=${out:-$here/var/bench/$1-$(date -u +%Y%m%dT%H%M%SZ)}
+    mkdir -p "$out"
+    results=$out/results.jsonl log=$out/run.log
+    : > "$results"
+    : > "$log"
+    tmp=$(mktemp -d "/tmp/postern-bench-$1.XXXXXX")
+    declare -gA started=()
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+bench_cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${started[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${started[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$tmp"
+    exit "$rc"
+}
+say() { echo "== $*" | tee -a "$log" >&2; }
+
+# bench_rounds LISTENER MEASURE: for each of $rounds rounds and each Postern in
+# `builds`, a fresh Postern on $tmp/postern.toml, then `MEASURE BUILD ADDR PID` (ADDR
+# the LISTENER's address), then the Postern stopped. Fresh each time: what an earlier
+# run left in the allocator or the route cache must not flatter the next one.
+bench_rounds() {
+    local listener=$1 measure=$2 r b addr
+    for r in $(seq "$rounds"); do
+        for b in "${builds[@]}"; do
+            : > "$tmp/postern.log"
+            "$b" -c "$tmp/postern.toml" run 2> "$tmp/postern.log" &
+            started[postern]=$!
+            wait_for "$tmp/postern.log" "listener=$listener .*addr=" "Postern ($b)"
+            addr=$(sed -n "s/.*listening listener=$listener .*addr=\([0-9.:]*\).*/\1/p" "$tmp/postern.log" | head -n1)
+            say "round $r: $b"
+            "$measure" "$b" "$addr" "${started[postern]}"
+            kill -TERM "${started[postern]}"
+            wait "${started[postern]}" 2>/dev/null || true
+            unset "started[postern]"
+        done
+    done
+}
 
 wait_for() { # wait_for FILE PATTERN WHAT
     for _ in $(seq 300); do
@@ -83,6 +130,16 @@ bind = "127.0.0.1:0"
 tls = "none"
 insecure_plaintext_auth = true
 EOF
+}
+
+# bench_seeded_postern B1_IMAP B1_POP3 B2_IMAP B2_POP3 USERS: bench_postern_conf in
+# $tmp, its certificates, and its route table seeded (by the first of `builds`).
+bench_seeded_postern() {
+    "$here/scripts/gen-certs.sh" "$tmp/tls" > /dev/null
+    dir=$tmp bench_postern_conf "$1" "$2" "$3" "$4"
+    bench_seed_sql "$5" > "$tmp/seed.sql"
+    "${builds[0]}" -c "$tmp/postern.toml" db seed "$tmp/seed.sql" > "$tmp/seed.log" 2>&1 \
+        || { cat "$tmp/seed.log" >&2; die "seeding the route table failed"; }
 }
 
 # bench_seed_sql USERS: the SQL that pins benchN@example.test to b1 and b2 in turn.

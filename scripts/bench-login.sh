@@ -36,25 +36,8 @@ die() { echo "bench-login: $*" >&2; exit 1; }
 for b in "${builds[@]}" "$bench"; do [ -x "$b" ] || die "not executable: $b"; done
 command -v dovecot > /dev/null || die "dovecot is not installed (scripts/install-deps.sh)"
 
-out=${out:-$here/var/bench/login-$(date -u +%Y%m%dT%H%M%SZ)}
-mkdir -p "$out"
-results=$out/results.jsonl log=$out/run.log
-: > "$results"
-: > "$log"
-tmp=$(mktemp -d /tmp/postern-bench-login.XXXXXX)
-declare -A started=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    for pid in "${started[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${started[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$tmp"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-say() { echo "== $*" | tee -a "$log" >&2; }
 . "$here/scripts/bench-lib.sh"
+bench_begin login
 
 # Dovecot's unprivileged processes read their users file under the temp dir.
 chmod 711 "$tmp"
@@ -65,28 +48,13 @@ for name in b1 b2; do
 done
 read -r d1_imap d1_pop3 < "$tmp/dovecot/b1/ports"
 read -r d2_imap d2_pop3 < "$tmp/dovecot/b2/ports"
+bench_seeded_postern "$d1_imap" "$d1_pop3" "$d2_imap" "$d2_pop3" "$users"
 
-"$here/scripts/gen-certs.sh" "$tmp/tls" > /dev/null
-dir=$tmp bench_postern_conf "$d1_imap" "$d1_pop3" "$d2_imap" "$d2_pop3"
-bench_seed_sql "$users" > "$tmp/seed.sql"
-"${builds[0]}" -c "$tmp/postern.toml" db seed "$tmp/seed.sql" > "$tmp/seed.log" 2>&1 \
-    || { cat "$tmp/seed.log" >&2; die "seeding the route table failed"; }
-
+measure() { # measure BUILD ADDR PID
+    "$bench" logins --name "$1" --scenario "$protocol-login" --protocol "$protocol" \
+        --pid "$3" --addr "$2" --sessions "$sessions" --rate "$rate" \
+        >> "$results" 2> >(tee -a "$log" >&2)
+}
 say "load $(cut -d' ' -f1-3 /proc/loadavg); $protocol logins, $sessions at $rate/s, $rounds rounds of ${builds[*]}"
-for r in $(seq "$rounds"); do
-    for b in "${builds[@]}"; do
-        : > "$tmp/postern.log"
-        "$b" -c "$tmp/postern.toml" run 2> "$tmp/postern.log" &
-        started[postern]=$!
-        wait_for "$tmp/postern.log" "listener=$protocol .*addr=" "Postern ($b)"
-        addr=$(sed -n "s/.*listening listener=$protocol .*addr=\([0-9.:]*\).*/\1/p" "$tmp/postern.log" | head -n1)
-        say "round $r: $b"
-        "$bench" logins --name "$b" --scenario "$protocol-login" --protocol "$protocol" \
-            --pid "${started[postern]}" --addr "$addr" --sessions "$sessions" --rate "$rate" \
-            >> "$results" 2> >(tee -a "$log" >&2)
-        kill -TERM "${started[postern]}"
-        wait "${started[postern]}" 2>/dev/null || true
-        unset "started[postern]"
-    done
-done
+bench_rounds "$protocol" measure
 say "load $(cut -d' ' -f1-3 /proc/loadavg) at the end; results in $out"

@@ -340,7 +340,7 @@ def test_a_hung_password_database_takes_no_backend_down(db_cluster, certs, workd
             assert raw.cmd(f"a LOGIN {u} {USERS[u]}\r\n".encode(), b"a").startswith(b"a OK")
             sessions.append(raw)
         time.sleep(7)  # the last successes fall out of the slowness window
-        os.kill(db.proc.pid, signal.SIGSTOP)
+        db.freeze()
         answers = {}
         try:
             def login(u):
@@ -440,7 +440,7 @@ def test_checks_that_log_in_stall_on_a_hung_password_database_and_take_no_backen
         if stopped:
             db.stop()
         else:
-            os.kill(db.proc.pid, signal.SIGSTOP)
+            db.freeze()
         try:
             # Hung (or stopped) for as many checks as it takes to excuse 3 × fall stalls on each
             # backend: without the rule, `fall` of them take a backend down.

@@ -17,10 +17,7 @@ use std::collections::VecDeque;
 use std::mem;
 
 use imap_codec::decode::Decoder;
-use imap_codec::imap_types::auth::AuthMechanism;
-use imap_codec::imap_types::response::{
-    Capability, Code, Data, GreetingKind, Response, Status, StatusKind,
-};
+use imap_codec::imap_types::response::{Code, Data, GreetingKind, Response, Status, StatusKind};
 use imap_codec::{GreetingCodec, ResponseCodec};
 use postern_proto::sasl;
 use postern_proto::{
@@ -142,15 +139,21 @@ impl Login {
         self.finish(Verdict::Failed(Failure::Unavailable));
     }
 
-    fn learn_caps<'a>(&mut self, caps: impl IntoIterator<Item = &'a Capability<'a>>) {
+    /// Learns what the login needs from a capability list, given as atoms: the greeting
+    /// scan's slices, or imap-codec's parsed capabilities written back as text (the
+    /// rarer paths), so that both follow one rule.
+    fn learn_caps<T: AsRef<[u8]>>(&mut self, caps: impl IntoIterator<Item = T>) {
         self.caps.known = true;
         for cap in caps {
-            match cap {
-                Capability::SaslIr => self.caps.sasl_ir = true,
-                Capability::LiteralPlus => self.caps.literal_plus = true,
-                Capability::Auth(AuthMechanism::Plain) => self.caps.auth_plain = true,
-                Capability::StartTls => self.caps.starttls = true,
-                _ => {}
+            let cap = cap.as_ref();
+            if cap.eq_ignore_ascii_case(b"SASL-IR") {
+                self.caps.sasl_ir = true;
+            } else if cap.eq_ignore_ascii_case(b"LITERAL+") {
+                self.caps.literal_plus = true;
+            } else if cap.eq_ignore_ascii_case(b"AUTH=PLAIN") {
+                self.caps.auth_plain = true;
+            } else if cap.eq_ignore_ascii_case(b"STARTTLS") {
+                self.caps.starttls = true;
             }
         }
     }
@@ -161,16 +164,13 @@ impl Login {
         // building imap-codec's tree, which cost 8 % of a login's instructions
         // (docs/architecture.md, "Hand-written where a crate was measured").
         if let Some(caps) = greeting_capabilities(line) {
-            self.caps.known = true;
-            for cap in caps {
-                self.learn_cap_token(cap);
-            }
+            self.learn_caps(caps);
             return self.after_capabilities();
         }
         match GreetingCodec::default().decode(line) {
             Ok((_, greeting)) if greeting.kind == GreetingKind::Ok => {
                 if let Some(Code::Capability(caps)) = &greeting.code {
-                    self.learn_caps(caps.as_ref());
+                    self.learn_caps(caps.as_ref().iter().map(ToString::to_string));
                     self.after_capabilities();
                 } else {
                     self.ask_capabilities();
@@ -178,19 +178,6 @@ impl Login {
             }
             // PREAUTH (nothing to log in to), BYE, or not IMAP at all.
             _ => self.unavailable(),
-        }
-    }
-
-    /// The fast path's twin of [`Self::learn_caps`], on one capability atom.
-    fn learn_cap_token(&mut self, cap: &[u8]) {
-        if cap.eq_ignore_ascii_case(b"SASL-IR") {
-            self.caps.sasl_ir = true;
-        } else if cap.eq_ignore_ascii_case(b"LITERAL+") {
-            self.caps.literal_plus = true;
-        } else if cap.eq_ignore_ascii_case(b"AUTH=PLAIN") {
-            self.caps.auth_plain = true;
-        } else if cap.eq_ignore_ascii_case(b"STARTTLS") {
-            self.caps.starttls = true;
         }
     }
 
@@ -235,8 +222,7 @@ impl Login {
     fn capability(&mut self, line: &[u8]) {
         match ResponseCodec::default().decode(line) {
             Ok((_, Response::Data(Data::Capability(caps)))) => {
-                let caps = caps.into_inner();
-                self.learn_caps(&caps);
+                self.learn_caps(caps.as_ref().iter().map(ToString::to_string));
             }
             Ok((_, Response::Status(Status::Tagged(tagged))))
                 if tagged.tag.inner() == TAG_CAPABILITY =>
@@ -497,7 +483,9 @@ mod tests {
         let (_, greeting) = GreetingCodec::default().decode(line).ok()?;
         let mut l = login();
         match (&greeting.kind, &greeting.code) {
-            (GreetingKind::Ok, Some(Code::Capability(caps))) => l.learn_caps(caps.as_ref()),
+            (GreetingKind::Ok, Some(Code::Capability(caps))) => {
+                l.learn_caps(caps.as_ref().iter().map(ToString::to_string));
+            }
             _ => return None,
         }
         Some(l.caps)
@@ -524,12 +512,9 @@ mod tests {
         for line in greetings {
             let codec = by_codec(line);
             // Not taken: imap-codec decides, as before.
-            if let Some(caps) = greeting_capabilities(line) {
+            if greeting_capabilities(line).is_some() {
                 let mut l = login();
-                l.caps.known = true;
-                for cap in caps {
-                    l.learn_cap_token(cap);
-                }
+                l.greeting(line);
                 assert_eq!(Some(l.caps), codec, "{}", line.escape_ascii());
             }
         }

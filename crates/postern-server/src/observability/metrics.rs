@@ -20,7 +20,7 @@ use prometheus_client::registry::Registry;
 use crate::backends::admit::Admission;
 use crate::backends::health::Health;
 use crate::registry::Registry as Sessions;
-use crate::settings::{ListenerSettings, Settings};
+use crate::settings::Settings;
 
 /// What the gauges mirror, read from the running server at scrape time (the caller
 /// takes it from its handle; the metrics do not reach into the server).
@@ -478,7 +478,8 @@ fn session_gauge(protocol: Protocol, listener: &str, state: &'static str) -> Gau
 
 /// A listener's session metrics, found in their families once per listener and
 /// configuration generation instead of once per connection: each lookup hashes the
-/// labels and copies the listener's name, four times per login.
+/// labels and copies the listener's name, four times per login. The first call's
+/// protocol and name are the ones kept: a listener has one of each.
 #[derive(Clone, Debug, Default)]
 pub struct ListenerMeters(OnceLock<Arc<Meters>>);
 
@@ -506,19 +507,24 @@ impl ListenerMeters {
             })
         })
     }
-}
 
-/// A connection accepted on a listener; the returned guard keeps it counted as an
-/// open pre-auth session until dropped.
-pub(crate) fn connection(protocol: Protocol, listener: &ListenerSettings) -> SessionGauge {
-    connection_on(&listener.meters, protocol, &listener.name)
-}
+    /// A connection accepted on the listener; the returned guard keeps it counted as
+    /// an open pre-auth session until dropped.
+    pub(crate) fn connection(&self, protocol: Protocol, listener: &str) -> SessionGauge {
+        let meters = self.get(protocol, listener);
+        meters.connections.inc();
+        meters.preauth.inc();
+        SessionGauge(Arc::clone(meters))
+    }
 
-fn connection_on(meters: &ListenerMeters, protocol: Protocol, name: &str) -> SessionGauge {
-    let meters = meters.get(protocol, name);
-    meters.connections.inc();
-    meters.preauth.inc();
-    SessionGauge(Arc::clone(meters))
+    /// The session logged in and is being relayed: while the guard lives it counts as
+    /// `relayed` instead of `preauth`.
+    pub(crate) fn relaying(&self, protocol: Protocol, listener: &str) -> Relaying {
+        let meters = self.get(protocol, listener);
+        meters.preauth.dec();
+        meters.relayed.inc();
+        Relaying(Arc::clone(meters))
+    }
 }
 
 /// Counts a session as open in one state while alive.
@@ -531,20 +537,7 @@ impl Drop for SessionGauge {
     }
 }
 
-/// The session logged in and is being relayed: while the guard lives it counts as
-/// `relayed` instead of `preauth`.
-pub(crate) fn relaying(protocol: Protocol, listener: &ListenerSettings) -> Relaying {
-    relaying_on(&listener.meters, protocol, &listener.name)
-}
-
-fn relaying_on(meters: &ListenerMeters, protocol: Protocol, name: &str) -> Relaying {
-    let meters = meters.get(protocol, name);
-    meters.preauth.dec();
-    meters.relayed.inc();
-    Relaying(Arc::clone(meters))
-}
-
-/// See [`relaying`].
+/// See [`ListenerMeters::relaying`].
 #[derive(Debug)]
 pub(crate) struct Relaying(Arc<Meters>);
 
@@ -686,13 +679,13 @@ mod tests {
     #[test]
     fn session_states_balance() {
         let meters = ListenerMeters::default();
-        let g = connection_on(&meters, Protocol::Lmtp, "test-balance");
+        let g = meters.connection(Protocol::Lmtp, "test-balance");
         assert_eq!(
             get().session_count(Protocol::Lmtp, "test-balance", "preauth"),
             1
         );
         {
-            let _r = relaying_on(&meters, Protocol::Lmtp, "test-balance");
+            let _r = meters.relaying(Protocol::Lmtp, "test-balance");
             assert_eq!(
                 get().session_count(Protocol::Lmtp, "test-balance", "preauth"),
                 0
@@ -715,9 +708,9 @@ mod tests {
         // A reload builds the listener's settings again, with meters of their own:
         // they count in the same series, and a session of the old generation still
         // balances its gauge.
-        let old = connection_on(&meters, Protocol::Lmtp, "test-balance");
+        let old = meters.connection(Protocol::Lmtp, "test-balance");
         let reloaded = ListenerMeters::default();
-        let new = connection_on(&reloaded, Protocol::Lmtp, "test-balance");
+        let new = reloaded.connection(Protocol::Lmtp, "test-balance");
         assert_eq!(
             get().session_count(Protocol::Lmtp, "test-balance", "preauth"),
             2

@@ -72,7 +72,7 @@ pub(crate) async fn run<D: Driver>(
     async move {
         let started = Instant::now();
         debug!("connected");
-        let open = crate::observability::metrics::connection(D::PROTOCOL, &listener);
+        let open = listener.meters.connection(D::PROTOCOL, &listener.name);
         // Shutdown reaches the session inside: pre-auth it says goodbye, relayed it
         // runs on until the grace period ends (then its kick token fires).
         let kill = ctx.kill.clone();
@@ -297,7 +297,7 @@ async fn session<D: Driver>(
                         backend: accepted.backend,
                         guard: accepted.guard,
                         _slots: (opened.slot, accepted.slot),
-                        _relaying: crate::observability::metrics::relaying(D::PROTOCOL, listener),
+                        _relaying: listener.meters.relaying(D::PROTOCOL, &listener.name),
                     };
                     *relayed = Some((r, handoff));
                     return End::PreAuth("relayed");
@@ -305,8 +305,9 @@ async fn session<D: Driver>(
             }
             continue;
         }
+        buf.clear();
         let read = tokio::select! {
-            r = timeout_at(deadline, { buf.clear(); stream.read_buf(&mut buf) }) => r,
+            r = timeout_at(deadline, stream.read_buf(&mut buf)) => r,
             () = ctx.cancel.cancelled() => {
                 info!("server shutting down: goodbye before login");
                 return goodbye(&mut front, &mut stream, Shutdown::ServerShutdown, "shutdown").await;

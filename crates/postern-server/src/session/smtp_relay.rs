@@ -49,7 +49,7 @@ pub(crate) async fn run(
     );
     async move {
         let started = Instant::now();
-        let _open = crate::observability::metrics::connection(protocol, &listener);
+        let _open = listener.meters.connection(protocol, &listener.name);
         // Shutdown reaches the session inside (a 421), and the kill token after the
         // grace period.
         let kill = ctx.kill.clone();
